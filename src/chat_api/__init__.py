@@ -1,0 +1,5 @@
+"""chat-api: a horizontally scalable WebSocket chat service."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

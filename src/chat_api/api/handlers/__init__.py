@@ -1,0 +1,1 @@
+"""Request handlers that are not the WebSocket itself."""

@@ -1,0 +1,106 @@
+"""The app factory: the one place where the parts are built and wired."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from realtime import Broadcaster, Handler, HandlerSettings, LocalHub, MemoryBroadcaster
+
+from .api.routes import register_routes
+from .config import Config, ConfigError
+
+__all__ = ["BROADCASTER", "CONFIG", "HANDLER", "HUB", "create_app", "serve"]
+
+log = logging.getLogger("chat_api")
+
+CONFIG = web.AppKey("config", Config)
+HUB = web.AppKey("hub", LocalHub)
+BROADCASTER = web.AppKey("broadcaster", Broadcaster)
+HANDLER = web.AppKey("handler", Handler)
+
+
+def make_broadcaster(config: Config) -> Broadcaster:
+    if config.local_only:
+        return MemoryBroadcaster()
+    raise ConfigError("REDIS_URL", "the Redis broadcaster is not available in this build")
+
+
+def create_app(config: Config) -> web.Application:
+    """Build hub, broadcaster and handler for ``config`` and mount the routes."""
+    if config.auth_enabled:
+        raise ConfigError("AUTH_ENABLED", "authentication is not available in this build")
+    broadcaster = make_broadcaster(config)
+    hub = LocalHub(watcher=broadcaster)
+    handler = Handler(
+        hub,
+        broadcaster,
+        HandlerSettings(
+            pod_id=config.pod_id,
+            max_message_bytes=config.max_message_bytes,
+            max_buffered_bytes=config.send_buffer_bytes,
+            max_rooms=config.max_rooms_per_connection,
+            ping_interval=config.ws_ping_interval,
+            close_timeout=config.ws_close_timeout,
+        ),
+    )
+    app = web.Application(client_max_size=64 * 1024)
+    app[CONFIG] = config
+    app[HUB] = hub
+    app[BROADCASTER] = broadcaster
+    app[HANDLER] = handler
+    register_routes(app, handler=handler, broadcaster=broadcaster)
+    app.cleanup_ctx.append(_run_broadcaster)
+    app.on_shutdown.append(_close_connections)
+    return app
+
+
+async def _run_broadcaster(app: web.Application) -> AsyncIterator[None]:
+    broadcaster = app[BROADCASTER]
+    await broadcaster.start(app[HUB].broadcast)
+    yield
+    await broadcaster.stop()
+
+
+async def _close_connections(app: web.Application) -> None:
+    handler = app[HANDLER]
+    handler.start_draining()
+    count = await handler.close_all()
+    if count:
+        log.info("closed %d connection(s) with 1001 going away", count)
+
+
+async def serve(config: Config) -> None:
+    """Run one pod until SIGTERM or SIGINT, then shut down gracefully."""
+    app = create_app(config)
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, shutdown_timeout=config.ws_close_timeout
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.host, config.port)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        mode = (
+            "local-only (REDIS_URL is not set)" if config.local_only else "cluster (Redis fan-out)"
+        )
+        log.info(
+            "chat-api listening on http://%s:%d pod=%s mode=%s", host, port, config.pod_id, mode
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down: readiness false, closing connections")
+        app[HANDLER].start_draining()
+    finally:
+        try:
+            await asyncio.wait_for(runner.cleanup(), timeout=config.shutdown_timeout)
+        except TimeoutError:
+            log.warning("shutdown took longer than %.1fs; exiting anyway", config.shutdown_timeout)
+    log.info("stopped")

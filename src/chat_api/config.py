@@ -1,0 +1,199 @@
+"""Settings of the service, read once from the environment (and ``.env``).
+
+Each setting is a field of the frozen ``Config`` dataclass whose metadata
+names its environment variable and says what it does; ``.env.example`` and
+the README's table list the same names (a test keeps them in step). A bad
+value stops start-up with a ``ConfigError`` naming the variable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from dotenv import dotenv_values
+
+__all__ = ["Config", "ConfigError", "redact_url"]
+
+
+class ConfigError(ValueError):
+    """A setting has a value the service cannot run with."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+
+
+def _setting(
+    env: str, default: Any, help: str, *, minimum: float | None = None, secret: bool = False
+) -> Any:
+    return field(
+        default=default,
+        repr=not secret,
+        metadata={"env": env, "help": help, "min": minimum, "secret": secret},
+    )
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of a chat-api pod. Build it with ``Config.load()``."""
+
+    host: str = _setting("HOST", "127.0.0.1", "Address to listen on.")
+    port: int = _setting("PORT", 8000, "TCP port to listen on (0 picks a free one).", minimum=0)
+    pod_id: str = _setting(
+        "POD_ID",
+        "",
+        "Name of this pod in logs, stats and Redis envelopes (empty: hostname-random).",
+    )
+    log_level: str = _setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR.")
+    redis_url: str = _setting(
+        "REDIS_URL",
+        "",
+        "Redis for cross-pod fan-out: redis://, rediss:// or unix:// (empty: local-only).",
+        secret=True,
+    )
+    redis_channel_prefix: str = _setting(
+        "REDIS_CHANNEL_PREFIX",
+        "realtime",
+        "Prefix of the Redis channels, so several deployments can share one Redis.",
+    )
+    auth_enabled: bool = _setting(
+        "AUTH_ENABLED", False, "Require a JWT on every WebSocket connection."
+    )
+    max_message_bytes: int = _setting(
+        "MAX_MESSAGE_BYTES",
+        65536,
+        "Largest client frame accepted; a larger one closes the connection with 1009.",
+        minimum=256,
+    )
+    send_buffer_bytes: int = _setting(
+        "SEND_BUFFER_BYTES",
+        1048576,
+        "Bytes a client may fall behind before it is disconnected with 1013.",
+        minimum=1024,
+    )
+    max_rooms_per_connection: int = _setting(
+        "MAX_ROOMS_PER_CONNECTION", 10, "Rooms one connection may be in at once.", minimum=1
+    )
+    ws_ping_interval: float = _setting(
+        "WS_PING_INTERVAL",
+        20.0,
+        "Seconds between keepalive pings; a client silent for half of it after a ping is "
+        "dropped (0: off).",
+        minimum=0,
+    )
+    ws_close_timeout: float = _setting(
+        "WS_CLOSE_TIMEOUT",
+        5.0,
+        "Seconds a closing client gets to let go before the TCP connection is cut.",
+        minimum=0.1,
+    )
+    shutdown_timeout: float = _setting(
+        "SHUTDOWN_TIMEOUT",
+        10.0,
+        "Seconds a graceful shutdown may take before the process exits anyway.",
+        minimum=0.5,
+    )
+
+    @classmethod
+    def settings(cls) -> list[dataclasses.Field[Any]]:
+        """The fields that are settings, in declaration order."""
+        return [f for f in dataclasses.fields(cls) if "env" in f.metadata]
+
+    @classmethod
+    def load(
+        cls, environ: Mapping[str, str] | None = None, *, env_file: str | Path | None = ".env"
+    ) -> Config:
+        """Read settings from ``environ`` (default: ``os.environ``) over ``env_file``."""
+        values: dict[str, str | None] = {}
+        if env_file is not None and Path(env_file).is_file():
+            values.update(dotenv_values(env_file))
+        values.update(os.environ if environ is None else environ)
+        hints = typing.get_type_hints(cls)
+        kwargs: dict[str, Any] = {}
+        for f in cls.settings():
+            raw = values.get(f.metadata["env"])
+            if raw is None or raw.strip() == "":
+                continue
+            kwargs[f.name] = _parse(f, hints[f.name], raw.strip())
+        config = cls(**kwargs)
+        config.validate()
+        if not config.pod_id:
+            config = dataclasses.replace(config, pod_id=_default_pod_id())
+        return config
+
+    def validate(self) -> None:
+        """Check values that depend on more than their own type."""
+        if self.port > 65535:
+            raise ConfigError("PORT", f"{self.port} is not a TCP port (0-65535)")
+        if self.log_level.upper() not in _LOG_LEVELS:
+            raise ConfigError("LOG_LEVEL", f"must be one of {', '.join(_LOG_LEVELS)}")
+        if self.redis_url:
+            scheme = urlsplit(self.redis_url).scheme
+            if scheme not in ("redis", "rediss", "unix"):
+                raise ConfigError("REDIS_URL", "must start with redis://, rediss:// or unix://")
+        if not self.redis_channel_prefix or any(
+            c in self.redis_channel_prefix for c in "*?[] \t\r\n"
+        ):
+            raise ConfigError(
+                "REDIS_CHANNEL_PREFIX", "must be non-empty, without glob characters or spaces"
+            )
+
+    @property
+    def local_only(self) -> bool:
+        return not self.redis_url
+
+    @property
+    def log_level_number(self) -> int:
+        return logging.getLevelNamesMapping()[self.log_level.upper()]
+
+
+def _parse(f: dataclasses.Field[Any], kind: Any, raw: str) -> Any:
+    key = f.metadata["env"]
+    value: Any
+    if kind is bool:
+        lowered = raw.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(key, f"expected true or false, got {raw!r}")
+    if kind is int or kind is float:
+        try:
+            value = kind(raw)
+        except ValueError:
+            shown = "<hidden>" if f.metadata["secret"] else repr(raw)
+            raise ConfigError(key, f"expected a {kind.__name__}, got {shown}") from None
+        minimum = f.metadata["min"]
+        if minimum is not None and value < minimum:
+            raise ConfigError(key, f"must be at least {minimum}, got {value}")
+        return value
+    if kind == tuple[str, ...]:
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    return raw
+
+
+def _default_pod_id() -> str:
+    return f"{socket.gethostname()}-{os.urandom(3).hex()}"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``, for logs and stats."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -1,0 +1,8 @@
+"""Cross-pod fan-out: the ``Broadcaster`` contract and its implementations."""
+
+from __future__ import annotations
+
+from .base import Broadcaster, Deliver, LinkState
+from .memory import MemoryBroadcaster
+
+__all__ = ["Broadcaster", "Deliver", "LinkState", "MemoryBroadcaster"]

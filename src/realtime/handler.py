@@ -1,0 +1,343 @@
+"""The aiohttp adapter: WebSocket routes, the reader loop, and stats.
+
+This is the only module of ``realtime`` that knows aiohttp. Each connection
+costs one task (aiohttp's request handler, which runs the reader loop) and no
+writer task: frames go straight to the connection's transport, whose write
+buffer is the bounded send buffer (see ``connection.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from .broadcast.base import Broadcaster
+from .connection import Connection, ConnectionState
+from .exceptions import ProtocolError
+from .hub import LocalHub
+from .protocol import (
+    ClientFrame,
+    CloseCode,
+    ErrorCode,
+    Identity,
+    Join,
+    Leave,
+    Message,
+    Ping,
+    SendMessage,
+    close_frame,
+    decode_client_frame,
+    encode_ack,
+    encode_error,
+    encode_event,
+    validate_room,
+)
+
+__all__ = ["Handler", "HandlerSettings", "Identify", "guest_identity"]
+
+log = logging.getLogger("realtime.handler")
+
+Identify = Callable[[web.Request, str], Awaitable[Identity]]
+"""Decide who a new connection is (given the request and a fresh connection
+id), or refuse it by raising an ``aiohttp.web.HTTPException``."""
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerSettings:
+    pod_id: str
+    max_message_bytes: int = 64 * 1024
+    max_buffered_bytes: int = 1024 * 1024
+    max_rooms: int = 10
+    ping_interval: float = 20.0
+    close_timeout: float = 5.0
+
+
+@dataclass(slots=True)
+class HandlerCounters:
+    connections_accepted: int = 0
+    messages_received: int = 0
+    errors_sent: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+_NAME_JUNK = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\ufeff]+")
+MAX_NAME_LENGTH = 32
+
+
+def clean_name(raw: str | None) -> str:
+    """A display name with control and invisible characters removed, white
+    space folded and the length capped; empty if nothing is left."""
+    if not raw:
+        return ""
+    return " ".join(_NAME_JUNK.sub(" ", raw).split())[:MAX_NAME_LENGTH]
+
+
+async def guest_identity(request: web.Request, connection_id: str) -> Identity:
+    """The identity of an unauthenticated client: the ``name`` query
+    parameter, cleaned, or a generated guest name."""
+    suffix = connection_id.rsplit("-", 1)[-1]
+    name = clean_name(request.query.get("name")) or f"guest-{suffix}"
+    return Identity(id=f"guest-{connection_id}", name=name)
+
+
+class _Ids:
+    """Short ids unique across pods: a random per-process prefix and a counter."""
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(5).hex()
+        self._next = itertools.count(1)
+
+    def __call__(self) -> str:
+        return f"{self._prefix}-{next(self._next):x}"
+
+
+class _TransportSink:
+    """Writes frames straight to the aiohttp transport of one WebSocket."""
+
+    __slots__ = ("_handler", "_transport", "_ws")
+
+    def __init__(
+        self, handler: Handler, ws: web.WebSocketResponse, transport: asyncio.Transport
+    ) -> None:
+        self._handler = handler
+        self._ws = ws
+        self._transport = transport
+
+    def write(self, frame: bytes) -> None:
+        if not self._transport.is_closing():
+            self._transport.write(frame)
+
+    def buffered(self) -> int:
+        return self._transport.get_write_buffer_size()
+
+    def close(self, code: int, reason: str) -> None:
+        self._handler._close_soon(self._ws, self._transport, code, reason)
+
+
+class Handler:
+    """WebSocket endpoints of one pod: ``routes()``, ``handle_websocket``, ``stats()``."""
+
+    def __init__(
+        self,
+        hub: LocalHub,
+        broadcaster: Broadcaster,
+        settings: HandlerSettings,
+        *,
+        identify: Identify = guest_identity,
+    ) -> None:
+        self._hub = hub
+        self._broadcaster = broadcaster
+        self._settings = settings
+        self._identify = identify
+        self._message_ids = _Ids()
+        self._connection_ids = _Ids()
+        self._closing: set[asyncio.Task[bool]] = set()
+        self._draining = False
+        self.counters = HandlerCounters()
+
+    # -- routes -----------------------------------------------------------
+
+    def routes(self, prefix: str = "") -> list[web.RouteDef]:
+        """``GET {prefix}`` (global) and ``GET {prefix}/{room}``."""
+        return [
+            web.get(prefix, self.handle_websocket),
+            web.get(prefix + "/{room}", self.handle_websocket),
+        ]
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def start_draining(self) -> None:
+        """Refuse new connections from now on (readiness turns false)."""
+        self._draining = True
+
+    # -- lifecycle of one connection -----------------------------------------
+
+    async def handle_websocket(self, request: web.Request) -> web.StreamResponse:
+        if self._draining:
+            raise web.HTTPServiceUnavailable(text="server is shutting down")
+        room = request.match_info.get("room")
+        if room is not None:
+            try:
+                validate_room(room)
+            except ProtocolError as exc:
+                raise web.HTTPBadRequest(text=exc.message) from exc
+        connection_id = self._connection_ids()
+        identity = await self._identify(request, connection_id)
+
+        ws = web.WebSocketResponse(
+            max_msg_size=self._settings.max_message_bytes,
+            heartbeat=self._settings.ping_interval or None,
+            compress=False,
+            timeout=self._settings.close_timeout,
+        )
+        await ws.prepare(request)
+        transport = request.transport
+        if not isinstance(transport, asyncio.Transport):  # vanished during the upgrade
+            return ws
+        conn = Connection(
+            connection_id,
+            identity,
+            _TransportSink(self, ws, transport),
+            max_buffered=self._settings.max_buffered_bytes,
+            default_room=room,
+        )
+        self.counters.connections_accepted += 1
+        self._hub.add(conn)
+        if room is not None:
+            self._hub.join(conn, room)
+        self._hub.send_to(
+            conn,
+            encode_event(
+                "welcome",
+                connection_id=conn.id,
+                user=identity.as_json(),
+                pod=self._settings.pod_id,
+                room=room,
+                rooms=sorted(conn.rooms),
+                limits={
+                    "max_message_bytes": self._settings.max_message_bytes,
+                    "max_rooms": self._settings.max_rooms,
+                },
+            ),
+        )
+        try:
+            await self._read_loop(ws, conn)
+        finally:
+            self._hub.remove(conn)
+            conn.closed()
+        return ws
+
+    async def _read_loop(self, ws: web.WebSocketResponse, conn: Connection) -> None:
+        while True:
+            msg = await ws.receive()
+            if msg.type is WSMsgType.TEXT:
+                if conn.state is ConnectionState.OPEN:
+                    self._on_text(conn, msg.data)
+            elif msg.type is WSMsgType.BINARY:
+                conn.close(
+                    CloseCode.UNSUPPORTED_DATA,
+                    "binary frames are not supported; send JSON text frames",
+                )
+            else:  # CLOSE, CLOSING, CLOSED or ERROR: the connection is over
+                return
+
+    def _on_text(self, conn: Connection, raw: str | bytes) -> None:
+        try:
+            frame = decode_client_frame(raw)
+            self._dispatch(conn, frame)
+        except ProtocolError as exc:
+            self.counters.errors_sent += 1
+            self._hub.send_to(conn, encode_error(exc.code, exc.message, exc.ref))
+
+    def _dispatch(self, conn: Connection, frame: ClientFrame) -> None:
+        match frame:
+            case SendMessage():
+                self._on_message(conn, frame)
+            case Join(room=room, ref=ref):
+                if room not in conn.rooms:
+                    if len(conn.rooms) >= self._settings.max_rooms:
+                        raise ProtocolError(
+                            ErrorCode.TOO_MANY_ROOMS,
+                            f"a connection may be in at most {self._settings.max_rooms} rooms",
+                            ref=ref,
+                        )
+                    self._hub.join(conn, room)
+                self._hub.send_to(conn, encode_event("joined", room=room, ref=ref))
+            case Leave(room=room, ref=ref):
+                if room not in conn.rooms:
+                    raise ProtocolError(ErrorCode.NOT_IN_ROOM, f"not in room {room!r}", ref=ref)
+                self._hub.leave(conn, room)
+                self._hub.send_to(conn, encode_event("left", room=room, ref=ref))
+            case Ping(ref=ref):
+                self._hub.send_to(conn, encode_event("pong", ref=ref))
+
+    def _on_message(self, conn: Connection, frame: SendMessage) -> None:
+        room = conn.default_room if frame.room is None else frame.room
+        if frame.room is not None and frame.room not in conn.rooms:
+            raise ProtocolError(
+                ErrorCode.NOT_IN_ROOM,
+                f"join room {frame.room!r} before sending to it",
+                ref=frame.ref,
+            )
+        message = Message(
+            id=self._message_ids(),
+            room=room,
+            sender=conn.identity,
+            ts=time.time_ns() // 1_000_000,
+            data=frame.data,
+        )
+        self.counters.messages_received += 1
+        self._broadcaster.publish(message)
+        if frame.ref is not None:
+            self._hub.send_to(conn, encode_ack(frame.ref, message.id, room))
+
+    # -- closing ------------------------------------------------------------
+
+    def _close_soon(
+        self, ws: web.WebSocketResponse, transport: asyncio.Transport, code: int, reason: str
+    ) -> None:
+        """Send a close frame now; cut the TCP connection if the client has
+        not let go within ``close_timeout`` (a client that stopped reading
+        would otherwise hold its unsent buffer forever)."""
+        if ws.closed or transport.is_closing():
+            return
+        loop = asyncio.get_running_loop()
+        loop.call_later(self._settings.close_timeout, transport.abort)
+        if ws.prepared and code == CloseCode.TRY_AGAIN_LATER:
+            # The buffer is full: put the close frame behind it and let the
+            # reader loop end when the transport goes.
+            transport.write(close_frame(code, reason))
+            transport.close()
+            return
+        task = loop.create_task(ws.close(code=code, message=reason.encode(), drain=False))
+        self._closing.add(task)
+        task.add_done_callback(self._close_done)
+
+    def _close_done(self, task: asyncio.Task[Any]) -> None:
+        self._closing.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("closing a connection failed: %r", exc)
+
+    async def close_all(self, code: int = CloseCode.GOING_AWAY, reason: str = "") -> int:
+        """Close every connection with ``code`` and wait (up to the close
+        timeout) for the close frames to go out. Returns how many."""
+        count = self._hub.close_all(code, reason or "server shutting down")
+        if self._closing:
+            await asyncio.wait(set(self._closing), timeout=self._settings.close_timeout)
+        return count
+
+    # -- stats --------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        hub = self._hub.counters
+        rooms = self._hub.room_sizes()
+        return {
+            "pod": self._settings.pod_id,
+            "uptime_s": round(time.monotonic() - self.counters.started, 3),
+            "draining": self._draining,
+            "connections": {
+                "open": self._hub.connection_count,
+                "accepted": self.counters.connections_accepted,
+            },
+            "rooms": rooms,
+            "room_count": len(rooms),
+            "messages": {
+                "received": self.counters.messages_received,
+                "broadcasts": hub.broadcasts,
+                "delivered": hub.deliveries,
+            },
+            "errors_sent": self.counters.errors_sent,
+            "slow_client_disconnects": hub.slow_client_disconnects,
+            "broadcaster": dict(self._broadcaster.stats()),
+        }

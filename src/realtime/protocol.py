@@ -1,0 +1,256 @@
+"""The wire format: decode and validate client frames, encode server frames.
+
+Pure functions and frozen dataclasses; nothing here touches a socket.
+Every frame is one JSON object in a WebSocket text frame. The full contract,
+with examples, is ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+from .exceptions import ProtocolError
+
+__all__ = [
+    "MAX_REF_LENGTH",
+    "ROOM_PATTERN",
+    "ClientFrame",
+    "CloseCode",
+    "ErrorCode",
+    "Identity",
+    "Join",
+    "Leave",
+    "Message",
+    "Ping",
+    "SendMessage",
+    "close_frame",
+    "decode_client_frame",
+    "encode_ack",
+    "encode_error",
+    "encode_event",
+    "text_frame",
+    "validate_room",
+]
+
+MAX_REF_LENGTH: Final = 128
+ROOM_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+"""Room names: 1-64 characters, ASCII letters, digits, ``_ . -``, starting
+with a letter or digit. Safe in URLs and in Redis channel names (no glob
+characters, whitespace or control characters)."""
+
+
+class ErrorCode(enum.StrEnum):
+    """Codes of ``error`` frames. The connection stays open after each."""
+
+    INVALID_JSON = "invalid_json"
+    INVALID_FRAME = "invalid_frame"
+    UNKNOWN_TYPE = "unknown_type"
+    MISSING_DATA = "missing_data"
+    INVALID_ROOM = "invalid_room"
+    NOT_IN_ROOM = "not_in_room"
+    TOO_MANY_ROOMS = "too_many_rooms"
+    FORBIDDEN_ROOM = "forbidden_room"
+    RATE_LIMITED = "rate_limited"
+    UNAVAILABLE = "unavailable"
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes this service sends (RFC 6455 section 7.4.1)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    UNSUPPORTED_DATA = 1003
+    INVALID_PAYLOAD = 1007
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a connection speaks as. Set by the server, never by the client."""
+
+    id: str
+    name: str
+
+    def as_json(self) -> dict[str, str]:
+        return {"id": self.id, "name": self.name}
+
+
+# -- client -> server ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendMessage:
+    """``{"type": "message", "data": ..., "room"?: ..., "ref"?: ...}``"""
+
+    data: Any
+    room: str | None = None
+    ref: str | int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    """``{"type": "join", "room": ..., "ref"?: ...}``"""
+
+    room: str
+    ref: str | int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    """``{"type": "leave", "room": ..., "ref"?: ...}``"""
+
+    room: str
+    ref: str | int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """``{"type": "ping", "ref"?: ...}``: an application-level ping."""
+
+    ref: str | int | None = None
+
+
+ClientFrame = SendMessage | Join | Leave | Ping
+
+
+def validate_room(room: object, *, ref: str | int | None = None) -> str:
+    """Return ``room`` if it is a valid room name, else raise ``ProtocolError``."""
+    if not isinstance(room, str) or ROOM_PATTERN.fullmatch(room) is None:
+        raise ProtocolError(
+            ErrorCode.INVALID_ROOM,
+            "room names are 1-64 characters: letters, digits, '_', '.', '-'",
+            ref=ref,
+        )
+    return room
+
+
+def _read_ref(frame: dict[str, Any]) -> str | int | None:
+    ref = frame.get("ref")
+    if ref is None:
+        return None
+    if isinstance(ref, bool) or not isinstance(ref, str | int):
+        raise ProtocolError(ErrorCode.INVALID_FRAME, "'ref' must be a string or an integer")
+    if isinstance(ref, str) and len(ref) > MAX_REF_LENGTH:
+        raise ProtocolError(
+            ErrorCode.INVALID_FRAME, f"'ref' is longer than {MAX_REF_LENGTH} characters"
+        )
+    return ref
+
+
+def decode_client_frame(raw: str | bytes) -> ClientFrame:
+    """Decode one client text frame into a typed frame.
+
+    Raises ``ProtocolError`` with the code to answer with; its ``ref`` is set
+    whenever the frame was readable enough to carry one.
+    """
+    try:
+        frame = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(ErrorCode.INVALID_JSON, f"frame is not valid JSON: {exc}") from exc
+    if not isinstance(frame, dict):
+        raise ProtocolError(ErrorCode.INVALID_FRAME, "a frame must be a JSON object")
+    ref = _read_ref(frame)
+    kind = frame.get("type")
+    if kind == "message":
+        if "data" not in frame:
+            raise ProtocolError(ErrorCode.MISSING_DATA, "a message needs a 'data' field", ref=ref)
+        room = frame.get("room")
+        return SendMessage(
+            data=frame["data"],
+            room=None if room is None else validate_room(room, ref=ref),
+            ref=ref,
+        )
+    if kind == "join":
+        return Join(room=validate_room(frame.get("room"), ref=ref), ref=ref)
+    if kind == "leave":
+        return Leave(room=validate_room(frame.get("room"), ref=ref), ref=ref)
+    if kind == "ping":
+        return Ping(ref=ref)
+    if not isinstance(kind, str):
+        raise ProtocolError(ErrorCode.INVALID_FRAME, "a frame needs a string 'type'", ref=ref)
+    shown = kind if len(kind) <= 32 else kind[:32] + "..."
+    raise ProtocolError(
+        ErrorCode.UNKNOWN_TYPE,
+        f"unknown frame type {shown!r}; expected message, join, leave or ping",
+        ref=ref,
+    )
+
+
+# -- server -> client ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A chat message as the server stamped it. ``room`` is None for global."""
+
+    id: str
+    room: str | None
+    sender: Identity
+    ts: int
+    data: Any
+
+    def encode(self) -> bytes:
+        """The client-facing JSON of this message, built once per broadcast."""
+        return orjson.dumps(
+            {
+                "type": "message",
+                "room": self.room,
+                "id": self.id,
+                "from": self.sender.as_json(),
+                "ts": self.ts,
+                "data": self.data,
+            }
+        )
+
+
+def encode_event(kind: str, **fields: Any) -> bytes:
+    """Encode a server frame of type ``kind`` with the given fields."""
+    return orjson.dumps({"type": kind, **fields})
+
+
+def encode_ack(ref: str | int, message_id: str, room: str | None) -> bytes:
+    return orjson.dumps({"type": "ack", "ref": ref, "id": message_id, "room": room})
+
+
+def encode_error(code: str, message: str, ref: str | int | None = None) -> bytes:
+    frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if ref is not None:
+        frame["ref"] = ref
+    return orjson.dumps(frame)
+
+
+_TEXT: Final = 0x81  # FIN + text opcode
+_CLOSE: Final = 0x88  # FIN + close opcode
+
+
+def _frame(first: int, payload: bytes) -> bytes:
+    n = len(payload)
+    if n < 126:
+        return struct.pack("!BB", first, n) + payload
+    if n < 1 << 16:
+        return struct.pack("!BBH", first, 126, n) + payload
+    return struct.pack("!BBQ", first, 127, n) + payload
+
+
+def text_frame(payload: bytes) -> bytes:
+    """An unmasked, uncompressed server-to-client text frame (RFC 6455 5.2).
+
+    Server frames are never masked, so without compression the bytes are the
+    same for every recipient: a broadcast builds them once and writes them to
+    every member's transport.
+    """
+    return _frame(_TEXT, payload)
+
+
+def close_frame(code: int, reason: str) -> bytes:
+    """A server-to-client close frame; the reason is cut to fit 123 bytes."""
+    return _frame(_CLOSE, struct.pack("!H", code) + reason.encode()[:123])

@@ -1,0 +1,203 @@
+"""Helpers for tests that drive real chat-api processes.
+
+``Pod`` starts ``python -m chat_api`` on port 0 and waits for its own
+"listening on" log line to learn the port; nothing here sleeps for a fixed
+time: every wait is on a condition with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import aiohttp
+import orjson
+
+LISTENING = re.compile(r"listening on http://([\d.]+):(\d+)")
+DEFAULT_TIMEOUT = 10.0
+
+
+class Pod:
+    """One chat-api server process on a free port."""
+
+    def __init__(self, env: Mapping[str, str] | None = None, *, name: str = "pod") -> None:
+        self.name = name
+        self.env = {
+            **os.environ,
+            "HOST": "127.0.0.1",
+            "PORT": "0",
+            "POD_ID": name,
+            "LOG_LEVEL": "INFO",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONDEVMODE": "1",
+            **(env or {}),
+        }
+        self.env.setdefault("REDIS_URL", "")
+        self.lines: list[str] = []
+        self.proc: subprocess.Popen[str] | None = None
+        self._pump_thread = threading.Thread()
+        self.port = 0
+        self._ready = threading.Event()
+        self._lock = threading.Lock()
+
+    # -- process ------------------------------------------------------------
+
+    def start(self, timeout: float = DEFAULT_TIMEOUT) -> Pod:
+        self._ready.clear()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "chat_api"],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),  # no stray .env
+        )
+        self._pump_thread = threading.Thread(target=self._pump, args=(self.proc,), daemon=True)
+        self._pump_thread.start()
+        if not self._ready.wait(timeout):
+            self.kill()
+            raise RuntimeError(f"{self.name} did not start:\n{self.log}")
+        return self
+
+    def _pump(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        with proc.stdout:
+            for line in proc.stdout:
+                with self._lock:
+                    self.lines.append(line.rstrip("\n"))
+                match = LISTENING.search(line)
+                if match and not self._ready.is_set():
+                    self.port = int(match.group(2))
+                    self._ready.set()
+
+    @property
+    def log(self) -> str:
+        with self._lock:
+            return "\n".join(self.lines)
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = DEFAULT_TIMEOUT) -> int:
+        """Wait for the process to exit and for its output to be read."""
+        assert self.proc is not None
+        code = self.proc.wait(timeout)
+        self._pump_thread.join(timeout)
+        return code
+
+    def stop(self, timeout: float = DEFAULT_TIMEOUT) -> int:
+        """SIGTERM, then wait for a clean exit (SIGKILL if it hangs)."""
+        if self.proc is None:
+            return 0
+        self.signal(signal.SIGTERM)
+        try:
+            return self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            self.wait()
+
+    def restart(self, timeout: float = DEFAULT_TIMEOUT) -> Pod:
+        """Start again on the same port (after stop or kill)."""
+        self.env["PORT"] = str(self.port)
+        with self._lock:
+            self.lines.clear()
+        return self.start(timeout)
+
+    # -- addresses ----------------------------------------------------------
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def ws_url(self, room: str | None = None, **query: str) -> str:
+        url = f"ws://127.0.0.1:{self.port}/api/chat-api/ws" + (f"/{room}" if room else "")
+        if query:
+            url += "?" + "&".join(f"{k}={v}" for k, v in query.items())
+        return url
+
+    def wait_for_log(self, pattern: str, timeout: float = DEFAULT_TIMEOUT) -> str:
+        """Wait until a log line matches ``pattern`` (a regex); return it."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                for line in self.lines:
+                    if regex.search(line):
+                        return line
+            time.sleep(0.02)
+        raise AssertionError(f"{self.name}: no log line matching {pattern!r}:\n{self.log}")
+
+
+# -- async helpers -----------------------------------------------------------
+
+
+async def eventually(
+    check: Callable[[], Awaitable[Any]], *, timeout: float = DEFAULT_TIMEOUT, interval: float = 0.02
+) -> Any:
+    """Call ``check`` until it returns a truthy value or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = await check()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last value: {last!r})")
+        await asyncio.sleep(interval)  # polling interval, not a wait for the outcome
+
+
+async def get_json(session: aiohttp.ClientSession, url: str) -> Any:
+    async with asyncio.timeout(DEFAULT_TIMEOUT), session.get(url) as resp:
+        return await resp.json()
+
+
+async def recv(ws: aiohttp.ClientWebSocketResponse, timeout: float = DEFAULT_TIMEOUT) -> Any:
+    """Receive one frame; text frames are decoded from JSON."""
+    msg = await ws.receive(timeout=timeout)
+    if msg.type is aiohttp.WSMsgType.TEXT:
+        return orjson.loads(msg.data)
+    return msg
+
+
+async def recv_type(
+    ws: aiohttp.ClientWebSocketResponse, kind: str, timeout: float = DEFAULT_TIMEOUT
+) -> dict[str, Any]:
+    """Receive frames until one of type ``kind`` arrives; return it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        frame = await recv(ws, max(0.01, deadline - time.monotonic()))
+        if isinstance(frame, dict):
+            if frame.get("type") == kind:
+                return frame
+        else:
+            raise AssertionError(f"expected a {kind!r} frame, got {frame!r}")
+
+
+async def connect(
+    session: aiohttp.ClientSession, url: str, **kwargs: Any
+) -> tuple[aiohttp.ClientWebSocketResponse, dict[str, Any]]:
+    """Open a WebSocket and read its welcome frame."""
+    async with asyncio.timeout(DEFAULT_TIMEOUT):
+        ws = await session.ws_connect(url, **kwargs)
+    welcome = await recv(ws)
+    assert welcome["type"] == "welcome", welcome
+    return ws, welcome
+
+
+async def send(ws: aiohttp.ClientWebSocketResponse, frame: dict[str, Any]) -> None:
+    await ws.send_str(orjson.dumps(frame).decode())
