@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import socket
 import typing
@@ -175,6 +176,8 @@ def _parse(f: dataclasses.Field[Any], kind: Any, raw: str) -> Any:
         except ValueError:
             shown = "<hidden>" if f.metadata["secret"] else repr(raw)
             raise ConfigError(key, f"expected a {kind.__name__}, got {shown}") from None
+        if not math.isfinite(value):
+            raise ConfigError(key, f"expected a finite number, got {raw!r}")
         minimum = f.metadata["min"]
         if minimum is not None and value < minimum:
             raise ConfigError(key, f"must be at least {minimum}, got {value}")
