@@ -1,0 +1,1 @@
+"""Benchmark of chat-api against python-socketio; see ``bench/run.py``."""

@@ -1,0 +1,381 @@
+"""The benchmark runner: chat-api against python-socketio, in one run.
+
+    python -m bench                # the default run, a few minutes
+    python -m bench --quick        # seconds; checks that the harness works
+    python -m bench --workloads fanout,idle --systems chat-api
+
+For each workload, both systems run side by side (each on its own Redis and
+pods, each with its own load-generator processes) and their runs alternate
+(A B A B ...), so drift of a shared machine hits both alike. The claim is the
+ratio between systems measured in the same run, not the absolute numbers.
+Results go to ``docs/bench-results.json``, ``docs/benchmarks.md`` and
+``docs/benchmarks.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .cluster import ROOT, SYSTEMS, Cluster
+from .loadgen import raise_nofile_limit
+from .loadpool import Conn, LoadPool, measured_connect, measured_run
+
+
+@dataclass(frozen=True)
+class Settings:
+    pods: int = 2
+    workers: int = 4
+    reps: int = 2
+    fanout_receivers: int = 200
+    fanout_senders: int = 4
+    fanout_rate: int = 20_000  # deliveries/s
+    fanout_seconds: float = 10.0
+    rooms: int = 500
+    room_members: int = 4
+    rooms_rates: tuple[int, ...] = (2_000, 20_000)  # deliveries/s
+    rooms_seconds: float = 8.0
+    ladder: tuple[int, ...] = (10_000, 20_000, 40_000, 60_000, 80_000, 100_000, 120_000, 150_000)
+    ladder_seconds: float = 5.0
+    idle_connections: int = 5_000
+    order_receivers: int = 40
+    order_messages: int = 600  # per sender
+    order_rate: int = 200  # messages/s per sender
+
+
+QUICK = Settings(
+    reps=1,
+    workers=2,
+    fanout_receivers=20,
+    fanout_senders=2,
+    fanout_rate=2_000,
+    fanout_seconds=2.0,
+    rooms=20,
+    rooms_rates=(600,),
+    rooms_seconds=2.0,
+    ladder=(2_000, 4_000),
+    ladder_seconds=2.0,
+    idle_connections=200,
+    order_receivers=6,
+    order_messages=100,
+    order_rate=100,
+)
+
+# saturation: the most deliveries/s with at most this loss and p99
+MAX_LOSS_PCT = 0.1
+MAX_P99_MS = 250.0
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# -- layouts --------------------------------------------------------------------
+
+
+def fanout_layout(s: Settings, receivers: int | None = None) -> list[Conn]:
+    n = s.fanout_receivers if receivers is None else receivers
+    conns = [Conn(i % s.pods, "fanout", "send", i + 1) for i in range(s.fanout_senders)]
+    conns += [Conn(i % s.pods, "fanout", "recv") for i in range(n)]
+    return conns
+
+
+def rooms_layout(s: Settings) -> list[Conn]:
+    conns = []
+    for r in range(s.rooms):
+        room = f"r{r}"
+        conns.append(Conn(r % s.pods, room, "send", r + 1))
+        conns += [Conn((r + j) % s.pods, room, "recv") for j in range(1, s.room_members)]
+    return conns
+
+
+def order_layout(s: Settings) -> list[Conn]:
+    conns = [Conn(i % s.pods, "order", "send", i + 1) for i in range(2)]
+    conns += [Conn(i % s.pods, "order", "recv") for i in range(s.order_receivers)]
+    return conns
+
+
+def idle_layout(s: Settings) -> list[Conn]:
+    return [Conn(i % s.pods, f"idle{i % 50}", "idle") for i in range(s.idle_connections)]
+
+
+# -- workloads --------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, s: Settings, systems: list[str], logdir: Path) -> None:
+        self.s = s
+        self.systems = systems
+        self.logdir = logdir
+
+    def _clusters(self) -> dict[str, tuple[Cluster, LoadPool]]:
+        out = {}
+        for system in self.systems:
+            cluster = Cluster(system, self.s.pods, self.logdir / system).start()
+            out[system] = (cluster, LoadPool(self.s.workers))
+        return out
+
+    def _with_clusters(
+        self, body: Callable[[dict[str, tuple[Cluster, LoadPool]]], dict[str, Any]]
+    ) -> dict[str, Any]:
+        clusters = self._clusters()
+        try:
+            return body(clusters)
+        finally:
+            for cluster, pool in clusters.values():
+                pool.close()
+                cluster.stop()
+
+    def fanout(self) -> dict[str, Any]:
+        s = self.s
+        rate = s.fanout_rate / s.fanout_receivers / s.fanout_senders
+
+        def body(clusters: dict[str, tuple[Cluster, LoadPool]]) -> dict[str, Any]:
+            runs: dict[str, list[dict[str, Any]]] = {k: [] for k in clusters}
+            for rep in range(s.reps):
+                for system, (cluster, pool) in clusters.items():
+                    r = measured_run(
+                        pool,
+                        cluster,
+                        fanout_layout(s),
+                        rate_per_sender=rate,
+                        duration=s.fanout_seconds,
+                    )
+                    log(f"fanout rep {rep + 1} {system}: {brief(r)}")
+                    runs[system].append(r)
+            return {"target_deliveries_per_s": s.fanout_rate, "runs": runs}
+
+        return self._with_clusters(body)
+
+    def rooms(self) -> dict[str, Any]:
+        s = self.s
+        receivers = s.room_members - 1
+
+        def body(clusters: dict[str, tuple[Cluster, LoadPool]]) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for target in s.rooms_rates:
+                rate = target / receivers / s.rooms  # messages/s per sender (one per room)
+                runs: dict[str, list[dict[str, Any]]] = {k: [] for k in clusters}
+                for rep in range(s.reps if target == s.rooms_rates[0] else 1):
+                    for system, (cluster, pool) in clusters.items():
+                        r = measured_run(
+                            pool,
+                            cluster,
+                            rooms_layout(s),
+                            rate_per_sender=rate,
+                            duration=s.rooms_seconds,
+                        )
+                        log(f"rooms {target}/s rep {rep + 1} {system}: {brief(r)}")
+                        runs[system].append(r)
+                out[str(target)] = {"target_deliveries_per_s": target, "runs": runs}
+            return {"rooms": s.rooms, "members": s.room_members, "by_rate": out}
+
+        return self._with_clusters(body)
+
+    def saturation(self) -> dict[str, Any]:
+        s = self.s
+
+        def body(clusters: dict[str, tuple[Cluster, LoadPool]]) -> dict[str, Any]:
+            steps: dict[str, list[dict[str, Any]]] = {k: [] for k in clusters}
+            best: dict[str, int] = {k: 0 for k in clusters}
+            going = set(clusters)
+            for target in s.ladder:
+                rate = target / s.fanout_receivers / s.fanout_senders
+                for system, (cluster, pool) in clusters.items():
+                    if system not in going:
+                        continue
+                    r = measured_run(
+                        pool,
+                        cluster,
+                        fanout_layout(s),
+                        rate_per_sender=rate,
+                        duration=s.ladder_seconds,
+                    )
+                    r["target_deliveries_per_s"] = target
+                    ok = (
+                        r["loss_pct"] <= MAX_LOSS_PCT
+                        and r["latency_ms"]["p99"] <= MAX_P99_MS
+                        and r["servers_alive"]
+                    )
+                    r["sustained"] = ok
+                    log(f"saturation {target}/s {system}: {'ok' if ok else 'FAIL'} {brief(r)}")
+                    steps[system].append(r)
+                    if ok:
+                        best[system] = target
+                    else:
+                        going.discard(system)
+                if not going:
+                    break
+            top = s.ladder[-1]
+            return {
+                "criteria": {"max_loss_pct": MAX_LOSS_PCT, "max_p99_ms": MAX_P99_MS},
+                "max_sustained_deliveries_per_s": best,
+                "ladder_top_reached": {k: best[k] == top for k in best},
+                "steps": steps,
+            }
+
+        return self._with_clusters(body)
+
+    def idle(self) -> dict[str, Any]:
+        def body(clusters: dict[str, tuple[Cluster, LoadPool]]) -> dict[str, Any]:
+            runs = {}
+            for system, (cluster, pool) in clusters.items():
+                r = measured_connect(pool, cluster, idle_layout(self.s))
+                log(f"idle {system}: {r}")
+                runs[system] = r
+            return {"connections": self.s.idle_connections, "runs": runs}
+
+        return self._with_clusters(body)
+
+    def ordering(self) -> dict[str, Any]:
+        s = self.s
+
+        def body(clusters: dict[str, tuple[Cluster, LoadPool]]) -> dict[str, Any]:
+            runs = {}
+            for system, (cluster, pool) in clusters.items():
+                r = measured_run(
+                    pool,
+                    cluster,
+                    order_layout(s),
+                    rate_per_sender=s.order_rate,
+                    duration=s.order_messages / s.order_rate,
+                    record_order=True,
+                )
+                log(
+                    f"ordering {system}: {r['distinct_orders']} distinct orders over "
+                    f"{r['complete_receivers']} receivers, fifo violations "
+                    f"{r['fifo_violations']}, {brief(r)}"
+                )
+                runs[system] = r
+            return {"senders": 2, "receivers": s.order_receivers, "runs": runs}
+
+        return self._with_clusters(body)
+
+
+def brief(r: dict[str, Any]) -> str:
+    lat = r["latency_ms"]
+    return (
+        f"{r['deliveries']}/{r['deliveries_expected']} delivered, loss {r['loss_pct']}%, "
+        f"dups {r['duplicates']}, "
+        f"p50 {lat['p50']:.1f} p99 {lat['p99']:.1f} max {lat['max']:.1f} ms, "
+        f"server CPU {r['server_cpu_us_per_delivery']} us/delivery "
+        f"{r['server_cpu_us_per_message']} us/message ({r['server_cpu_cores']} cores), "
+        f"loadgen {r['loadgen_cpu_cores']} cores, sender late {r['sender_late_ms']} ms"
+    )
+
+
+# -- machine ---------------------------------------------------------------------
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine() -> dict[str, Any]:
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    redis = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "redis_server": redis.split()[2].removeprefix("v=") if redis else None,
+        "versions": {
+            d: _version(d)
+            for d in (
+                "chat-api",
+                "aiohttp",
+                "orjson",
+                "redis",
+                "hiredis",
+                "python-socketio",
+                "python-engineio",
+                "uvicorn",
+                "uvloop",
+                "websockets",
+            )
+        },
+        "commit": commit,
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+WORKLOADS = ("fanout", "rooms", "saturation", "idle", "ordering")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness")
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--pods", type=int, default=None)
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--out", default=str(ROOT / "docs"), help="where results go")
+    parser.add_argument("--name", default="bench", help="file name stem of the results")
+    args = parser.parse_args(argv)
+
+    s = QUICK if args.quick else Settings()
+    if args.pods is not None:
+        s = Settings(**{**s.__dict__, "pods": args.pods})
+    if args.reps is not None:
+        s = Settings(**{**s.__dict__, "reps": args.reps})
+    systems = [x for x in args.systems.split(",") if x]
+    workloads = [x for x in args.workloads.split(",") if x]
+    for w in workloads:
+        if w not in WORKLOADS:
+            parser.error(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
+    for x in systems:
+        if x not in SYSTEMS:
+            parser.error(f"unknown system {x!r}; choose from {', '.join(SYSTEMS)}")
+
+    nofile = raise_nofile_limit()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logdir = ROOT / "bench" / "results" / "logs"
+    results: dict[str, Any] = {
+        "settings": s.__dict__,
+        "systems": systems,
+        "machine": machine(),
+        "nofile_limit": nofile,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
+        "workloads": {},
+    }
+    bench = Bench(s, systems, logdir)
+    t0 = time.perf_counter()
+    for w in workloads:
+        log(f"workload {w}")
+        results["workloads"][w] = getattr(bench, w)()
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    results["machine"]["loadavg_end"] = os.getloadavg()
+
+    from .report import write_reports  # matplotlib is imported only here
+
+    paths = write_reports(results, out, args.name)
+    log(f"done in {results['seconds']}s: " + ", ".join(str(p) for p in paths))
+    print((out / f"{args.name}.md").read_text())
+
+
+def dump(results: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
