@@ -62,8 +62,9 @@ class LoadPool:
             with contextlib.suppress(OSError):
                 pipe.send({"cmd": "close"})
         for pipe in self.pipes:
-            if pipe.poll(10):
-                pipe.recv()
+            with contextlib.suppress(OSError, EOFError):
+                if pipe.poll(10):
+                    pipe.recv()
         for proc in self.procs:
             proc.join(5)
             if proc.is_alive():

@@ -21,7 +21,7 @@ import struct
 import time
 from array import array
 from collections.abc import Callable
-from typing import Final
+from typing import Final, cast
 
 MARK_OPEN: Final = b'"~'
 MARK_CLOSE: Final = b'~"'
@@ -151,8 +151,7 @@ class WsClient(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def handshake(self, host: str, port: int) -> None:
         assert self.transport is not None
@@ -175,22 +174,40 @@ class WsClient(asyncio.Protocol):
             self.ready.set_result(None)
 
     def data_received(self, data: bytes) -> None:
-        buf = self._buf
-        buf += data
         if not self._upgraded:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
+            self._buf += data
+            if not self._upgrade():
                 return
-            status = bytes(buf[:end]).split(b"\r\n", 1)[0]
-            if b" 101 " not in status:
-                if not self.ready.done():
-                    self.ready.set_exception(ConnectionError(status.decode(errors="replace")))
-                assert self.transport is not None
-                self.transport.close()
-                return
-            self._upgraded = True
-            del buf[: end + 4]
+            data, self._buf = bytes(self._buf), bytearray()
         now = time.monotonic_ns()
+        if self._buf:
+            buf = self._buf
+            buf += data
+            used = self._frames(buf, now)
+            del buf[:used]
+        else:  # the usual case: parse the bytes as they came, no copy
+            used = self._frames(data, now)
+            if used < len(data):
+                self._buf += data[used:]
+
+    def _upgrade(self) -> bool:
+        buf = self._buf
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        status = bytes(buf[:end]).split(b"\r\n", 1)[0]
+        if b" 101 " not in status:
+            if not self.ready.done():
+                self.ready.set_exception(ConnectionError(status.decode(errors="replace")))
+            assert self.transport is not None
+            self.transport.close()
+            return False
+        self._upgraded = True
+        del buf[: end + 4]
+        return True
+
+    def _frames(self, buf: bytes | bytearray, now: int) -> int:
+        """Handle every complete frame in ``buf``; return the bytes used."""
         pos = 0
         size = len(buf)
         while size - pos >= 2:
@@ -213,7 +230,7 @@ class WsClient(asyncio.Protocol):
             pos = end
             opcode = b0 & 0x0F
             if opcode == 0x1:
-                self._on_text(bytes(buf[start:end]), now)
+                self._on_text(buf, start, end, now)
             elif opcode == 0x9:  # ping: answer with the same payload
                 self._write(client_frame(bytes(buf[start:end]), 0xA))
             elif opcode == 0x8:
@@ -222,23 +239,22 @@ class WsClient(asyncio.Protocol):
                 self._write(client_frame(bytes(buf[start : start + 2]), 0x8))
                 assert self.transport is not None
                 self.transport.close()
-                break
-        if pos:
-            del buf[:pos]
+                return size
+        return pos
 
     # -- frames -----------------------------------------------------------
 
-    def _on_text(self, payload: bytes, now: int) -> None:
+    def _on_text(self, buf: bytes | bytearray, start: int, end: int, now: int) -> None:
         self.frames += 1
-        i = payload.find(MARK_OPEN)
+        i = buf.find(MARK_OPEN, start, end)
         if i < 0:
-            self.dialect.on_control(self, payload)
+            self.dialect.on_control(self, bytes(buf[start:end]))
             return
         tally = self.tally
         if tally is None:
             return
-        j = payload.find(MARK_CLOSE, i + 2)
-        sender, seq, stamp = payload[i + 2 : j].split(b".")
+        j = buf.find(MARK_CLOSE, i + 2, end)
+        sender, seq, stamp = buf[i + 2 : j].split(b".")
         key = (int(sender) << 32) | int(seq)
         seen = self.seen
         if key in seen:
