@@ -248,7 +248,10 @@ class RedisBroadcaster:
             self.malformed += 1
             return
         self.received += 1
-        self._deliver(room, data[cut + 1 :])
+        try:
+            self._deliver(room, data[cut + 1 :])
+        except Exception:  # a bug below us must not cut the link for every room
+            log.exception("delivering a message from redis failed (room=%s)", room)
 
     def _wanted(self) -> list[bytes]:
         return [self._pod_channel, *self._rooms]
@@ -276,6 +279,9 @@ class RedisBroadcaster:
             try:
                 self._connected(subscriber)
                 reason = await self._watch(subscriber)
+            except Exception as exc:  # a bug: log it, rebuild the link, keep serving
+                log.exception("redis subscriber failed unexpectedly")
+                reason = _describe(exc)
             finally:
                 self._subscriber = None
                 if subscriber.open:  # not already closing gracefully (stop)
@@ -379,6 +385,10 @@ class RedisBroadcaster:
                         pipe.publish(channel, data)
                     await pipe.execute()
         except _LINK_ERRORS as exc:
+            self._publish_failed(messages, _describe(exc))
+            return
+        except Exception as exc:  # a bug: count and log it, keep the publisher alive
+            log.exception("publishing to redis failed unexpectedly")
             self._publish_failed(messages, _describe(exc))
             return
         self.published += messages
