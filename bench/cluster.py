@@ -128,6 +128,14 @@ class Cluster:
     servers: list[Process] = field(default_factory=list)
 
     def start(self) -> Cluster:
+        """Start Redis (if needed) and the pods; on failure, stop what started."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> Cluster:
         self.logdir.mkdir(parents=True, exist_ok=True)
         needs_redis = self.system != "chat-api" or self.pods > 1
         if needs_redis:

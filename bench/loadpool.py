@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import subprocess
+import sys
 import time
 from array import array
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
 from . import loadgen
@@ -101,6 +104,7 @@ def measured_run(
     duration: float,
     record_order: bool = False,
     grace: float = 3.0,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     """Connect ``layout``, send for ``duration``, collect, close; the numbers."""
     workers = len(pool.pipes)
@@ -135,6 +139,28 @@ def measured_run(
     }
     if failed:
         result["first_connect_failure"] = next(r["first_failure"] for r in connected if r["failed"])
+    spy = None
+    if profile is not None:  # sample the first pod while it works
+        spy = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "py-spy"),
+                "record",
+                "--pid",
+                str(cluster.servers[0].pid),
+                "--format",
+                "raw",
+                "--output",
+                str(profile),
+                "--duration",
+                str(int(duration) + 1),
+                "--rate",
+                "250",
+                "--nonblocking",
+                "--function",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     cpu0, redis0, gen0 = cluster.cpu(), cluster.redis_cpu(), pool.cpu()
     wall0 = time.perf_counter()
     t0 = time.monotonic_ns() + 200_000_000
@@ -194,6 +220,8 @@ def measured_run(
         result["complete_receivers"] = len(orders)
         result["fifo_violations"] = sum(r["fifo_violations"] for r in collected)
     pool.ask_all({"cmd": "disconnect"}, 30)
+    if spy is not None:
+        spy.wait(30)
     return result
 
 

@@ -15,6 +15,7 @@ Results go to ``docs/bench-results.json``, ``docs/benchmarks.md`` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -30,6 +31,7 @@ from typing import Any
 from .cluster import ROOT, SYSTEMS, Cluster
 from .loadgen import raise_nofile_limit
 from .loadpool import Conn, LoadPool, measured_connect, measured_run
+from .profile import summarize
 
 
 @dataclass(frozen=True)
@@ -118,23 +120,22 @@ class Bench:
         self.systems = systems
         self.logdir = logdir
 
-    def _clusters(self) -> dict[str, tuple[Cluster, LoadPool]]:
-        out = {}
-        for system in self.systems:
-            cluster = Cluster(system, self.s.pods, self.logdir / system).start()
-            out[system] = (cluster, LoadPool(self.s.workers))
-        return out
-
     def _with_clusters(
         self, body: Callable[[dict[str, tuple[Cluster, LoadPool]]], dict[str, Any]]
     ) -> dict[str, Any]:
-        clusters = self._clusters()
-        try:
+        """Start every system's cluster and load generators, run ``body``, and
+        stop all of it whatever happens."""
+        with contextlib.ExitStack() as stack:
+            clusters = {}
+            for system in self.systems:
+                cluster = Cluster(system, self.s.pods, self.logdir / system)
+                stack.callback(cluster.stop)
+                cluster.start()
+                pool = LoadPool(self.s.workers)
+                stack.callback(pool.close)
+                clusters[system] = (cluster, pool)
             return body(clusters)
-        finally:
-            for cluster, pool in clusters.values():
-                pool.close()
-                cluster.stop()
+        raise AssertionError("unreachable")
 
     def fanout(self) -> dict[str, Any]:
         s = self.s
@@ -261,6 +262,43 @@ class Bench:
 
         return self._with_clusters(body)
 
+    def profile(self) -> dict[str, Any]:
+        """chat-api only, with py-spy sampling its first pod: fan-out at the
+        set rate, then the low-rate rooms workload. Not a measurement."""
+        s = self.s
+        out = self.logdir.parent
+        bench = Bench(s, ["chat-api"], self.logdir)
+
+        def body(clusters: dict[str, tuple[Cluster, LoadPool]]) -> dict[str, Any]:
+            cluster, pool = clusters["chat-api"]
+            runs = {}
+            for name, layout, rate, seconds in (
+                (
+                    "fanout",
+                    fanout_layout(s),
+                    s.fanout_rate / s.fanout_receivers / s.fanout_senders,
+                    s.fanout_seconds,
+                ),
+                (
+                    "rooms",
+                    rooms_layout(s),
+                    s.rooms_rates[0] / (s.room_members - 1) / s.rooms,
+                    s.rooms_seconds,
+                ),
+            ):
+                raw = out / f"profile-{name}.raw"
+                r = measured_run(
+                    pool, cluster, layout, rate_per_sender=rate, duration=seconds, profile=raw
+                )
+                log(f"profile {name}: {brief(r)}")
+                summary = summarize(raw)
+                (out / f"profile-{name}.txt").write_text(summary)
+                print(summary)
+                runs[name] = r
+            return runs
+
+        return bench._with_clusters(body)
+
 
 def brief(r: dict[str, Any]) -> str:
     lat = r["latency_ms"]
@@ -321,14 +359,15 @@ def machine() -> dict[str, Any]:
     }
 
 
-WORKLOADS = ("fanout", "rooms", "saturation", "idle", "ordering")
+WORKLOADS = ("fanout", "rooms", "saturation", "idle", "ordering", "profile")
+DEFAULT_WORKLOADS = WORKLOADS[:-1]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
-    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS))
     parser.add_argument("--pods", type=int, default=None)
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--out", default=str(ROOT / "docs"), help="where results go")
