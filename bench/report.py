@@ -150,6 +150,16 @@ def markdown(results: dict[str, Any]) -> str:
                 line += " |"
         lines.append(line)
     s = results["settings"]
+    sat = results["workloads"].get("saturation")
+    if sat:
+        for system, flag in sat.get("stopped_by_loadgen", {}).items():
+            if flag:
+                lines += [
+                    "",
+                    f"Saturation of {system} is a lower bound: at the first failing step the "
+                    f"load generator's senders ran more than 100 ms late, so the shared "
+                    f"machine, not the server alone, set the limit.",
+                ]
     lines += [
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}; load average "
@@ -173,8 +183,12 @@ def _load(v: Any) -> str:
     return "?" if not v else "/".join(f"{x:.1f}" for x in v)
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
+def plot(results: dict[str, Any], path: Path) -> bool:
+    """Bar charts of the headline numbers; False if matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -197,7 +211,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 )
                 break
     if not panels:
-        return
+        return False
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4))
     if len(panels) == 1:
         axes = [axes]
@@ -217,11 +231,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def write_reports(results: dict[str, Any], out: Path, name: str) -> list[Path]:
     js, md, png = out / f"{name}-results.json", out / f"{name}.md", out / f"{name}.png"
     js.write_text(json.dumps(results, indent=2) + "\n")
     md.write_text(markdown(results))
-    plot(results, png)
-    return [js, md, png]
+    return [js, md, png] if plot(results, png) else [js, md]
