@@ -42,8 +42,15 @@ fmt: $(STAMP)
 	$(BIN)/ruff format src tests bench
 	$(BIN)/ruff check --fix src tests bench
 
-# chat-api against python-socketio, a few minutes; BENCH_ARGS=--quick for seconds.
+# chat-api against python-socketio (and Node socket.io when npm is there), a few
+# minutes; results in docs/bench*. BENCH_ARGS=--quick runs in seconds.
+NODE_PEER := bench/peers/node
+
 bench: $(BENCH_STAMP)
+	@if [ ! -d $(NODE_PEER)/node_modules ] && command -v npm >/dev/null 2>&1; then \
+		(cd $(NODE_PEER) && npm ci --no-audit --no-fund --silent) \
+		|| echo "bench: npm ci failed; the Node socket.io peer is skipped"; \
+	fi
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:

@@ -8,6 +8,7 @@ PID. ``ProcStat`` reads CPU time and RSS of a PID from ``/proc``.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -114,7 +115,13 @@ def start_redis(logdir: Path, name: str = "redis") -> Process:
     return proc
 
 
-SYSTEMS = ("chat-api", "python-socketio")
+SYSTEMS = ("chat-api", "python-socketio", "node-socketio")
+NODE_PEER = ROOT / "bench" / "peers" / "node"
+
+
+def node_peer_ready() -> bool:
+    """The Node peer runs only where node and its npm packages are installed."""
+    return shutil.which("node") is not None and (NODE_PEER / "node_modules").is_dir()
 
 
 @dataclass
@@ -169,6 +176,17 @@ class Cluster:
             args = [
                 sys.executable,
                 str(ROOT / "bench" / "peers" / "socketio_server.py"),
+                "--port",
+                str(port),
+                "--redis",
+                redis_url,
+                "--pod-id",
+                name,
+            ]
+        elif self.system == "node-socketio":
+            args = [
+                "node",
+                str(NODE_PEER / "server.js"),
                 "--port",
                 str(port),
                 "--redis",

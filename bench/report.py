@@ -126,25 +126,18 @@ def markdown(results: dict[str, Any]) -> str:
     systems: list[str] = results["systems"]
     m = results["machine"]
     v = m["versions"]
+    ours, peers = systems[0], systems[1:]
     head = "| metric | " + " | ".join(systems) + " |"
-    sep = "|---|" + "---|" * len(systems)
-    ratio = len(systems) == 2
-    if ratio:
-        head += f" {systems[0]} ÷ {systems[1]} |"
-        sep += "---|"
+    head += "".join(f" {ours} ÷ {p} |" for p in peers)
+    sep = "|---|" + "---|" * (len(systems) + len(peers))
     lines = [head, sep]
     for label, vals, _ in headline_rows(results):
         cells = [_fmt(vals.get(s, [])) for s in systems]
         line = f"| {label} | " + " | ".join(cells) + " |"
-        if ratio:
-            a, b = vals.get(systems[0], []), vals.get(systems[1], [])
-            if (
-                a
-                and b
-                and statistics.mean(b) != 0
-                and "FIFO" not in label
-                and "orders" not in label
-            ):
+        for p in peers:
+            a, b = vals.get(ours, []), vals.get(p, [])
+            plain = "FIFO" not in label and "orders" not in label and "loss" not in label
+            if plain and a and b and statistics.mean(b) != 0 and "duplicates" not in label:
                 line += f" {statistics.mean(a) / statistics.mean(b):.2f} |"
             else:
                 line += " |"
@@ -168,7 +161,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"(aiohttp {v.get('aiohttp')}, orjson {v.get('orjson')}, redis-py {v.get('redis')}, "
         f"hiredis {v.get('hiredis')}); python-socketio {v.get('python-socketio')} "
         f"(python-engineio {v.get('python-engineio')}) on uvicorn {v.get('uvicorn')} "
-        f"with uvloop {v.get('uvloop')} and websockets {v.get('websockets')}.",
+        f"with uvloop {v.get('uvloop')} and websockets {v.get('websockets')}"
+        + _node(m.get("node") or {})
+        + ".",
         f"{s['pods']} pods per system, each system with its own redis-server; "
         f"{s['workers']} load-generator processes per system on the same machine; "
         f"runs alternate between systems; {s['reps']} repetition(s) of the fan-out and "
@@ -177,6 +172,16 @@ def markdown(results: dict[str, Any]) -> str:
         f"Run: `{results['command']}` at {results['started']}, {results['seconds']} s.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _node(n: dict[str, Any]) -> str:
+    if not n:
+        return ""
+    return (
+        f"; Node {n.get('node')}, socket.io {n.get('socket.io')}, "
+        f"@socket.io/redis-adapter {n.get('@socket.io/redis-adapter')}, "
+        f"node-redis {n.get('redis')}"
+    )
 
 
 def _load(v: Any) -> str:
@@ -226,7 +231,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
                 i, m, f"{m:,.3g}" if m < 1000 else f"{m:,.0f}", ha="center", va="bottom", fontsize=8
             )
     fig.suptitle(
-        "chat-api vs python-socketio (same machine, same run; ratios are the claim)", fontsize=10
+        " vs ".join(systems) + " (same machine, same run; ratios are the claim)", fontsize=10
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)

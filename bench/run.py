@@ -29,7 +29,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .cluster import ROOT, SYSTEMS, Cluster
+from .cluster import NODE_PEER, ROOT, SYSTEMS, Cluster, node_peer_ready
 from .loadgen import raise_nofile_limit
 from .loadpool import Conn, LoadPool, measured_connect, measured_run
 from .profile import summarize
@@ -373,9 +373,24 @@ def machine() -> dict[str, Any]:
                 "websockets",
             )
         },
+        "node": _node_versions(),
         "commit": commit,
         "loadavg_start": os.getloadavg(),
     }
+
+
+def _node_versions() -> dict[str, str | None]:
+    if not node_peer_ready():
+        return {}
+    node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
+    out: dict[str, str | None] = {"node": node.removeprefix("v")}
+    for pkg in ("socket.io", "@socket.io/redis-adapter", "redis"):
+        try:
+            meta = json.loads((NODE_PEER / "node_modules" / pkg / "package.json").read_text())
+            out[pkg] = meta.get("version")
+        except OSError:
+            out[pkg] = None
+    return out
 
 
 WORKLOADS = ("fanout", "rooms", "saturation", "idle", "ordering", "profile")
@@ -385,7 +400,11 @@ DEFAULT_WORKLOADS = WORKLOADS[:-1]
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness")
-    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument(
+        "--systems",
+        default=None,
+        help="comma-separated; default: all (node-socketio only if its npm packages are in)",
+    )
     parser.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS))
     parser.add_argument("--pods", type=int, default=None)
     parser.add_argument("--reps", type=int, default=None)
@@ -398,7 +417,11 @@ def main(argv: list[str] | None = None) -> None:
         s = Settings(**{**s.__dict__, "pods": args.pods})
     if args.reps is not None:
         s = Settings(**{**s.__dict__, "reps": args.reps})
-    systems = [x for x in args.systems.split(",") if x]
+    if args.systems is None:
+        systems = [x for x in SYSTEMS if x != "node-socketio" or node_peer_ready()]
+    else:
+        systems = [x for x in args.systems.split(",") if x]
+        systems.sort(key=lambda x: SYSTEMS.index(x) if x in SYSTEMS else -1)
     workloads = [x for x in args.workloads.split(",") if x]
     for w in workloads:
         if w not in WORKLOADS:

@@ -80,7 +80,8 @@ class SocketIO(Dialect):
     """Engine.IO v4 over WebSocket, default namespace; the room is chosen by
     the ``room`` query parameter, which the peer server joins on connect."""
 
-    name = "python-socketio"
+    def __init__(self, name: str) -> None:
+        self.name = name
 
     def path(self, room: str) -> str:
         return f"/socket.io/?EIO=4&transport=websocket&room={room}"
@@ -106,7 +107,11 @@ class SocketIO(Dialect):
             client.errors += 1
 
 
-DIALECTS: Final[dict[str, Dialect]] = {"chat-api": ChatApi(), "python-socketio": SocketIO()}
+DIALECTS: Final[dict[str, Dialect]] = {
+    "chat-api": ChatApi(),
+    "python-socketio": SocketIO("python-socketio"),
+    "node-socketio": SocketIO("node-socketio"),
+}
 
 
 class Tally:
