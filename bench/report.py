@@ -45,8 +45,8 @@ def headline_rows(results: dict[str, Any]) -> list[Row]:
                 _runs_metric(runs, lambda r: r["latency_ms"]["max"]),
                 "lower",
             ),
-            (f"{tag}: loss %", _runs_metric(runs, lambda r: r["loss_pct"]), "lower"),
-            (f"{tag}: duplicates", _runs_metric(runs, lambda r: r["duplicates"]), "lower"),
+            (f"{tag}: loss %", _runs_metric(runs, lambda r: r["loss_pct"]), "none"),
+            (f"{tag}: duplicates", _runs_metric(runs, lambda r: r["duplicates"]), "none"),
         ]
     if "rooms" in w:
         rooms = w["rooms"]
@@ -60,7 +60,7 @@ def headline_rows(results: dict[str, Any]) -> list[Row]:
                     _runs_metric(runs, lambda r: r["latency_ms"]["p99"]),
                     "lower",
                 ),
-                (f"{tag}: loss %", _runs_metric(runs, lambda r: r["loss_pct"]), "lower"),
+                (f"{tag}: loss %", _runs_metric(runs, lambda r: r["loss_pct"]), "none"),
             ]
     if "saturation" in w:
         best = w["saturation"]["max_sustained_deliveries_per_s"]
@@ -90,12 +90,12 @@ def headline_rows(results: dict[str, Any]) -> list[Row]:
             (
                 "ordering, 2 senders on 2 pods: distinct orders seen",
                 _runs_metric(runs1, lambda r: r["distinct_orders"]),
-                "lower",
+                "none",
             ),
             (
                 "ordering: per-sender FIFO violations",
                 _runs_metric(runs1, lambda r: r["fifo_violations"]),
-                "lower",
+                "none",
             ),
         ]
     return rows
@@ -131,13 +131,12 @@ def markdown(results: dict[str, Any]) -> str:
     head += "".join(f" {ours} ÷ {p} |" for p in peers)
     sep = "|---|" + "---|" * (len(systems) + len(peers))
     lines = [head, sep]
-    for label, vals, _ in headline_rows(results):
+    for label, vals, hint in headline_rows(results):
         cells = [_fmt(vals.get(s, [])) for s in systems]
         line = f"| {label} | " + " | ".join(cells) + " |"
         for p in peers:
             a, b = vals.get(ours, []), vals.get(p, [])
-            plain = "FIFO" not in label and "orders" not in label and "loss" not in label
-            if plain and a and b and statistics.mean(b) != 0 and "duplicates" not in label:
+            if hint != "none" and a and b and statistics.mean(b) != 0:
                 line += f" {statistics.mean(a) / statistics.mean(b):.2f} |"
             else:
                 line += " |"
@@ -224,7 +223,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     for ax, (title, _label, vals) in zip(axes, panels, strict=True):
         means = [statistics.mean(vals[s]) if vals.get(s) else 0.0 for s in systems]
         ax.bar(range(len(systems)), means, color=colors[: len(systems)])
-        ax.set_xticks(range(len(systems)), systems, fontsize=8)
+        ax.set_xticks(range(len(systems)), [x.replace("-", "-\n", 1) for x in systems], fontsize=8)
         ax.set_title(title, fontsize=9)
         for i, m in enumerate(means):
             ax.text(
