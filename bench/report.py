@@ -137,7 +137,8 @@ def markdown(results: dict[str, Any]) -> str:
         for p in peers:
             a, b = vals.get(ours, []), vals.get(p, [])
             if hint != "none" and a and b and statistics.mean(b) != 0:
-                line += f" {statistics.mean(a) / statistics.mean(b):.2f} |"
+                x = statistics.mean(a) / statistics.mean(b)
+                line += f" {x:.2f} |" if x >= 0.1 else f" {x:.3f} |"
             else:
                 line += " |"
         lines.append(line)
@@ -243,3 +244,17 @@ def write_reports(results: dict[str, Any], out: Path, name: str) -> list[Path]:
     js.write_text(json.dumps(results, indent=2) + "\n")
     md.write_text(markdown(results))
     return [js, md, png] if plot(results, png) else [js, md]
+
+
+BEGIN, END = "<!-- bench-table -->", "<!-- /bench-table -->"
+
+
+def update_readme(readme: Path, results: dict[str, Any]) -> bool:
+    """Put the headline table between the README's bench-table markers."""
+    text = readme.read_text()
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start:
+        return False
+    table = markdown(results)
+    readme.write_text(text[: start + len(BEGIN)] + "\n" + table + text[end:])
+    return True

@@ -8,7 +8,7 @@ For each workload, both systems run side by side (each on its own Redis and
 pods, each with its own load-generator processes) and their runs alternate
 (A B A B ...), so drift of a shared machine hits both alike. The claim is the
 ratio between systems measured in the same run, not the absolute numbers.
-Results go to ``docs/bench-results.json``, ``docs/benchmarks.md`` and
+Results go to ``docs/benchmarks-results.json``, ``docs/benchmarks.md`` and
 ``docs/benchmarks.png``.
 """
 
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pods", type=int, default=None)
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--out", default=str(ROOT / "docs"), help="where results go")
-    parser.add_argument("--name", default="bench", help="file name stem of the results")
+    parser.add_argument("--name", default="benchmarks", help="file name stem of the results")
     args = parser.parse_args(argv)
 
     s = QUICK if args.quick else Settings()
@@ -453,9 +453,11 @@ def main(argv: list[str] | None = None) -> None:
     results["seconds"] = round(time.perf_counter() - t0, 1)
     results["machine"]["loadavg_end"] = os.getloadavg()
 
-    from .report import write_reports  # matplotlib is imported only here
+    from .report import update_readme, write_reports
 
     paths = write_reports(results, out, args.name)
+    if out.resolve() == (ROOT / "docs").resolve() and update_readme(ROOT / "README.md", results):
+        paths.append(ROOT / "README.md")
     log(f"done in {results['seconds']}s: " + ", ".join(str(p) for p in paths))
     print((out / f"{args.name}.md").read_text())
 
