@@ -322,3 +322,36 @@ async def test_health_and_readiness(pod: Pod, session: aiohttp.ClientSession) ->
     ready = await get_json(session, f"{pod.base}/readyz")
     assert ready["ready"] is True
     assert ready["broadcaster"] == "local-only"
+
+
+async def test_client_that_ignores_pings_is_dropped(
+    pod_factory: PodFactory, session: aiohttp.ClientSession
+) -> None:
+    pod = pod_factory({"WS_PING_INTERVAL": "0.4"})
+    # aiohttp answers pings inside receive(): a client that never calls it is deaf.
+    deaf = await session.ws_connect(pod.ws_url("general"))
+    alive, _ = await connect(session, pod.ws_url("general"))
+    frames: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def keep_reading() -> None:
+        while isinstance(frame := await recv(alive, timeout=30), dict):
+            await frames.put(frame)
+
+    reader = asyncio.create_task(keep_reading())
+    try:
+
+        async def only_alive_left() -> bool:
+            s = await stats(session, pod)
+            return s["connections"]["open"] == 1 and s["rooms"] == {"general": 1}
+
+        await eventually(only_alive_left, timeout=10)
+        await send(alive, {"type": "message", "data": "still alive"})
+        async with asyncio.timeout(10):
+            while (frame := await frames.get())["type"] != "message":
+                pass
+        assert frame["data"] == "still alive"
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+    await deaf.close()
+    await alive.close()
