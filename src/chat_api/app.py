@@ -87,6 +87,10 @@ async def serve(config: Config) -> None:
         app, handle_signals=False, access_log=None, shutdown_timeout=config.ws_close_timeout
     )
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # Before anything is announced, so an early signal is never fatal.
+        loop.add_signal_handler(sig, stop.set)
     await runner.setup()
     deadline = loop.time() + config.shutdown_timeout
     try:
@@ -97,9 +101,6 @@ async def serve(config: Config) -> None:
         log.info(
             "chat-api listening on http://%s:%d pod=%s mode=%s", host, port, config.pod_id, mode
         )
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         deadline = loop.time() + config.shutdown_timeout
         log.info("shutting down: readiness false, refusing new connections")
