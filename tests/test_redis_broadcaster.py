@@ -62,7 +62,7 @@ async def pods(channel_prefix: str) -> AsyncIterator[Pods]:
     made = Pods(channel_prefix)
     yield made
     for broadcaster in made.started:
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(2):  # prompt, whatever state Redis is in
             await broadcaster.stop()
 
 

@@ -59,6 +59,7 @@ _ALLOWED = {
 
 _LINK_ERRORS = (OSError, TimeoutError, RedisError, BroadcastError)
 _HEARTBEAT = b"hb"
+_STOP_TIMEOUT = 5.0
 
 
 class RedisBroadcaster:
@@ -167,9 +168,9 @@ class RedisBroadcaster:
             subscriber.close()
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        _, pending = await asyncio.wait(self._tasks, timeout=_STOP_TIMEOUT)
+        for task in pending:
+            log.error("redis broadcaster task %s ignored its cancellation", task.get_name())
         self._tasks = []
         if subscriber is not None:
             with contextlib.suppress(TimeoutError):
@@ -376,6 +377,7 @@ class RedisBroadcaster:
     async def _drain(self) -> None:
         """Publish the outbox in order, a pipelined batch at a time."""
         outbox = self._outbox
+        task = asyncio.current_task()
         while True:
             if not outbox:
                 self._outbox_ready.clear()
@@ -383,6 +385,9 @@ class RedisBroadcaster:
             count = min(len(outbox), self._publish_batch)
             batch = [outbox.popleft() for _ in range(count)]
             await self._send(batch)
+            if task is not None and task.cancelling():
+                # redis-py can turn a cancellation into a connection error
+                raise asyncio.CancelledError
 
     async def _send(self, batch: list[tuple[bytes, bytes]]) -> None:
         """The one place that writes messages to Redis: the whole batch in one
