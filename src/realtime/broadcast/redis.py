@@ -168,7 +168,9 @@ class RedisBroadcaster:
             subscriber.close()
         for task in self._tasks:
             task.cancel()
-        _, pending = await asyncio.wait(self._tasks, timeout=_STOP_TIMEOUT)
+        pending: set[asyncio.Task[None]] = set()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=_STOP_TIMEOUT)
         for task in pending:
             log.error("redis broadcaster task %s ignored its cancellation", task.get_name())
         self._tasks = []
