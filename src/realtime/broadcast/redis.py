@@ -34,6 +34,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
@@ -46,7 +47,7 @@ from ..protocol import Message
 from .base import Deliver, LinkState
 from .subscriber import RedisAddress, Subscriber, open_subscriber, pack_command
 
-__all__ = ["RedisBroadcaster"]
+__all__ = ["RedisBroadcaster", "RedisCounters"]
 
 log = logging.getLogger("realtime.redis")
 
@@ -60,6 +61,26 @@ _ALLOWED = {
 _LINK_ERRORS = (OSError, TimeoutError, RedisError, BroadcastError)
 _HEARTBEAT = b"hb"
 _STOP_TIMEOUT = 5.0
+
+
+@dataclass(slots=True)
+class RedisCounters:
+    """What went over the link; shown in stats."""
+
+    published: int = 0
+    """messages this pod published to Redis"""
+    received: int = 0
+    """messages from other pods handed to local members"""
+    skipped_own: int = 0
+    """this pod's own messages echoed back by Redis"""
+    malformed: int = 0
+    """envelopes on our channels not from a chat-api pod"""
+    publish_failures: int = 0
+    """messages that reached local members only"""
+    reconnects: int = 0
+    """subscriptions rebuilt after a loss"""
+    connect_failures: int = 0
+    heartbeat_timeouts: int = 0
 
 
 class RedisBroadcaster:
@@ -113,14 +134,7 @@ class RedisBroadcaster:
         self._last_heartbeat: float | None = None
         self._down_since: float | None = None
         self._publish_outage = False
-        self.published = 0
-        self.received = 0
-        self.skipped_own = 0
-        self.malformed = 0
-        self.publish_failures = 0
-        self.reconnects = 0
-        self.connect_failures = 0
-        self.heartbeat_timeouts = 0
+        self.counters = RedisCounters()
 
     # -- Broadcaster ----------------------------------------------------------
 
@@ -226,15 +240,15 @@ class RedisBroadcaster:
             "state": self._state.value,
             "pod": self.pod_id,
             "channel_prefix": self.channel_prefix,
-            "published": self.published,
-            "received": self.received,
-            "skipped_own": self.skipped_own,
-            "malformed": self.malformed,
-            "publish_failures": self.publish_failures,
+            "published": self.counters.published,
+            "received": self.counters.received,
+            "skipped_own": self.counters.skipped_own,
+            "malformed": self.counters.malformed,
+            "publish_failures": self.counters.publish_failures,
             "publish_queue": len(self._outbox),
-            "reconnects": self.reconnects,
-            "connect_failures": self.connect_failures,
-            "heartbeat_timeouts": self.heartbeat_timeouts,
+            "reconnects": self.counters.reconnects,
+            "connect_failures": self.counters.connect_failures,
+            "heartbeat_timeouts": self.counters.heartbeat_timeouts,
             "last_heartbeat_age": age,
             "subscribed_channels": 0 if subscriber is None else len(subscriber.channels),
             "wanted_channels": len(self._rooms) + 1,
@@ -250,13 +264,13 @@ class RedisBroadcaster:
                 self._last_heartbeat = time.monotonic()
             return  # a room left a moment ago, still in flight
         if data.startswith(self._own):
-            self.skipped_own += 1
+            self.counters.skipped_own += 1
             return
         cut = data.find(b"\n")
         if cut < 0 or self._deliver is None:
-            self.malformed += 1
+            self.counters.malformed += 1
             return
-        self.received += 1
+        self.counters.received += 1
         try:
             self._deliver(room, data[cut + 1 :])
         except Exception:  # a bug below us must not cut the link for every room
@@ -314,7 +328,7 @@ class RedisBroadcaster:
                 return subscriber.lost_reason
             age = time.monotonic() - (self._last_heartbeat or 0.0)
             if age > self._heartbeat_timeout:
-                self.heartbeat_timeouts += 1
+                self.counters.heartbeat_timeouts += 1
                 return f"no heartbeat came back for {age:.1f}s (Redis stalled?)"
 
     def _connected(self, subscriber: Subscriber) -> None:
@@ -331,7 +345,7 @@ class RedisBroadcaster:
             )
             return
         self._move(LinkState.CONNECTED)
-        self.reconnects += 1
+        self.counters.reconnects += 1
         down = time.monotonic() - (self._down_since or time.monotonic())
         log.info(
             "redis link resubscribed %d channels after %.1fs down (pod=%s)",
@@ -350,7 +364,7 @@ class RedisBroadcaster:
         )
 
     def _connect_failed(self, exc: BaseException, attempt: int) -> None:
-        self.connect_failures += 1
+        self.counters.connect_failures += 1
         if self._first_attempt is not None and not self._first_attempt.done():
             self._first_attempt.set_result(None)
         if self._down_since is None:
@@ -423,13 +437,13 @@ class RedisBroadcaster:
             log.exception("publishing to redis failed unexpectedly")
             self._publish_failed(messages, _describe(exc))
             return
-        self.published += messages
+        self.counters.published += messages
         if self._publish_outage:
             self._publish_outage = False
             log.info("publishing to redis works again (pod=%s)", self.pod_id)
 
     def _publish_failed(self, count: int, reason: str) -> None:
-        self.publish_failures += count
+        self.counters.publish_failures += count
         if not self._publish_outage:
             self._publish_outage = True
             log.warning(
