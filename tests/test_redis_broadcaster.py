@@ -200,3 +200,46 @@ async def test_a_killed_publisher_connection_is_replaced_without_a_resubscribe(
     await eventually(a_probe_gets_through)
     assert a.stats()["reconnects"] == 0  # the subscriber was never touched
     assert a.state is LinkState.CONNECTED
+
+
+BUSY = """
+local t = redis.call('TIME')
+local start = t[1] * 1000000 + t[2]
+repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] - start > tonumber(ARGV[1]) * 1000000
+return 1
+"""
+
+
+async def test_rooms_opened_and_closed_during_a_resubscribe_end_as_asked(
+    pods: Pods, redis_server: RedisServer
+) -> None:
+    broadcaster, _ = await pods.start(redis_server.url, "pod-a")
+    broadcaster.subscribe("kept")
+    await wait_subscribed(broadcaster, 3)
+
+    def kill_then_keep_busy() -> None:
+        # one round trip: the subscriber is cut, then Redis is busy for 0.6 s,
+        # so the resubscribe is in flight while the rooms change
+        with redis_server.client() as client, client.pipeline(transaction=False) as pipe:
+            pipe.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            pipe.execute_command("EVAL", BUSY, 0, "0.6")
+            pipe.execute()
+
+    busy = asyncio.create_task(asyncio.to_thread(kill_then_keep_busy))
+    try:
+        await eventually(_is(broadcaster, LinkState.RECONNECTING))
+        broadcaster.subscribe("late")
+        broadcaster.subscribe("gone")
+        broadcaster.unsubscribe("gone")
+        broadcaster.unsubscribe("kept")
+    finally:
+        async with asyncio.timeout(5):
+            await busy
+    await eventually(_is(broadcaster, LinkState.CONNECTED))
+    room = f"{pods.prefix}:room:"
+
+    async def as_asked() -> bool:
+        return redis_server.channels(room + "*") == {room + "late"}
+
+    await eventually(as_asked)
+    await wait_subscribed(broadcaster, 3)
