@@ -463,4 +463,6 @@ class RedisBroadcaster:
 
 def _describe(exc: BaseException) -> str:
     text = str(exc)
+    if not text and isinstance(exc, TimeoutError):
+        text = "no answer in time"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
