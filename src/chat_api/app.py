@@ -51,7 +51,7 @@ def make_broadcaster(config: Config) -> Broadcaster:
             reconnect_max_delay=config.redis_reconnect_max_delay,
             publish_queue=config.redis_publish_queue,
         )
-    except (BroadcastError, ValueError) as exc:
+    except BroadcastError as exc:
         raise ConfigError("REDIS_URL", str(exc)) from None
 
 
