@@ -453,6 +453,10 @@ def main(argv: list[str] | None = None) -> None:
     results["seconds"] = round(time.perf_counter() - t0, 1)
     results["machine"]["loadavg_end"] = os.getloadavg()
 
+    if workloads == ["profile"]:  # not a measurement: leave the results alone
+        log(f"done in {results['seconds']}s: bench/results/profile-*.txt")
+        return
+
     from .report import update_readme, write_reports
 
     paths = write_reports(results, out, args.name)
