@@ -59,6 +59,8 @@ class Settings:
         100_000,
         120_000,
         150_000,
+        200_000,
+        250_000,
     )
     ladder_seconds: float = 5.0
     idle_connections: int = 5_000
