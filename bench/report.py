@@ -170,7 +170,9 @@ def markdown(results: dict[str, Any]) -> str:
         + _node(m.get("node") or {})
         + ".",
         f"{s['pods']} pods per system, each system with its own redis-server; "
-        f"{s['workers']} load-generator processes per system on the same machine; "
+        f"{s['workers']} load-generator processes per system on the same machine "
+        f"({s.get('ladder_workers', s['workers'])} for the saturation ladder, where a step "
+        f"fails only if it fails twice); "
         f"runs alternate between systems; {s['reps']} repetition(s) of the fan-out and "
         f"low-rate rooms runs (a range is min-max). Server CPU is utime+stime of the pod "
         f"processes from /proc over the run (Redis not included; it is in the JSON). "

@@ -38,7 +38,11 @@ from .profile import summarize
 @dataclass(frozen=True)
 class Settings:
     pods: int = 2
-    workers: int = 4
+    # load-generator processes per system: one per core for the latency
+    # workloads (more processes than cores add their own scheduling delay to
+    # every system's latency), more for the saturation ladder's throughput
+    workers: int = 2
+    ladder_workers: int = 4
     reps: int = 2
     fanout_receivers: int = 200
     fanout_senders: int = 4
@@ -72,6 +76,7 @@ class Settings:
 QUICK = Settings(
     reps=1,
     workers=2,
+    ladder_workers=2,
     fanout_receivers=20,
     fanout_senders=2,
     fanout_rate=2_000,
@@ -136,7 +141,9 @@ class Bench:
         self.logdir = logdir
 
     def _with_clusters(
-        self, body: Callable[[dict[str, tuple[Cluster, LoadPool]]], dict[str, Any]]
+        self,
+        body: Callable[[dict[str, tuple[Cluster, LoadPool]]], dict[str, Any]],
+        workers: int | None = None,
     ) -> dict[str, Any]:
         """Start every system's cluster and load generators, run ``body``, and
         stop all of it whatever happens."""
@@ -146,7 +153,7 @@ class Bench:
                 cluster = Cluster(system, self.s.pods, self.logdir / system)
                 stack.callback(cluster.stop)
                 cluster.start()
-                pool = LoadPool(self.s.workers)
+                pool = LoadPool(workers or self.s.workers)
                 stack.callback(pool.close)
                 clusters[system] = (cluster, pool)
             return body(clusters)
@@ -211,19 +218,26 @@ class Bench:
                 for system, (cluster, pool) in clusters.items():
                     if system not in going:
                         continue
-                    r = measured_run(
-                        pool,
-                        cluster,
-                        fanout_layout(s),
-                        rate_per_sender=rate,
-                        duration=s.ladder_seconds,
-                    )
-                    r["target_deliveries_per_s"] = target
-                    ok = (
-                        r["loss_pct"] <= MAX_LOSS_PCT
-                        and r["latency_ms"]["p99"] <= MAX_P99_MS
-                        and r["servers_alive"]
-                    )
+                    # a step fails only if it fails twice: one scheduling
+                    # hiccup of the shared machine must not end the ladder
+                    for attempt in (1, 2):
+                        r = measured_run(
+                            pool,
+                            cluster,
+                            fanout_layout(s),
+                            rate_per_sender=rate,
+                            duration=s.ladder_seconds,
+                        )
+                        r["target_deliveries_per_s"] = target
+                        r["attempt"] = attempt
+                        ok = (
+                            r["loss_pct"] <= MAX_LOSS_PCT
+                            and r["latency_ms"]["p99"] <= MAX_P99_MS
+                            and r["servers_alive"]
+                        )
+                        if ok or not r["servers_alive"]:
+                            break
+                        log(f"saturation {target}/s {system}: failed once, again: {brief(r)}")
                     r["sustained"] = ok
                     # senders that fell this far behind mean the load generator
                     # (or the shared machine) set the limit, not the server
@@ -246,7 +260,7 @@ class Bench:
                 "steps": steps,
             }
 
-        return self._with_clusters(body)
+        return self._with_clusters(body, workers=s.ladder_workers)
 
     def idle(self) -> dict[str, Any]:
         def body(clusters: dict[str, tuple[Cluster, LoadPool]]) -> dict[str, Any]:
@@ -410,6 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS))
     parser.add_argument("--pods", type=int, default=None)
     parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=None, help="load-generator processes")
     parser.add_argument("--out", default=str(ROOT / "docs"), help="where results go")
     parser.add_argument("--name", default="benchmarks", help="file name stem of the results")
     args = parser.parse_args(argv)
@@ -419,6 +434,8 @@ def main(argv: list[str] | None = None) -> None:
         s = Settings(**{**s.__dict__, "pods": args.pods})
     if args.reps is not None:
         s = Settings(**{**s.__dict__, "reps": args.reps})
+    if args.workers is not None:
+        s = Settings(**{**s.__dict__, "workers": args.workers})
     if args.systems is None:
         systems = [x for x in SYSTEMS if x != "node-socketio" or node_peer_ready()]
     else:
