@@ -9,12 +9,21 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from realtime import Broadcaster, Handler, HandlerSettings, LocalHub, MemoryBroadcaster
+from realtime import (
+    Broadcaster,
+    Handler,
+    HandlerSettings,
+    LocalHub,
+    MemoryBroadcaster,
+    OrderedBroadcaster,
+    Timeline,
+    TimelineSettings,
+)
 
 from .api.routes import register_routes
 from .config import Config, ConfigError
 
-__all__ = ["BROADCASTER", "CONFIG", "HANDLER", "HUB", "create_app", "serve"]
+__all__ = ["BROADCASTER", "CONFIG", "HANDLER", "HUB", "TIMELINE", "create_app", "serve"]
 
 log = logging.getLogger("chat_api")
 
@@ -22,11 +31,14 @@ CONFIG = web.AppKey("config", Config)
 HUB = web.AppKey("hub", LocalHub)
 BROADCASTER = web.AppKey("broadcaster", Broadcaster)
 HANDLER = web.AppKey("handler", Handler)
+TIMELINE = web.AppKey("timeline", Timeline)
 
 
-def make_broadcaster(config: Config) -> Broadcaster:
+def make_broadcaster(config: Config) -> OrderedBroadcaster:
     if config.local_only:
-        return MemoryBroadcaster()
+        return MemoryBroadcaster(
+            history_length=config.history_length, history_ttl=config.history_ttl
+        )
     raise ConfigError("REDIS_URL", "the Redis broadcaster is not available in this build")
 
 
@@ -35,7 +47,14 @@ def create_app(config: Config) -> web.Application:
     if config.auth_enabled:
         raise ConfigError("AUTH_ENABLED", "authentication is not available in this build")
     broadcaster = make_broadcaster(config)
-    hub = LocalHub(watcher=broadcaster)
+    hub = LocalHub()
+    timeline = Timeline(
+        hub,
+        broadcaster,
+        broadcaster,
+        TimelineSettings(keep=config.history_length, gap_wait=config.gap_wait),
+    )
+    hub.watch(timeline)
     handler = Handler(
         hub,
         broadcaster,
@@ -47,12 +66,14 @@ def create_app(config: Config) -> web.Application:
             ping_interval=config.ws_ping_interval,
             close_timeout=config.ws_close_timeout,
         ),
+        timeline=timeline,
     )
     app = web.Application(client_max_size=64 * 1024)
     app[CONFIG] = config
     app[HUB] = hub
     app[BROADCASTER] = broadcaster
     app[HANDLER] = handler
+    app[TIMELINE] = timeline
     register_routes(app, handler=handler, broadcaster=broadcaster)
     app.cleanup_ctx.append(_run_broadcaster)
     app.on_shutdown.append(_close_connections)
@@ -63,6 +84,7 @@ async def _run_broadcaster(app: web.Application) -> AsyncIterator[None]:
     broadcaster = app[BROADCASTER]
     await broadcaster.start(app[HUB].broadcast)
     yield
+    await app[TIMELINE].stop()
     await broadcaster.stop()
 
 

@@ -100,6 +100,25 @@ class Config:
         "Seconds a closing client gets to let go before the TCP connection is cut.",
         minimum=0.1,
     )
+    history_length: int = _setting(
+        "HISTORY_LENGTH",
+        100,
+        "Messages kept per room for history on join and for resume.",
+        minimum=1,
+    )
+    history_ttl: float = _setting(
+        "HISTORY_TTL",
+        3600.0,
+        "Seconds a room's history and offsets are kept after its last message.",
+        minimum=1,
+    )
+    gap_wait: float = _setting(
+        "GAP_WAIT",
+        0.25,
+        "Seconds a pod holds a room's delivery for a missing offset before reading it from "
+        "history.",
+        minimum=0.01,
+    )
     shutdown_timeout: float = _setting(
         "SHUTDOWN_TIMEOUT",
         10.0,

@@ -7,20 +7,32 @@ This package imports nothing from ``chat_api``.
 
 from __future__ import annotations
 
-from .broadcast import Broadcaster, Deliver, LinkState, MemoryBroadcaster
+from .broadcast import (
+    Broadcaster,
+    Deliver,
+    LinkState,
+    MemoryBroadcaster,
+    OrderedBroadcaster,
+    RoomLog,
+    Stamp,
+)
 from .connection import Connection, ConnectionState, FrameSink
 from .exceptions import BroadcastError, ProtocolError, RealtimeError, StateError
 from .handler import Handler, HandlerSettings, Identify, guest_identity
 from .hub import LocalHub, RoomWatcher
-from .protocol import CloseCode, ErrorCode, Identity, Message
+from .protocol import Catchup, CloseCode, ErrorCode, Identity, Message
+from .sequencer import Entry, RoomSequencer
+from .timeline import Timeline, TimelineSettings
 
 __all__ = [
     "BroadcastError",
     "Broadcaster",
+    "Catchup",
     "CloseCode",
     "Connection",
     "ConnectionState",
     "Deliver",
+    "Entry",
     "ErrorCode",
     "FrameSink",
     "Handler",
@@ -31,9 +43,15 @@ __all__ = [
     "LocalHub",
     "MemoryBroadcaster",
     "Message",
+    "OrderedBroadcaster",
     "ProtocolError",
     "RealtimeError",
+    "RoomLog",
+    "RoomSequencer",
     "RoomWatcher",
+    "Stamp",
     "StateError",
+    "Timeline",
+    "TimelineSettings",
     "guest_identity",
 ]

@@ -20,11 +20,13 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from .broadcast.base import Broadcaster
+from .broadcast.base import Broadcaster, Stamp
 from .connection import Connection, ConnectionState
 from .exceptions import ProtocolError
 from .hub import LocalHub
 from .protocol import (
+    NO_CATCHUP,
+    Catchup,
     ClientFrame,
     CloseCode,
     ErrorCode,
@@ -33,14 +35,17 @@ from .protocol import (
     Leave,
     Message,
     Ping,
+    PresenceQuery,
     SendMessage,
     close_frame,
     decode_client_frame,
     encode_ack,
     encode_error,
     encode_event,
+    parse_catchup,
     validate_room,
 )
+from .timeline import Timeline
 
 __all__ = ["Handler", "HandlerSettings", "Identify", "guest_identity"]
 
@@ -133,8 +138,11 @@ class Handler:
         settings: HandlerSettings,
         *,
         identify: Identify = guest_identity,
+        timeline: Timeline | None = None,
     ) -> None:
         self._hub = hub
+        self._timeline = timeline
+        """Room offsets, order and catch-up; None: plain best-effort rooms."""
         self._broadcaster = broadcaster
         self._settings = settings
         self._identify = identify
@@ -167,9 +175,11 @@ class Handler:
         if self._draining:
             raise web.HTTPServiceUnavailable(text="server is shutting down")
         room = request.match_info.get("room")
+        catchup = NO_CATCHUP
         if room is not None:
             try:
                 validate_room(room)
+                catchup = _query_catchup(request)
             except ProtocolError as exc:
                 raise web.HTTPBadRequest(text=exc.message) from exc
         connection_id = self._connection_ids()
@@ -194,7 +204,7 @@ class Handler:
         )
         self.counters.connections_accepted += 1
         self._hub.add(conn)
-        if room is not None:
+        if room is not None and self._timeline is None:
             self._hub.join(conn, room)
         self._hub.send_to(
             conn,
@@ -204,7 +214,7 @@ class Handler:
                 user=identity.as_json(),
                 pod=self._settings.pod_id,
                 room=room,
-                rooms=sorted(conn.rooms),
+                rooms=sorted(conn.rooms | ({room} if room is not None else set())),
                 limits={
                     "max_message_bytes": self._settings.max_message_bytes,
                     "max_rooms": self._settings.max_rooms,
@@ -212,6 +222,8 @@ class Handler:
             ),
         )
         try:
+            if room is not None and self._timeline is not None:
+                await self._timeline.attach(conn, room, catchup)
             await self._read_loop(ws, conn)
         finally:
             self._hub.remove(conn)
@@ -223,7 +235,11 @@ class Handler:
             msg = await ws.receive()
             if msg.type is WSMsgType.TEXT:
                 if conn.state is ConnectionState.OPEN:
-                    self._on_text(conn, msg.data)
+                    pending = self._on_text(conn, msg.data)
+                    if pending is not None:
+                        # A join with catch-up: later frames of this client
+                        # wait for it, so they keep their order.
+                        await pending
             elif msg.type is WSMsgType.BINARY:
                 conn.close(
                     CloseCode.UNSUPPORTED_DATA,
@@ -232,15 +248,16 @@ class Handler:
             else:  # CLOSE, CLOSING, CLOSED or ERROR: the connection is over
                 return
 
-    def _on_text(self, conn: Connection, raw: str | bytes) -> None:
+    def _on_text(self, conn: Connection, raw: str | bytes) -> Awaitable[None] | None:
         try:
             frame = decode_client_frame(raw)
-            self._dispatch(conn, frame)
+            return self._dispatch(conn, frame)
         except ProtocolError as exc:
             self.counters.errors_sent += 1
             self._hub.send_to(conn, encode_error(exc.code, exc.message, exc.ref))
+            return None
 
-    def _dispatch(self, conn: Connection, frame: ClientFrame) -> None:
+    def _dispatch(self, conn: Connection, frame: ClientFrame) -> Awaitable[None] | None:
         match frame:
             case SendMessage():
                 self._on_message(conn, frame)
@@ -252,6 +269,9 @@ class Handler:
                             f"a connection may be in at most {self._settings.max_rooms} rooms",
                             ref=ref,
                         )
+                    if self._timeline is not None:
+                        self._hub.send_to(conn, encode_event("joined", room=room, ref=ref))
+                        return self._timeline.attach(conn, room, frame.catchup)
                     self._hub.join(conn, room)
                 self._hub.send_to(conn, encode_event("joined", room=room, ref=ref))
             case Leave(room=room, ref=ref):
@@ -261,6 +281,14 @@ class Handler:
                 self._hub.send_to(conn, encode_event("left", room=room, ref=ref))
             case Ping(ref=ref):
                 self._hub.send_to(conn, encode_event("pong", ref=ref))
+            case PresenceQuery(room=room, ref=ref):
+                return self._on_presence(conn, room, ref)
+        return None
+
+    def _on_presence(
+        self, conn: Connection, room: str, ref: str | int | None
+    ) -> Awaitable[None] | None:
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, "presence is not available", ref=ref)
 
     def _on_message(self, conn: Connection, frame: SendMessage) -> None:
         room = conn.default_room if frame.room is None else frame.room
@@ -278,6 +306,24 @@ class Handler:
             data=frame.data,
         )
         self.counters.messages_received += 1
+        if room is not None and self._timeline is not None:
+            ref = frame.ref
+
+            def stamped(stamp: Stamp | None) -> None:
+                if ref is not None:
+                    self._hub.send_to(
+                        conn,
+                        encode_ack(
+                            ref,
+                            message.id,
+                            room,
+                            epoch=None if stamp is None else stamp.epoch,
+                            offset=None if stamp is None else stamp.offset,
+                        ),
+                    )
+
+            self._timeline.publish(message, stamped)
+            return
         self._broadcaster.publish(message)
         if frame.ref is not None:
             self._hub.send_to(conn, encode_ack(frame.ref, message.id, room))
@@ -340,4 +386,20 @@ class Handler:
             "errors_sent": self.counters.errors_sent,
             "slow_client_disconnects": hub.slow_client_disconnects,
             "broadcaster": dict(self._broadcaster.stats()),
+            **({"timeline": self._timeline.stats()} if self._timeline is not None else {}),
         }
+
+
+def _query_catchup(request: web.Request) -> Catchup:
+    """``since``/``epoch`` or ``history`` from the query string."""
+    query = request.query
+
+    def number(name: str) -> int | None:
+        raw = query.get(name)
+        if raw is None or raw == "":
+            return None
+        if not raw.isdigit() or len(raw) > 16:
+            raise ProtocolError(ErrorCode.INVALID_FRAME, f"{name!r} must be a non-negative integer")
+        return int(raw)
+
+    return parse_catchup(number("since"), query.get("epoch") or None, number("history"))

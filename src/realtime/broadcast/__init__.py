@@ -2,7 +2,28 @@
 
 from __future__ import annotations
 
-from .base import Broadcaster, Deliver, LinkState
+from .base import (
+    Broadcaster,
+    Deliver,
+    LinkState,
+    LogSink,
+    OrderedBroadcaster,
+    RoomLog,
+    Slice,
+    Stamp,
+    Stamped,
+)
 from .memory import MemoryBroadcaster
 
-__all__ = ["Broadcaster", "Deliver", "LinkState", "MemoryBroadcaster"]
+__all__ = [
+    "Broadcaster",
+    "Deliver",
+    "LinkState",
+    "LogSink",
+    "MemoryBroadcaster",
+    "OrderedBroadcaster",
+    "RoomLog",
+    "Slice",
+    "Stamp",
+    "Stamped",
+]
