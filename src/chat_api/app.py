@@ -11,17 +11,19 @@ from aiohttp import web
 
 from realtime import (
     Broadcaster,
+    BroadcastError,
     Handler,
     HandlerSettings,
     LocalHub,
     MemoryBroadcaster,
     OrderedBroadcaster,
+    RedisBroadcaster,
     Timeline,
     TimelineSettings,
 )
 
 from .api.routes import register_routes
-from .config import Config, ConfigError
+from .config import Config, ConfigError, redact_url
 
 __all__ = ["BROADCASTER", "CONFIG", "HANDLER", "HUB", "TIMELINE", "create_app", "serve"]
 
@@ -39,7 +41,25 @@ def make_broadcaster(config: Config) -> OrderedBroadcaster:
         return MemoryBroadcaster(
             history_length=config.history_length, history_ttl=config.history_ttl
         )
-    raise ConfigError("REDIS_URL", "the Redis broadcaster is not available in this build")
+    log.info(
+        "cross-pod fan-out through %s (channels %s:*)",
+        redact_url(config.redis_url),
+        config.redis_channel_prefix,
+    )
+    try:
+        return RedisBroadcaster(
+            config.redis_url,
+            pod_id=config.pod_id,
+            channel_prefix=config.redis_channel_prefix,
+            heartbeat_interval=config.redis_heartbeat_interval,
+            heartbeat_timeout=config.redis_heartbeat_timeout,
+            reconnect_max_delay=config.redis_reconnect_max_delay,
+            publish_queue=config.redis_publish_queue,
+            history_length=config.history_length,
+            history_ttl=config.history_ttl,
+        )
+    except (BroadcastError, ValueError) as exc:
+        raise ConfigError("REDIS_URL", str(exc)) from None
 
 
 def create_app(config: Config) -> web.Application:

@@ -13,6 +13,7 @@ from .broadcast import (
     LinkState,
     MemoryBroadcaster,
     OrderedBroadcaster,
+    RedisBroadcaster,
     RoomLog,
     Stamp,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "OrderedBroadcaster",
     "ProtocolError",
     "RealtimeError",
+    "RedisBroadcaster",
     "RoomLog",
     "RoomSequencer",
     "RoomWatcher",

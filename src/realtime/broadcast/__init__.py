@@ -14,6 +14,7 @@ from .base import (
     Stamped,
 )
 from .memory import MemoryBroadcaster
+from .redis import RedisBroadcaster
 
 __all__ = [
     "Broadcaster",
@@ -22,6 +23,7 @@ __all__ = [
     "LogSink",
     "MemoryBroadcaster",
     "OrderedBroadcaster",
+    "RedisBroadcaster",
     "RoomLog",
     "Slice",
     "Stamp",
