@@ -60,6 +60,7 @@ class TimelineCounters:
     epoch_changes: int = 0
     replayed: int = 0
     history_reads: int = 0
+    recovered: int = 0
     unstamped: int = 0
 
 
@@ -258,6 +259,7 @@ class Timeline:
                 now = self._clock()
                 if seq.synced:
                     step = seq.fill(got.epoch, got.entries, newest=got.newest, now=now)
+                    self.counters.recovered += len(step.deliver)
                 else:
                     step = seq.start(got.epoch, got.newest, got.entries, now=now)
                 state.synced.set()
@@ -333,6 +335,7 @@ class Timeline:
             return
         if self._rooms.get(room) is state:
             step = state.seq.fill(got.epoch, got.entries, newest=got.newest, now=self._clock())
+            self.counters.recovered += len(step.deliver)
             self._apply(room, state, step)
 
     # -- lifecycle ----------------------------------------------------------------
@@ -374,6 +377,7 @@ class Timeline:
             "epoch_changes": c.epoch_changes,
             "replayed": c.replayed,
             "history_reads": c.history_reads,
+            "recovered": c.recovered,
             "unstamped": c.unstamped,
         }
 
