@@ -24,7 +24,7 @@ async def send_many(ws: aiohttp.ClientWebSocketResponse, texts: list[str]) -> No
 async def test_room_messages_carry_consecutive_offsets_and_acks_say_which(
     pod: Pod, session: aiohttp.ClientSession
 ) -> None:
-    ws, _ = await connect(session, pod.ws_url("offsets"))
+    ws, _ = await connect(session, pod.ws_url("offsets", history="10"))
     sync = await recv_type(ws, "sync")
     assert sync == {
         "type": "sync",

@@ -37,7 +37,7 @@ class Reader:
 
     @classmethod
     async def open(cls, session: aiohttp.ClientSession, pod: Pod, **query: str) -> Reader:
-        ws, _ = await connect(session, pod.ws_url(ROOM, **query))
+        ws, _ = await connect(session, pod.ws_url(ROOM, **(query or {"history": "0"})))
         sync = await recv_type(ws, "sync")
         return cls(ws, sync)
 

@@ -256,6 +256,11 @@ class Handler:
             self.counters.errors_sent += 1
             self._hub.send_to(conn, encode_error(exc.code, exc.message, exc.ref))
             return None
+        except Exception:
+            # A bug of ours must cost one connection, never the pod.
+            log.exception("internal error on connection %s", conn.id)
+            conn.close(CloseCode.INTERNAL_ERROR, "internal error")
+            return None
 
     def _dispatch(self, conn: Connection, frame: ClientFrame) -> Awaitable[None] | None:
         match frame:

@@ -113,7 +113,12 @@ class Catchup:
 
     since: int | None = None
     epoch: str | None = None
-    history: int = 0
+    history: int | None = None
+
+    @property
+    def asked(self) -> bool:
+        """The client asked for a catch-up (and so gets a ``sync`` frame)."""
+        return self.since is not None or self.history is not None
 
 
 NO_CATCHUP: Final = Catchup()
@@ -182,7 +187,7 @@ def parse_catchup(
         )
     if offset is None and count is None:
         return NO_CATCHUP
-    return Catchup(since=offset, epoch=epoch, history=count or 0)
+    return Catchup(since=offset, epoch=epoch, history=count)
 
 
 def validate_room(room: object, *, ref: str | int | None = None) -> str:

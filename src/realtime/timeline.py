@@ -156,6 +156,7 @@ class Timeline:
         (``catchup``), then live messages, with no gap and no duplicate."""
         self._hub.join(conn, room, live=False)
         state = self._rooms[room]
+        asked = catchup.asked
         deadline = self._clock() + self.settings.sync_timeout
         if not state.seq.synced:
             try:
@@ -199,7 +200,9 @@ class Timeline:
                     continue
                 entries = head + rest
             if self._hub.is_waiting(conn, room):
-                self._finish(conn, room, state, entries, complete=complete, reason=reason)
+                self._finish(
+                    conn, room, state, entries, complete=complete, reason=reason, asked=asked
+                )
             return
         self._finish(conn, room, state, [], complete=False, reason="unavailable")
 
@@ -212,9 +215,16 @@ class Timeline:
         *,
         complete: bool,
         reason: str | None,
+        asked: bool = True,
     ) -> None:
-        """Sync frame, catch-up and live delivery, in one synchronous step."""
+        """Sync frame, catch-up and live delivery, in one synchronous step.
+
+        A plain join (no catch-up asked for) gets no ``sync`` frame unless
+        something went wrong: its messages carry the epoch and offsets."""
         seq = state.seq
+        if not asked and complete:
+            self._hub.go_live(conn, room)
+            return
         frame: dict[str, Any] = {
             "room": room,
             "epoch": seq.epoch,
