@@ -95,7 +95,14 @@ def create_app(config: Config) -> web.Application:
     app[BROADCASTER] = broadcaster
     app[HANDLER] = handler
     app[TIMELINE] = timeline
-    register_routes(app, handler=handler, broadcaster=broadcaster)
+    register_routes(
+        app,
+        handler=handler,
+        broadcaster=broadcaster,
+        timeline=timeline,
+        publish_api_key=config.publish_api_key,
+        max_message_bytes=config.max_message_bytes,
+    )
     app.cleanup_ctx.append(_run_broadcaster)
     app.on_shutdown.append(_close_connections)
     return app

@@ -145,6 +145,13 @@ class Config:
         "history.",
         minimum=0.01,
     )
+    publish_api_key: str = _setting(
+        "PUBLISH_API_KEY",
+        "",
+        "Key a backend sends as 'Authorization: Bearer <key>' to POST messages into rooms "
+        "(empty: that route is off).",
+        secret=True,
+    )
     shutdown_timeout: float = _setting(
         "SHUTDOWN_TIMEOUT",
         10.0,

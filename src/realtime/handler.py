@@ -161,6 +161,10 @@ class Handler:
             web.get(prefix + "/{room}", self.handle_websocket),
         ]
 
+    def new_message_id(self) -> str:
+        """A fresh message id, unique across pods (for server-made messages)."""
+        return self._message_ids()
+
     @property
     def draining(self) -> bool:
         return self._draining
@@ -206,24 +210,30 @@ class Handler:
         self._hub.add(conn)
         if room is not None and self._timeline is None:
             self._hub.join(conn, room)
-        self._hub.send_to(
-            conn,
-            encode_event(
-                "welcome",
-                connection_id=conn.id,
-                user=identity.as_json(),
-                pod=self._settings.pod_id,
-                room=room,
-                rooms=sorted(conn.rooms | ({room} if room is not None else set())),
-                limits={
-                    "max_message_bytes": self._settings.max_message_bytes,
-                    "max_rooms": self._settings.max_rooms,
-                },
-            ),
-        )
+
+        def greet() -> None:
+            self._hub.send_to(
+                conn,
+                encode_event(
+                    "welcome",
+                    connection_id=conn.id,
+                    user=identity.as_json(),
+                    pod=self._settings.pod_id,
+                    room=room,
+                    rooms=sorted(conn.rooms | ({room} if room is not None else set())),
+                    limits={
+                        "max_message_bytes": self._settings.max_message_bytes,
+                        "max_rooms": self._settings.max_rooms,
+                    },
+                ),
+            )
+
+        if room is None or self._timeline is None:
+            greet()
         try:
             if room is not None and self._timeline is not None:
-                await self._timeline.attach(conn, room, catchup)
+                # The welcome goes out once the room is live for this client.
+                await self._timeline.attach(conn, room, catchup, greet)
             await self._read_loop(ws, conn)
         finally:
             self._hub.remove(conn)
@@ -275,8 +285,14 @@ class Handler:
                             ref=ref,
                         )
                     if self._timeline is not None:
-                        self._hub.send_to(conn, encode_event("joined", room=room, ref=ref))
-                        return self._timeline.attach(conn, room, frame.catchup)
+                        return self._timeline.attach(
+                            conn,
+                            room,
+                            frame.catchup,
+                            lambda: self._hub.send_to(
+                                conn, encode_event("joined", room=room, ref=ref)
+                            ),
+                        )
                     self._hub.join(conn, room)
                 self._hub.send_to(conn, encode_event("joined", room=room, ref=ref))
             case Leave(room=room, ref=ref):

@@ -132,16 +132,18 @@ class Timeline:
         done: Callable[[Stamp | None], None] | None = None,
         *,
         idempotency_key: str | None = None,
+        local_fallback: bool = True,
     ) -> None:
         """Send a room message: stamped, stored and published by the room
         log, delivered here in offset order. If it cannot be stored (link
-        down), it is delivered to this pod's members only, without offset."""
+        down), it is delivered to this pod's members only, without offset
+        (unless ``local_fallback`` is false: then it is not delivered)."""
         room = message.room
         if room is None:
             raise ValueError("Timeline.publish takes room messages")
 
         def stamped(stamp: Stamp | None) -> None:
-            if stamp is None:
+            if stamp is None and local_fallback:
                 self.counters.unstamped += 1
                 self._hub.broadcast(room, message.encode())
             if done is not None:
@@ -151,19 +153,55 @@ class Timeline:
 
     # -- catch-up ----------------------------------------------------------------
 
-    async def attach(self, conn: Connection, room: str, catchup: Catchup) -> None:
-        """Join ``conn`` to ``room``: a ``sync`` frame, then what it missed
-        (``catchup``), then live messages, with no gap and no duplicate."""
+    async def attach(
+        self,
+        conn: Connection,
+        room: str,
+        catchup: Catchup,
+        greet: Callable[[], object] | None = None,
+    ) -> None:
+        """Join ``conn`` to ``room``: ``greet()`` (the caller's welcome or
+        joined frame), a ``sync`` frame if a catch-up was asked for, what it
+        missed, then live messages, with no gap and no duplicate. Once
+        greeted, the member gets every message with a later offset."""
         self._hub.join(conn, room, live=False)
         state = self._rooms[room]
-        asked = catchup.asked
+        entries, complete, reason = await self._gather(conn, room, state, catchup)
+        if not self._hub.is_waiting(conn, room) or self._rooms.get(room) is not state:
+            return  # it left, or closed, meanwhile
+        if greet is not None:
+            greet()
+        seq = state.seq
+        if catchup.asked or not complete:
+            frame: dict[str, Any] = {
+                "room": room,
+                "epoch": seq.epoch,
+                "offset": seq.last if seq.synced else None,
+                "replayed": len(entries),
+                "complete": complete,
+            }
+            if reason is not None:
+                frame["reason"] = reason
+            if entries:
+                frame["first"] = entries[0].offset
+            self._hub.send_to(conn, encode_event("sync", **frame))
+        for entry in entries:
+            if not self._hub.send_to(conn, entry.payload):
+                return
+        self.counters.replayed += len(entries)
+        self._hub.go_live(conn, room)
+
+    async def _gather(
+        self, conn: Connection, room: str, state: _Room, catchup: Catchup
+    ) -> tuple[list[Entry], bool, str | None]:
+        """``(entries, complete, reason)``: what ``conn`` missed, from memory
+        or history, ending at the room's last delivered offset."""
         deadline = self._clock() + self.settings.sync_timeout
         if not state.seq.synced:
             try:
                 await asyncio.wait_for(state.synced.wait(), self.settings.sync_timeout)
             except TimeoutError:
-                self._finish(conn, room, state, [], complete=False, reason="unavailable")
-                return
+                return [], False, "unavailable"
         since = catchup.since
         if since is not None and catchup.epoch in (None, state.seq.epoch):
             # The client saw an offset this pod has not delivered yet (it was
@@ -176,72 +214,28 @@ class Timeline:
                     break
         for _ in range(3):
             if not self._hub.is_waiting(conn, room) or self._rooms.get(room) is not state:
-                return
+                return [], False, "unavailable"
             seq = state.seq
             complete, reason, after = _plan(catchup, seq.epoch, seq.last, self.settings.keep)
             entries = seq.since(after)
-            if entries is None:
-                self.counters.history_reads += 1
-                try:
-                    got = await self._log.read(room, after, self.settings.keep, epoch=seq.epoch)
-                except BroadcastError as exc:
-                    log.warning("history read for %s failed: %s", room, exc)
-                    if self._hub.is_waiting(conn, room):
-                        self._finish(conn, room, state, [], complete=False, reason="unavailable")
-                    return
-                if got.epoch != state.seq.epoch:
-                    continue
-                if got.first > after + 1 and reason is None:
-                    complete, reason = False, "window_exceeded"
-                head = [e for e in got.entries if e.offset <= state.seq.last]
-                upto = head[-1].offset if head else max(after, got.first - 1)
-                rest = state.seq.since(upto)
-                if rest is None:
-                    continue
-                entries = head + rest
-            if self._hub.is_waiting(conn, room):
-                self._finish(
-                    conn, room, state, entries, complete=complete, reason=reason, asked=asked
-                )
-            return
-        self._finish(conn, room, state, [], complete=False, reason="unavailable")
-
-    def _finish(
-        self,
-        conn: Connection,
-        room: str,
-        state: _Room,
-        entries: list[Entry],
-        *,
-        complete: bool,
-        reason: str | None,
-        asked: bool = True,
-    ) -> None:
-        """Sync frame, catch-up and live delivery, in one synchronous step.
-
-        A plain join (no catch-up asked for) gets no ``sync`` frame unless
-        something went wrong: its messages carry the epoch and offsets."""
-        seq = state.seq
-        if not asked and complete:
-            self._hub.go_live(conn, room)
-            return
-        frame: dict[str, Any] = {
-            "room": room,
-            "epoch": seq.epoch,
-            "offset": seq.last if seq.synced else None,
-            "replayed": len(entries),
-            "complete": complete,
-        }
-        if reason is not None:
-            frame["reason"] = reason
-        if entries:
-            frame["first"] = entries[0].offset
-        self._hub.send_to(conn, encode_event("sync", **frame))
-        for entry in entries:
-            if not self._hub.send_to(conn, entry.payload):
-                return
-        self.counters.replayed += len(entries)
-        self._hub.go_live(conn, room)
+            if entries is not None:
+                return entries, complete, reason
+            self.counters.history_reads += 1
+            try:
+                got = await self._log.read(room, after, self.settings.keep, epoch=seq.epoch)
+            except BroadcastError as exc:
+                log.warning("history read for %s failed: %s", room, exc)
+                return [], False, "unavailable"
+            if got.epoch != state.seq.epoch:
+                continue
+            if got.first > after + 1 and reason is None:
+                complete, reason = False, "window_exceeded"
+            head = [e for e in got.entries if e.offset <= state.seq.last]
+            upto = head[-1].offset if head else max(after, got.first - 1)
+            rest = state.seq.since(upto)
+            if rest is not None:
+                return head + rest, complete, reason
+        return [], False, "unavailable"
 
     # -- room state ----------------------------------------------------------
 

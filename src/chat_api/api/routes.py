@@ -6,8 +6,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from realtime import Broadcaster, Handler, LinkState
+from realtime import Broadcaster, Handler, LinkState, Timeline
 
+from .handlers.publish import publish_handler
 from .handlers.ws import stats_handler
 
 __all__ = ["API_PREFIX", "WEB_DIR", "register_routes"]
@@ -16,7 +17,15 @@ API_PREFIX = "/api/chat-api"
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 
-def register_routes(app: web.Application, *, handler: Handler, broadcaster: Broadcaster) -> None:
+def register_routes(
+    app: web.Application,
+    *,
+    handler: Handler,
+    broadcaster: Broadcaster,
+    timeline: Timeline | None = None,
+    publish_api_key: str = "",
+    max_message_bytes: int = 65536,
+) -> None:
     """Mount the WebSocket routes under ``/api/chat-api``, health, and the page."""
 
     async def healthz(request: web.Request) -> web.Response:
@@ -39,6 +48,11 @@ def register_routes(app: web.Application, *, handler: Handler, broadcaster: Broa
     # The stats route comes before /ws/{room} so that it wins the match.
     app.router.add_get(f"{API_PREFIX}/ws/stats", stats_handler(handler))
     app.router.add_routes(handler.routes(f"{API_PREFIX}/ws"))
+    if timeline is not None:
+        app.router.add_post(
+            f"{API_PREFIX}/rooms/{{room}}/messages",
+            publish_handler(handler, timeline, publish_api_key, max_bytes=max_message_bytes),
+        )
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/", index)
