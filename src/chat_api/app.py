@@ -17,16 +17,29 @@ from realtime import (
     HandlerSettings,
     LocalHub,
     MemoryBroadcaster,
+    MemoryPresence,
     OrderedBroadcaster,
+    Presence,
+    PresenceBackend,
     RedisBroadcaster,
     Timeline,
     TimelineSettings,
 )
+from realtime.broadcast.redis_presence import RedisPresence
 
 from .api.routes import register_routes
 from .config import Config, ConfigError, redact_url
 
-__all__ = ["BROADCASTER", "CONFIG", "HANDLER", "HUB", "TIMELINE", "create_app", "serve"]
+__all__ = [
+    "BROADCASTER",
+    "CONFIG",
+    "HANDLER",
+    "HUB",
+    "PRESENCE",
+    "TIMELINE",
+    "create_app",
+    "serve",
+]
 
 log = logging.getLogger("chat_api")
 
@@ -35,6 +48,7 @@ HUB = web.AppKey("hub", LocalHub)
 BROADCASTER = web.AppKey("broadcaster", Broadcaster)
 HANDLER = web.AppKey("handler", Handler)
 TIMELINE = web.AppKey("timeline", Timeline)
+PRESENCE = web.AppKey("presence", Presence)
 
 
 def make_broadcaster(config: Config) -> OrderedBroadcaster:
@@ -76,6 +90,12 @@ def create_app(config: Config) -> web.Application:
         TimelineSettings(keep=config.history_length, gap_wait=config.gap_wait),
     )
     hub.watch(timeline)
+    backend: PresenceBackend
+    if isinstance(broadcaster, RedisBroadcaster):
+        backend = RedisPresence(broadcaster, ttl=config.presence_ttl)
+    else:
+        backend = MemoryPresence()
+    presence = Presence(hub, backend, ttl=config.presence_ttl)
     handler = Handler(
         hub,
         broadcaster,
@@ -88,6 +108,7 @@ def create_app(config: Config) -> web.Application:
             close_timeout=config.ws_close_timeout,
         ),
         timeline=timeline,
+        presence=presence,
     )
     app = web.Application(client_max_size=64 * 1024)
     app[CONFIG] = config
@@ -95,11 +116,13 @@ def create_app(config: Config) -> web.Application:
     app[BROADCASTER] = broadcaster
     app[HANDLER] = handler
     app[TIMELINE] = timeline
+    app[PRESENCE] = presence
     register_routes(
         app,
         handler=handler,
         broadcaster=broadcaster,
         timeline=timeline,
+        presence=presence,
         publish_api_key=config.publish_api_key,
         max_message_bytes=config.max_message_bytes,
     )
@@ -111,7 +134,9 @@ def create_app(config: Config) -> web.Application:
 async def _run_broadcaster(app: web.Application) -> AsyncIterator[None]:
     broadcaster = app[BROADCASTER]
     await broadcaster.start(app[HUB].broadcast)
+    app[PRESENCE].start()
     yield
+    await app[PRESENCE].stop()
     await app[TIMELINE].stop()
     await broadcaster.stop()
 

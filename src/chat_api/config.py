@@ -145,6 +145,13 @@ class Config:
         "history.",
         minimum=0.01,
     )
+    presence_ttl: float = _setting(
+        "PRESENCE_TTL",
+        15.0,
+        "Seconds after which the presence entries of a pod that stopped (or was killed) vanish; "
+        "pods refresh theirs every third of it.",
+        minimum=0.3,
+    )
     publish_api_key: str = _setting(
         "PUBLISH_API_KEY",
         "",

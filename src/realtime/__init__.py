@@ -21,6 +21,7 @@ from .connection import Connection, ConnectionState, FrameSink
 from .exceptions import BroadcastError, ProtocolError, RealtimeError, StateError
 from .handler import Handler, HandlerSettings, Identify, guest_identity
 from .hub import LocalHub, RoomWatcher
+from .presence import Member, MemoryPresence, Presence, PresenceBackend
 from .protocol import Catchup, CloseCode, ErrorCode, Identity, Message
 from .sequencer import Entry, RoomSequencer
 from .timeline import Timeline, TimelineSettings
@@ -42,9 +43,13 @@ __all__ = [
     "Identity",
     "LinkState",
     "LocalHub",
+    "Member",
     "MemoryBroadcaster",
+    "MemoryPresence",
     "Message",
     "OrderedBroadcaster",
+    "Presence",
+    "PresenceBackend",
     "ProtocolError",
     "RealtimeError",
     "RedisBroadcaster",

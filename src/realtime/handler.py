@@ -22,8 +22,9 @@ from aiohttp import WSMsgType, web
 
 from .broadcast.base import Broadcaster, Stamp
 from .connection import Connection, ConnectionState
-from .exceptions import ProtocolError
+from .exceptions import BroadcastError, ProtocolError
 from .hub import LocalHub
+from .presence import Presence
 from .protocol import (
     NO_CATCHUP,
     Catchup,
@@ -139,10 +140,12 @@ class Handler:
         *,
         identify: Identify = guest_identity,
         timeline: Timeline | None = None,
+        presence: Presence | None = None,
     ) -> None:
         self._hub = hub
         self._timeline = timeline
         """Room offsets, order and catch-up; None: plain best-effort rooms."""
+        self._presence = presence
         self._broadcaster = broadcaster
         self._settings = settings
         self._identify = identify
@@ -233,9 +236,11 @@ class Handler:
         try:
             if room is not None and self._timeline is not None:
                 # The welcome goes out once the room is live for this client.
-                await self._timeline.attach(conn, room, catchup, greet)
+                await self._attach(conn, room, catchup, greet)
             await self._read_loop(ws, conn)
         finally:
+            if self._presence is not None:
+                self._presence.drop(conn)
             self._hub.remove(conn)
             conn.closed()
         return ws
@@ -285,7 +290,7 @@ class Handler:
                             ref=ref,
                         )
                     if self._timeline is not None:
-                        return self._timeline.attach(
+                        return self._attach(
                             conn,
                             room,
                             frame.catchup,
@@ -299,6 +304,8 @@ class Handler:
                 if room not in conn.rooms:
                     raise ProtocolError(ErrorCode.NOT_IN_ROOM, f"not in room {room!r}", ref=ref)
                 self._hub.leave(conn, room)
+                if self._presence is not None:
+                    self._presence.leave(conn, room)
                 self._hub.send_to(conn, encode_event("left", room=room, ref=ref))
             case Ping(ref=ref):
                 self._hub.send_to(conn, encode_event("pong", ref=ref))
@@ -306,10 +313,41 @@ class Handler:
                 return self._on_presence(conn, room, ref)
         return None
 
+    async def _attach(
+        self, conn: Connection, room: str, catchup: Catchup, greet: Callable[[], object]
+    ) -> None:
+        assert self._timeline is not None
+        await self._timeline.attach(conn, room, catchup, greet)
+        if (
+            self._presence is not None
+            and room in conn.rooms
+            and not self._hub.is_waiting(conn, room)
+        ):
+            self._presence.join(conn, room)
+
     def _on_presence(
         self, conn: Connection, room: str, ref: str | int | None
     ) -> Awaitable[None] | None:
-        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, "presence is not available", ref=ref)
+        if self._presence is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_TYPE, "presence is not available", ref=ref)
+        if room not in conn.rooms:
+            raise ProtocolError(ErrorCode.NOT_IN_ROOM, f"join room {room!r} first", ref=ref)
+        return self._send_presence(conn, room, ref, self._presence)
+
+    async def _send_presence(
+        self, conn: Connection, room: str, ref: str | int | None, presence: Presence
+    ) -> None:
+        try:
+            members = await presence.members(room)
+        except BroadcastError as exc:
+            self._hub.send_to(
+                conn, encode_error(ErrorCode.UNAVAILABLE, f"presence unavailable: {exc}", ref)
+            )
+            return
+        fields: dict[str, Any] = {"room": room, "members": [m.as_json() for m in members]}
+        if ref is not None:
+            fields["ref"] = ref
+        self._hub.send_to(conn, encode_event("presence", **fields))
 
     def _on_message(self, conn: Connection, frame: SendMessage) -> None:
         room = conn.default_room if frame.room is None else frame.room
@@ -408,6 +446,7 @@ class Handler:
             "slow_client_disconnects": hub.slow_client_disconnects,
             "broadcaster": dict(self._broadcaster.stats()),
             **({"timeline": self._timeline.stats()} if self._timeline is not None else {}),
+            **({"presence": self._presence.stats()} if self._presence is not None else {}),
         }
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import random
 import time
@@ -262,6 +263,22 @@ class RedisBroadcaster:
         except _LINK_ERRORS as exc:
             raise BroadcastError(f"history read failed: {_describe(exc)}") from exc
         return self._log.parse_read(reply, after)
+
+    async def run_script(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        """``EVALSHA`` one of our scripts on the command connection, loading it
+        if Redis does not know it; raises ``BroadcastError`` on link trouble."""
+        if self._redis is None:
+            raise BroadcastError("broadcaster is not running")
+        sha = hashlib.sha1(script.encode()).hexdigest()
+        command = ["EVALSHA", sha, len(keys), *keys, *args]
+        try:
+            try:
+                return await self._redis.execute_command(*command)  # type: ignore[no-untyped-call]
+            except NoScriptError:
+                await self._redis.script_load(script)
+                return await self._redis.execute_command(*command)  # type: ignore[no-untyped-call]
+        except _LINK_ERRORS as exc:
+            raise BroadcastError(f"script failed: {_describe(exc)}") from exc
 
     async def _load_scripts(self) -> None:
         assert self._redis is not None
