@@ -73,7 +73,7 @@ def make_broadcaster(config: Config) -> OrderedBroadcaster:
             history_length=config.history_length,
             history_ttl=config.history_ttl,
         )
-    except (BroadcastError, ValueError) as exc:
+    except BroadcastError as exc:
         raise ConfigError("REDIS_URL", str(exc)) from None
 
 

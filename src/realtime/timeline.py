@@ -21,13 +21,14 @@ reads) and cancels them on ``stop``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .broadcast.base import Broadcaster, RoomLog, Stamp
+from .broadcast.base import Broadcaster, LinkState, RoomLog, Stamp
 from .connection import Connection
 from .exceptions import BroadcastError
 from .hub import LocalHub
@@ -68,6 +69,8 @@ class TimelineCounters:
 class _Room:
     seq: RoomSequencer
     synced: asyncio.Event = field(default_factory=asyncio.Event)
+    tried: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set after the first attempt to read the room's state, even a failed one."""
     progress: asyncio.Event = field(default_factory=asyncio.Event)
     gap_timer: asyncio.TimerHandle | None = None
     repair_tries: int = 0
@@ -198,9 +201,11 @@ class Timeline:
         or history, ending at the room's last delivered offset."""
         deadline = self._clock() + self.settings.sync_timeout
         if not state.seq.synced:
-            try:
-                await asyncio.wait_for(state.synced.wait(), self.settings.sync_timeout)
-            except TimeoutError:
+            if self._broadcaster.state not in (LinkState.LOCAL_ONLY, LinkState.CONNECTED):
+                return [], False, "unavailable"  # no waiting while the link is down
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(state.tried.wait(), self.settings.sync_timeout)
+            if not state.seq.synced:
                 return [], False, "unavailable"
         since = catchup.since
         if since is not None and catchup.epoch in (None, state.seq.epoch):
@@ -255,6 +260,7 @@ class Timeline:
                         got = await self._log.read(room, -1, self.settings.keep)
                 except BroadcastError as exc:
                     log.warning("reading the state of room %s failed: %s", room, exc)
+                    state.tried.set()
                     await asyncio.sleep(delay)  # backoff before retrying a failed read
                     delay = min(delay * 2, 5.0)
                     continue
@@ -267,6 +273,7 @@ class Timeline:
                 else:
                     step = seq.start(got.epoch, got.newest, got.entries, now=now)
                 state.synced.set()
+                state.tried.set()
                 self._apply(room, state, step)
                 return
         finally:

@@ -32,6 +32,7 @@ __all__ = ["OnMessage", "RedisAddress", "Subscriber", "open_subscriber", "pack_c
 OnMessage = Callable[[bytes, bytes], None]
 """Called with ``(channel, data)`` for every pub/sub message, in arrival order."""
 
+_CLOSED = "Redis closed the connection"
 _CHUNK = 512  # channels per SUBSCRIBE command when (re)subscribing many at once
 
 
@@ -104,7 +105,7 @@ class Subscriber(asyncio.Protocol):
         self.channels: set[bytes] = set()
         self.ready: asyncio.Future[None] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
-        self.lost_reason = "closed"
+        self.lost_reason = _CLOSED
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -136,7 +137,7 @@ class Subscriber(asyncio.Protocol):
             self._fail(f"unreadable reply from Redis: {exc}")
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if exc is not None and self.lost_reason == "closed":
+        if exc is not None and self.lost_reason is _CLOSED:
             self.lost_reason = f"connection lost: {exc!r}"
         self._transport = None
         self.channels.clear()
