@@ -50,13 +50,20 @@ def test_duplicates_are_dropped() -> None:
     assert seq.duplicates == 2
 
 
-def test_entries_held_while_syncing_are_cut_at_the_baseline() -> None:
+def test_entries_held_while_syncing_are_delivered_after_the_baseline() -> None:
     seq = RoomSequencer(10)
-    for o in (4, 5, 6):
+    for o in (5, 6):
         assert seq.offer(e(o), 0).deliver == []
-    step = seq.start("a", 5, [e(4), e(5)])
-    assert offsets(step.deliver) == [6]
-    assert offsets(seq.since(3) or []) == [4, 5, 6]
+    # The store read happened after 5 was written: its tail ends at 5.
+    step = seq.start("a", 5, [e(3), e(4), e(5)])
+    assert offsets(step.deliver) == [5, 6]  # they came after the subscription
+    assert offsets(seq.since(2) or []) == [3, 4, 5, 6]
+
+
+def test_nothing_held_while_syncing_starts_at_the_newest() -> None:
+    seq = RoomSequencer(10)
+    assert seq.start("a", 5, [e(4), e(5)]).deliver == []
+    assert seq.last == 5
 
 
 def test_fill_from_history_repairs_a_gap_and_skips_what_is_gone() -> None:

@@ -93,24 +93,29 @@ class RoomSequencer:
         offset assigned, and the stored tail (oldest first, up to ``last``).
 
         Called once the pod is sure to receive every later entry. Entries
-        held while syncing that are not newer than ``last`` are dropped
-        (they are history, not news).
+        held while syncing reached the pod after it subscribed: they are news
+        for members already in the room and are delivered, with any stored
+        entry between them and the baseline.
         """
         step = Step()
         if self.state is not SequencerState.SYNCING:
             # A resync after the link came back: treat it as a fill.
             return self.fill(epoch, tail, newest=last, now=now)
+        tail = [e for e in tail if e.epoch == epoch and e.offset <= last]
+        held = sorted(
+            (e for e in self._pending.values() if e.epoch == epoch), key=lambda e: e.offset
+        )
+        self._pending.clear()
         self.epoch = epoch
-        self.last = last
+        self.last = min(last, held[0].offset - 1) if held else last
         self._recent.clear()
         for entry in tail:
-            if entry.epoch == epoch and entry.offset <= last:
+            if entry.offset <= self.last:
                 self._recent.append(entry)
-        held = list(self._pending.values())
-        self._pending.clear()
         self.state = SequencerState.LIVE
-        for entry in sorted(held, key=lambda e: e.offset):
-            self._offer(entry, now, step)
+        for entry in [*tail, *held]:
+            if entry.offset > self.last:
+                self._offer(entry, now, step)
         return step
 
     def offer(self, entry: Entry, now: float) -> Step:
