@@ -31,6 +31,7 @@ class Reader:
         self.ws = ws
         self.sync = sync
         self.frames: list[dict[str, Any]] = []
+        self.syncs: list[dict[str, Any]] = []
         self.closed = asyncio.Event()
         self._changed = asyncio.Event()
         self._task = asyncio.create_task(self._run())
@@ -49,6 +50,8 @@ class Reader:
                     if frame.get("type") == "message":
                         self.frames.append(frame)
                         self._changed.set()
+                    elif frame.get("type") == "sync":
+                        self.syncs.append(frame)
         finally:
             self.closed.set()
             self._changed.set()
@@ -191,3 +194,43 @@ async def test_clients_of_a_killed_pod_resume_on_another_without_loss(
         assert_complete(seen + back.frames, 1, total)
         await back.close()
     await sender.close()
+
+
+async def test_window_exceeded_and_flushed_redis_are_told_across_pods(
+    pod_factory: PodFactory,
+    session: aiohttp.ClientSession,
+    redis_server: RedisServer,
+    channel_prefix: str,
+) -> None:
+    env = redis_pod_env(redis_server.url, channel_prefix, HISTORY_LENGTH="5")
+    a, b = pod_factory(env, name="pod-a"), pod_factory(env, name="pod-b")
+    sender = await Reader.open(session, a)
+    await flood(sender.ws, "A", 12)
+    await sender.wait_for(12)
+    epoch = sender.frames[0]["epoch"]
+
+    # Missed more than the history keeps: told, and given what is kept.
+    late = await Reader.open(session, b, since="2", epoch=epoch)
+    assert late.sync["complete"] is False
+    assert late.sync["reason"] == "window_exceeded"
+    assert (late.sync["first"], late.sync["offset"], late.sync["replayed"]) == (8, 12, 5)
+    await late.wait_for(5)
+    assert late.offsets == [8, 9, 10, 11, 12]
+
+    # Redis loses the room's state: live members are told, offsets restart.
+    redis_server.command("FLUSHALL")
+    await flood(sender.ws, "A", 1)
+    await late.wait_for(6)
+    assert late.frames[-1]["offset"] == 1
+    assert late.frames[-1]["epoch"] != epoch
+    assert [(f["reason"], f["epoch"]) for f in late.syncs] == [
+        ("epoch_changed", late.frames[-1]["epoch"])
+    ]
+    back = await Reader.open(session, a, since="12", epoch=epoch)
+    assert back.sync["complete"] is False
+    assert back.sync["reason"] == "epoch_changed"
+    assert back.sync["epoch"] == late.frames[-1]["epoch"]
+    await back.wait_for(1)
+    assert back.offsets == [1]
+    for reader in (sender, late, back):
+        await reader.close()
