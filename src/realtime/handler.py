@@ -239,6 +239,10 @@ class Handler:
         except ProtocolError as exc:
             self.counters.errors_sent += 1
             self._hub.send_to(conn, encode_error(exc.code, exc.message, exc.ref))
+        except Exception:
+            # A bug of ours must cost one connection, never the pod.
+            log.exception("internal error on connection %s", conn.id)
+            conn.close(CloseCode.INTERNAL_ERROR, "internal error")
 
     def _dispatch(self, conn: Connection, frame: ClientFrame) -> None:
         match frame:
