@@ -70,6 +70,7 @@ const ui = {
   auth: $("auth"),
   token: $("token"),
   retry: $("retry-button"),
+  edit: $("edit-button"),
   notice: $("notice"),
   members: $("members"),
   memberCount: $("member-count"),
@@ -191,6 +192,12 @@ function setPhase(phase, detail) {
 function showNotice(text) {
   ui.notice.textContent = text;
   ui.notice.hidden = !text;
+}
+
+/** On a phone the name/room form folds away once in a room; "Change" opens it. */
+function showJoinForm(open) {
+  document.body.classList.toggle("editing", open);
+  ui.edit.setAttribute("aria-expanded", String(open));
 }
 
 function nearBottom() {
@@ -409,6 +416,8 @@ function onWelcome(frame) {
   ui.roomTitle.textContent = `#${state.room} · you are ${state.me.name}`;
   setPhase(Phase.LIVE);
   showNotice("");
+  document.body.classList.add("joined");
+  showJoinForm(false);
   systemLine(again ? `Reconnected to #${state.room}.` : `You joined #${state.room} as ${state.me.name}.`);
   state.members.clear();
   requestPresence();
@@ -502,6 +511,7 @@ function closeSocket(reason) {
 function refuse(text) {
   setPhase(Phase.REFUSED);
   showNotice(text);
+  showJoinForm(true);
   ui.auth.open = true;
   for (const entry of state.outbox) setEntryStatus(entry, "queued", WAIT_REFUSED);
 }
@@ -511,11 +521,16 @@ function onClose(event) {
   state.ws = null;
   failInflight("the connection ended before the server confirmed it.");
   if (event.code === 1008) {
+    // Policy: an expired token, a flood of frames, or another refusal.
     const reason = event.reason || "not allowed";
-    refuse(
-      `The server closed the connection: ${reason}. If your access token expired, ` +
-        "paste a new one and press Join.",
-    );
+    if (/expired/i.test(reason)) {
+      refuse("Your access token expired, so the server closed the connection. Paste a new one and press Join.");
+    } else if (/rate/i.test(reason)) {
+      showNotice(`The server closed the connection: ${reason}. Reconnecting shortly…`);
+      scheduleReconnect(1013);
+    } else {
+      refuse(`The server closed the connection: ${reason}. Check the access token and press Join.`);
+    }
     return;
   }
   if (!welcomed && event.code === 1006) {
@@ -544,10 +559,10 @@ async function probe() {
   if (state.ws !== ws || state.phase === Phase.IDLE) return; // the user moved on meanwhile
   if (status === 401 || status === 403) {
     const why = body ? `: ${body}` : "";
-    refuse(
-      `The server refused the connection (HTTP ${status}${why}). ` +
-        (state.token ? "Check the access token and press Join." : "Paste an access token and press Join."),
-    );
+    let hint = "Paste an access token and press Join.";
+    if (status === 403) hint = "Try another room, or a token that allows this one.";
+    else if (state.token) hint = "Check the access token (it may have expired) and press Join.";
+    refuse(`The server refused the connection (HTTP ${status}${why}). ${hint}`);
     return;
   }
   scheduleReconnect(1006);
@@ -578,8 +593,16 @@ function reconnectNow() {
 /** Connect as `name` to `room` (a new room starts a new conversation).
  * Returns false if the room name is not valid. */
 function join(room, name, token) {
+  if (room === "stats") {
+    // /api/chat-api/ws/stats is the statistics endpoint, not a room.
+    showNotice("'stats' is reserved; pick another room name.");
+    showJoinForm(true);
+    ui.room.focus();
+    return false;
+  }
   if (!ROOM_PATTERN.test(room)) {
     showNotice("Room names are 1–64 letters, digits, '_', '.' or '-', starting with a letter or digit.");
+    showJoinForm(true);
     ui.room.focus();
     return false;
   }
@@ -654,6 +677,11 @@ function start() {
   });
   ui.message.addEventListener("input", fitComposer);
   ui.retry.addEventListener("click", reconnectNow);
+  ui.edit.addEventListener("click", () => {
+    const open = !document.body.classList.contains("editing");
+    showJoinForm(open);
+    if (open) ui.name.focus();
+  });
   window.addEventListener("online", reconnectNow);
   window.addEventListener("hashchange", () => {
     const next = readAddress();
