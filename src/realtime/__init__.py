@@ -7,7 +7,7 @@ This package imports nothing from ``chat_api``.
 
 from __future__ import annotations
 
-from .broadcast import Broadcaster, Deliver, LinkState, MemoryBroadcaster
+from .broadcast import Broadcaster, Deliver, LinkState, MemoryBroadcaster, RedisBroadcaster
 from .connection import Connection, ConnectionState, FrameSink
 from .exceptions import BroadcastError, ProtocolError, RealtimeError, StateError
 from .handler import Handler, HandlerSettings, Identify, guest_identity
@@ -33,6 +33,7 @@ __all__ = [
     "Message",
     "ProtocolError",
     "RealtimeError",
+    "RedisBroadcaster",
     "RoomWatcher",
     "StateError",
     "guest_identity",
