@@ -19,7 +19,7 @@ import pytest
 from playwright.sync_api import Browser, Dialog, Locator, Page, expect, sync_playwright
 from websockets.sync.client import connect as ws_connect
 
-from .conftest import PodFactory
+from .conftest import PodFactory, redis_pod_env
 from .support import Pod
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,6 +153,25 @@ def test_two_pages_chat_both_ways(pod: Pod, open_page: OpenPage) -> None:
         expect(page.locator("#log .system.error")).to_have_count(0)
     # Nothing sticks out sideways on the phone.
     assert alice.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+
+
+def test_two_pages_on_two_pods_chat_through_redis(
+    pod_factory: PodFactory, shared_redis_url: str, channel_prefix: str, open_page: OpenPage
+) -> None:
+    env = redis_pod_env(shared_redis_url, channel_prefix)
+    pods = [pod_factory(env, name="pod-a"), pod_factory(env, name="pod-b")]
+    alice = chat(open_page("alice"), pods[0], "alice", "lobby")
+    bob = chat(open_page("bob", PHONE), pods[1], "bob", "lobby")
+    expect(alice.locator("#status")).to_have_attribute("title", "connected to pod pod-a")
+    expect(bob.locator("#status")).to_have_attribute("title", "connected to pod pod-b")
+
+    say(alice, "from pod a")
+    expect(message(bob, "from pod a", own=False).locator(".from")).to_have_text("alice")
+    say(bob, "from pod b")
+    expect(message(alice, "from pod b", own=False).locator(".from")).to_have_text("bob")
+    # Each message is shown once on each page (no echo from Redis).
+    for page in (alice, bob):
+        expect(page.locator("#log li.msg")).to_have_count(2)
 
 
 def test_page_reconnects_after_pod_restart_and_keeps_chatting(
