@@ -149,7 +149,7 @@ def test_two_pages_chat_both_ways(pod: Pod, open_page: OpenPage) -> None:
     for page in (alice, bob):
         for item in page.locator("#log li.msg").all():
             expect(item.locator("time.ts")).to_have_text(re.compile(r"\d"))
-        # No error lines: an unknown "presence" request is handled quietly.
+        # No error lines: a server without presence (or with it) is handled quietly.
         expect(page.locator("#log .system.error")).to_have_count(0)
     # Nothing sticks out sideways on the phone.
     assert alice.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
