@@ -7,6 +7,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 
+import orjson
 import pytest
 
 from realtime import Identity, LinkState, Message, RedisBroadcaster
@@ -181,3 +182,21 @@ async def test_a_full_publish_queue_counts_failures_instead_of_growing(
     assert len(delivered) == 25
     assert broadcaster.stats()["publish_failures"] == 15
     assert broadcaster.stats()["publish_queue"] == 10
+
+
+async def test_a_killed_publisher_connection_is_replaced_without_a_resubscribe(
+    pods: Pods, redis_server: RedisServer
+) -> None:
+    a, _ = await pods.start(redis_server.url, "pod-a")
+    b, from_b = await pods.start(redis_server.url, "pod-b")
+    await wait_subscribed(b, 2)
+    assert redis_server.command("CLIENT", "KILL", "TYPE", "normal") >= 2
+
+    async def a_probe_gets_through() -> bool:
+        # the first publish may die with the killed connection; a later one must not
+        a.publish(message(None, "probe"))
+        return any(orjson.loads(payload)["data"] == "probe" for _, payload in from_b)
+
+    await eventually(a_probe_gets_through)
+    assert a.stats()["reconnects"] == 0  # the subscriber was never touched
+    assert a.state is LinkState.CONNECTED
