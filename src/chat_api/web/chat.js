@@ -393,10 +393,10 @@ function onMemberEvent(frame) {
   const isMe = state.me !== null && user.id === state.me.id;
   if (frame.type === "member_joined") {
     state.members.set(user.id, user);
-    if (!isMe) systemLine(`${user.name} joined`, "join");
+    if (!isMe) systemLine(`${user.name} joined`, "member-in");
   } else {
     state.members.delete(user.id);
-    if (!isMe) systemLine(`${user.name} left`, "leave");
+    if (!isMe) systemLine(`${user.name} left`, "member-out");
   }
   if (state.presence === "supported") renderMembers();
 }
