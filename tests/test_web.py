@@ -247,3 +247,28 @@ def test_oversized_message_is_refused_in_words(
     expect(page.locator("#notice")).to_contain_text("too long")
     expect(page.get_by_label("Message", exact=True)).to_have_value("x" * 400)  # kept, not lost
     expect(page.locator("#status")).to_have_attribute("data-state", "live")
+
+
+def test_page_resumes_after_its_pod_restarts_without_hole_or_duplicate(
+    pod_factory: PodFactory, shared_redis_url: str, channel_prefix: str, open_page: OpenPage
+) -> None:
+    env = redis_pod_env(shared_redis_url, channel_prefix)
+    pod_a, pod_b = pod_factory(env, name="pod-a"), pod_factory(env, name="pod-b")
+    alice = chat(open_page("alice"), pod_a, "alice", "lobby")
+    bob = chat(open_page("bob"), pod_b, "bob", "lobby")
+    say(bob, "seen live")
+    expect(message(alice, "seen live")).to_have_count(1)
+
+    assert pod_a.stop() == 0
+    expect(alice.locator("#status")).to_have_attribute("data-state", "reconnecting")
+    for n in range(3):  # sent while Alice's pod is down: she resumes them
+        say(bob, f"missed {n}")
+        expect(message(bob, f"missed {n}", own=True)).to_have_count(1)
+    pod_a.restart()
+    expect(alice.locator("#status")).to_have_attribute("data-state", "live")
+    for n in range(3):
+        expect(message(alice, f"missed {n}", own=False)).to_have_count(1)
+    expect(message(alice, "seen live")).to_have_count(1)
+    expect(alice.locator("#log li.msg")).to_have_count(4)
+    texts = alice.locator("#log li.msg .text").all_inner_texts()
+    assert texts == ["seen live", "missed 0", "missed 1", "missed 2"]

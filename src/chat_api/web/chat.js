@@ -586,8 +586,8 @@ async function probe() {
 }
 
 /** The one place that decides when to connect again after a connection was
- * lost: capped exponential backoff with jitter. A later resume feature
- * (replay of what was missed) hooks in here and in socketUrl(). */
+ * lost: capped exponential backoff with jitter. socketUrl() adds since/epoch,
+ * so the server replays exactly what was missed meanwhile. */
 function scheduleReconnect(closeCode) {
   clearTimeout(state.retryTimer);
   // A busy or full pod (1013) gets a longer first wait than a restart (1001).
