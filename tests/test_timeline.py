@@ -165,3 +165,34 @@ async def test_presence_coalesces_connections_and_reconnects_of_one_user() -> No
     await presence.flush()
     assert events() == [("member_joined", "u1"), ("member_left", "u1")]
     assert await presence.members("r") == []
+
+
+async def test_members_are_told_when_history_no_longer_has_a_gap() -> None:
+    hub = LocalHub()
+    log = MemoryBroadcaster(history_length=2)
+    timeline = Timeline(hub, log, log, TimelineSettings(keep=2, gap_wait=0.05))
+    hub.watch(timeline)
+    await log.start(hub.broadcast)
+    try:
+        conn, sink = member(hub, 1)
+        await asyncio.wait_for(timeline.attach(conn, "r", Catchup()), 5)
+        log.attach(Lossy(timeline, drop={2, 3, 4}))
+        for n in range(1, 6):
+            await publish(timeline, n)
+
+        async def repaired() -> bool:
+            return sink.offsets() == [1, 4, 5]
+
+        await eventually(repaired, timeout=5)
+        kinds = [(f["type"], f.get("offset"), f.get("lost")) for f in sink.frames]
+        assert kinds == [
+            ("message", 1, None),
+            ("sync", 3, 2),
+            ("message", 4, None),
+            ("message", 5, None),
+        ]
+        assert sink.frames[1]["reason"] == "window_exceeded"
+        assert timeline.stats()["lost"] == 2
+    finally:
+        await timeline.stop()
+        await log.stop()

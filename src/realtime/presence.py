@@ -131,6 +131,7 @@ class Presence:
         self._tasks: list[asyncio.Task[None]] = []
         self.events_sent = 0
         self.failures = 0
+        self._failing = False
 
     # -- local changes (never await) -----------------------------------------
 
@@ -227,11 +228,11 @@ class Presence:
             try:
                 events = await self._backend.sync(room, joins, leaves)
             except BroadcastError as exc:
-                self.failures += 1
-                log.warning("presence update of room %s failed: %s", room, exc)
+                self._failed(exc)
                 self._dirty.add(room)  # retried at the next flush
                 self._wake.set()
                 continue
+            self._recovered()
             now_written = self._written.setdefault(room, {})
             for member in joins:
                 now_written[member.id] = member
@@ -250,11 +251,22 @@ class Presence:
             try:
                 events = await self._backend.refresh(rooms)
             except BroadcastError as exc:
-                self.failures += 1
-                log.warning("presence refresh failed: %s", exc)
+                self._failed(exc)
                 continue
+            self._recovered()
             for room, event in events:
                 self._deliver(room, [event])
+
+    def _failed(self, exc: BaseException) -> None:
+        self.failures += 1
+        if not self._failing:  # once per outage
+            self._failing = True
+            log.warning("presence cannot be written (%s); retrying", exc)
+
+    def _recovered(self) -> None:
+        if self._failing:
+            self._failing = False
+            log.info("presence is written again")
 
     def _deliver(self, room: str, events: list[bytes]) -> None:
         for event in events:

@@ -44,6 +44,10 @@ class Step:
     """The room's epoch changed: tell members before delivering ``deliver``."""
     lost: int = 0
     """Offsets skipped because nothing could supply them any more."""
+    skipped_at: int | None = None
+    """Index in ``deliver`` where the skip happened (members should be told
+    before the entries from there on); ``skipped_to`` the offset skipped to."""
+    skipped_to: int = 0
 
 
 class SequencerState(enum.Enum):
@@ -184,6 +188,9 @@ class RoomSequencer:
         if missed > 0:
             self.lost += missed
             step.lost += missed
+            if step.skipped_at is None:
+                step.skipped_at = len(step.deliver)
+            step.skipped_to = offset
             self.last = offset
         self._drain(now, step)
 

@@ -296,8 +296,12 @@ class Timeline:
                     reason="epoch_changed",
                 ),
             )
-        for entry in step.deliver:
+        for index, entry in enumerate(step.deliver):
+            if index == step.skipped_at:
+                self._tell_lost(room, seq.epoch, step)
             self._hub.broadcast(room, entry.payload)
+        if step.skipped_at is not None and step.skipped_at >= len(step.deliver):
+            self._tell_lost(room, seq.epoch, step)
         if step.deliver:
             self.counters.delivered += len(step.deliver)
             state.progress.set()
@@ -315,6 +319,23 @@ class Timeline:
             state.gap_timer = asyncio.get_running_loop().call_later(
                 wait, self._gap_due, room, state
             )
+
+    def _tell_lost(self, room: str, epoch: str | None, step: Step) -> None:
+        """Members are told, before the messages that follow, that some
+        offsets could not be delivered (no longer in history)."""
+        self._hub.broadcast(
+            room,
+            encode_event(
+                "sync",
+                room=room,
+                epoch=epoch,
+                offset=step.skipped_to,
+                replayed=0,
+                complete=False,
+                reason="window_exceeded",
+                lost=step.lost,
+            ),
+        )
 
     def _gap_due(self, room: str, state: _Room) -> None:
         state.gap_timer = None

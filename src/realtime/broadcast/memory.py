@@ -105,6 +105,8 @@ class MemoryBroadcaster:
             raise ValueError("only room messages are appended to a room log")
         room = message.room
         now = self._clock()
+        if self._appended % 1024 == 1023:
+            self._sweep(now)
         key = None if idempotency_key is None else (room, idempotency_key)
         if key is not None:
             seen = self._idempotency.get(key)
@@ -130,6 +132,16 @@ class MemoryBroadcaster:
         if self._sink is not None:
             self._sink.entry(room, entry)
         done(stamp)
+
+    def _sweep(self, now: float) -> None:
+        """Forget expired rooms and idempotency keys nobody asked about."""
+        for name in [r for r, s in self._log.items() if s.expires <= now]:
+            del self._log[name]
+        while self._idempotency:
+            key, (_, expires) = next(iter(self._idempotency.items()))
+            if expires > now:
+                break
+            del self._idempotency[key]
 
     async def read(self, room: str, after: int, limit: int, *, epoch: str | None = None) -> Slice:
         state = self._room(room, self._clock())
