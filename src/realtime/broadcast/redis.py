@@ -52,7 +52,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from ..exceptions import BroadcastError, StateError
-from ..protocol import Message
+from ..protocol import Message, stamp_body
 from ..sequencer import Entry
 from .base import Deliver, LinkState, LogSink, Slice, Stamped
 from .redis_log import APPEND, READ, RedisRoomLog, parse_stamp
@@ -107,6 +107,8 @@ class _Append:
     channel: bytes
     done: Stamped
     idempotency_key: str | None
+    body: bytes
+    """``message.body()``, encoded once for the script and the stamped copy."""
 
 
 _Outgoing = tuple[bytes, bytes] | _Append
@@ -269,7 +271,7 @@ class RedisBroadcaster:
             self.counters.append_failures += 1
             done(None)
             return
-        self._outbox.append(_Append(message, channel, done, idempotency_key))
+        self._outbox.append(_Append(message, channel, done, idempotency_key, message.body()))
         if not self._outbox_ready.is_set():
             self._outbox_ready.set()
 
@@ -600,7 +602,7 @@ class RedisBroadcaster:
             if not stamp.duplicate and self._sink is not None:
                 room = item.message.room
                 assert room is not None
-                payload = item.message.stamped(stamp.epoch, stamp.offset)
+                payload = stamp_body(item.body, stamp.epoch, stamp.offset)
                 self._sink.entry(room, Entry(stamp.epoch, stamp.offset, payload))
             item.done(stamp)
         if failed:
@@ -615,7 +617,9 @@ class RedisBroadcaster:
         commands = []
         for item in batch:
             if isinstance(item, _Append):
-                args = self._log.append_command(item.message, item.channel, item.idempotency_key)
+                args = self._log.append_command(
+                    item.message, item.channel, item.idempotency_key, item.body
+                )
                 commands.append(pack_command(*(_arg(a) for a in args)))
             else:
                 commands.append(pack_command(b"PUBLISH", *item))

@@ -135,7 +135,11 @@ class RedisRoomLog:
         return f"{self.prefix}:room:{{{room}}}:idem:{key}"
 
     def append_command(
-        self, message: Message, channel: bytes, idempotency_key: str | None
+        self,
+        message: Message,
+        channel: bytes,
+        idempotency_key: str | None,
+        body: bytes | None = None,
     ) -> list[Any]:
         """``EVALSHA`` arguments that append ``message`` (a room message)."""
         assert message.room is not None
@@ -151,7 +155,7 @@ class RedisRoomLog:
             new_epoch(),
             self.history_length,
             self.ttl_ms,
-            message.body(),
+            message.body() if body is None else body,
             self._envelope,
             MESSAGE_PREFIX,
         ]
