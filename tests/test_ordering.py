@@ -75,12 +75,18 @@ class Reader:
 
 
 async def flood(
-    ws: aiohttp.ClientWebSocketResponse, tag: str, count: int, pause_every: int = 0
+    ws: aiohttp.ClientWebSocketResponse,
+    tag: str,
+    count: int,
+    pause_every: int = 0,
+    midway: asyncio.Event | None = None,
 ) -> None:
     for n in range(count):
         await send(ws, {"type": "message", "data": {"s": tag, "n": n}})
         if pause_every and n % pause_every == 0:
             await asyncio.sleep(0.005)  # steady traffic, not one burst
+        if midway is not None and n == count // 3:
+            midway.set()
 
 
 def assert_complete(frames: list[dict[str, Any]], first: int, last: int) -> None:
@@ -135,15 +141,16 @@ async def test_a_killed_subscription_loses_nothing(
     readers = [await Reader.open(session, pod) for pod in (a, b)]
     senders = [await Reader.open(session, pod) for pod in (a, b)]
     per_sender = 400
+    midway = asyncio.Event()
 
     async def kill_midway() -> None:
-        await readers[0].wait_for(150)
+        await midway.wait()  # a third sent; the rest takes well over the reconnect
         assert redis_server.kill_pubsub_clients() >= 2
 
     await asyncio.wait_for(
         asyncio.gather(
-            flood(senders[0].ws, "A", per_sender, pause_every=5),
-            flood(senders[1].ws, "B", per_sender, pause_every=5),
+            flood(senders[0].ws, "A", per_sender, pause_every=2, midway=midway),
+            flood(senders[1].ws, "B", per_sender, pause_every=2),
             kill_midway(),
         ),
         60,
@@ -175,18 +182,22 @@ async def test_clients_of_a_killed_pod_resume_on_another_without_loss(
     sender = await Reader.open(session, b)
     total = 600
 
+    midway = asyncio.Event()
+
     async def kill_midway() -> None:
-        await victims[0].wait_for(200)
+        await midway.wait()
         a.signal(signal.SIGKILL)
 
     await asyncio.wait_for(
-        asyncio.gather(flood(sender.ws, "B", total, pause_every=3), kill_midway()), 60
+        asyncio.gather(flood(sender.ws, "B", total, pause_every=2, midway=midway), kill_midway()),
+        60,
     )
     await sender.wait_for(total)
     for victim in victims:
         async with asyncio.timeout(10):
             await victim.closed.wait()
         seen = victim.frames
+        assert len(seen) < total, "the pod died after the traffic: nothing was tested"
         last = seen[-1]
         back = await Reader.open(session, b, since=str(last["offset"]), epoch=last["epoch"])
         assert back.sync["complete"] is True
