@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
 from collections.abc import AsyncIterator, Callable
 
 import orjson
@@ -243,3 +244,29 @@ async def test_rooms_opened_and_closed_during_a_resubscribe_end_as_asked(
 
     await eventually(as_asked)
     await wait_subscribed(broadcaster, 3)
+
+
+async def test_rediss_with_a_verified_certificate(pods: Pods) -> None:
+    try:
+        server = RedisServer(tls=True)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot make certificates here: {exc}")
+    try:
+        try:
+            server.start()
+        except RuntimeError as exc:  # a redis-server built without TLS
+            pytest.skip(f"no TLS Redis here: {exc}")
+        a, _ = await pods.start(server.url, "pod-a")
+        b, from_b = await pods.start(server.url, "pod-b")
+        await wait_subscribed(b, 2)
+        a.publish(message(None, "over tls"))
+
+        async def arrived() -> bool:
+            return len(from_b) == 1
+
+        await eventually(arrived)
+    finally:
+        for broadcaster in pods.started:
+            async with asyncio.timeout(2):
+                await broadcaster.stop()
+        server.close()

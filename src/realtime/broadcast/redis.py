@@ -409,11 +409,10 @@ class RedisBroadcaster:
                 )
             except _LINK_ERRORS as exc:
                 self._connect_failed(exc, attempt)
-                delay = min(self._max_delay, self._min_delay * 2**attempt)
+                await self._backoff(attempt)
                 attempt += 1
-                await asyncio.sleep(random.uniform(delay / 2, delay))
                 continue
-            attempt = 0
+            connected_at = time.monotonic()
             # Rooms opened or closed while the handshake was in flight are not
             # in the snapshot it subscribed: catch up, then let subscribe()
             # and unsubscribe() write to this connection directly.
@@ -432,6 +431,16 @@ class RedisBroadcaster:
                 if subscriber.open:  # not already closing gracefully (stop)
                     subscriber.abort()
             self._lost(reason)
+            if time.monotonic() - connected_at > self._heartbeat_timeout:
+                attempt = 0  # it worked for a while: try again at once
+            else:  # a link that drops as soon as it is up: do not hammer Redis
+                await self._backoff(attempt)
+                attempt += 1
+
+    async def _backoff(self, attempt: int) -> None:
+        """Exponential backoff capped at the maximum, with jitter (half to full delay)."""
+        delay = min(self._max_delay, self._min_delay * 2**attempt)
+        await asyncio.sleep(random.uniform(delay / 2, delay))
 
     async def _watch(self, subscriber: Subscriber) -> str:
         """Publish heartbeats to this pod's own channel until the connection
@@ -453,6 +462,7 @@ class RedisBroadcaster:
             self._first_attempt.set_result(None)
         if self._state is LinkState.CONNECTING:
             self._move(LinkState.CONNECTED)
+            self._down_since = None
             log.info(
                 "redis link connected (pod=%s, prefix=%s, %d channels subscribed)",
                 self.pod_id,
@@ -463,6 +473,7 @@ class RedisBroadcaster:
         self._move(LinkState.CONNECTED)
         self.counters.reconnects += 1
         down = time.monotonic() - (self._down_since or time.monotonic())
+        self._down_since = None
         log.info(
             "redis link resubscribed %d channels after %.1fs down (pod=%s)",
             channels,
@@ -654,6 +665,8 @@ class RedisBroadcaster:
 
 def _describe(exc: BaseException) -> str:
     text = str(exc)
+    if not text and isinstance(exc, TimeoutError):
+        text = "no answer in time"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
