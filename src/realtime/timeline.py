@@ -75,6 +75,8 @@ class _Room:
     gap_timer: asyncio.TimerHandle | None = None
     repair_tries: int = 0
     syncing: bool = False
+    again: bool = False
+    """A resubscription came while a read was in flight: read once more."""
 
 
 class Timeline:
@@ -123,9 +125,13 @@ class Timeline:
 
     def ready(self, room: str) -> None:
         state = self._rooms.get(room)
-        if state is not None and not state.syncing and not self._stopped:
-            state.syncing = True
-            self._spawn(self._sync(room, state))
+        if state is None or self._stopped:
+            return
+        if state.syncing:
+            state.again = True  # what it reads may predate the resubscription
+            return
+        state.syncing = True
+        self._spawn(self._sync(room, state))
 
     # -- publishing ------------------------------------------------------------
 
@@ -278,6 +284,9 @@ class Timeline:
                 return
         finally:
             state.syncing = False
+            if state.again and self._rooms.get(room) is state and not self._stopped:
+                state.again = False
+                self.ready(room)
 
     def _apply(self, room: str, state: _Room, step: Step) -> None:
         seq = state.seq
