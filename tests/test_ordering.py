@@ -245,3 +245,31 @@ async def test_window_exceeded_and_flushed_redis_are_told_across_pods(
     assert back.offsets == [1]
     for reader in (sender, late, back):
         await reader.close()
+
+
+async def test_history_on_join_during_cross_pod_traffic_has_no_gap_or_duplicate(
+    pod_factory: PodFactory,
+    session: aiohttp.ClientSession,
+    shared_redis_url: str,
+    channel_prefix: str,
+) -> None:
+    a, b = two_pods(pod_factory, shared_redis_url, channel_prefix)
+    sender = await Reader.open(session, a)
+    total = 400
+    midway = asyncio.Event()
+    flooding = asyncio.create_task(flood(sender.ws, "A", total, pause_every=2, midway=midway))
+    await asyncio.wait_for(midway.wait(), 30)
+    # Joined on the other pod while messages keep coming (its first join there
+    # also subscribes the pod to the room mid-traffic).
+    joiners = await asyncio.gather(
+        *(Reader.open(session, pod, history="50") for pod in (b, b, a, b))
+    )
+    await asyncio.wait_for(flooding, 60)
+    for joiner in joiners:
+        replayed = joiner.sync["replayed"]
+        await joiner.wait_for(total - joiner.sync["offset"] + replayed)
+        first = joiner.frames[0]["offset"]
+        assert replayed > 0
+        assert_complete(joiner.frames, first, total)
+        await joiner.close()
+    await sender.close()
