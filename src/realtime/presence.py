@@ -32,7 +32,18 @@ from .connection import Connection
 from .exceptions import BroadcastError
 from .hub import LocalHub
 
-__all__ = ["Member", "MemoryPresence", "Presence", "PresenceBackend", "member_event"]
+__all__ = [
+    "PRESENCE_BURST",
+    "Member",
+    "MemoryPresence",
+    "Presence",
+    "PresenceBackend",
+    "member_event",
+]
+
+PRESENCE_BURST = 10
+"""More join/leave events than this for one room in one write (a mass
+reconnect) are replaced by one ``presence`` frame with the member list."""
 
 log = logging.getLogger("realtime.presence")
 
@@ -53,6 +64,13 @@ def member_event(kind: str, room: str, user_id: str, name: str, ts: int) -> byte
     """``member_joined`` / ``member_left`` frame."""
     return orjson.dumps(
         {"type": kind, "room": room, "user": {"id": user_id, "name": name}, "ts": ts}
+    )
+
+
+def presence_frame(room: str, members: list[Member]) -> bytes:
+    """``presence`` frame: the room's member list."""
+    return orjson.dumps(
+        {"type": "presence", "room": room, "members": [m.as_json() for m in members]}
     )
 
 
@@ -88,6 +106,8 @@ class MemoryPresence:
             gone = members.pop(user_id, None)
             if gone is not None:
                 events.append(member_event("member_left", room, user_id, gone.name, now))
+        if len(events) > PRESENCE_BURST:
+            events = [presence_frame(room, await self.members(room))]
         if not members:
             del self._rooms[room]
         return events

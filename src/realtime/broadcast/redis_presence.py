@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
-from ..presence import Member
+from ..presence import PRESENCE_BURST, Member
 
 if TYPE_CHECKING:
     from .redis import RedisBroadcaster
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["RedisPresence"]
 
 _COMMON: Final = """
+local BURST_LIMIT = @BURST@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local base, pod, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -48,9 +49,33 @@ local function present(pods, uid, except)
 end
 local function emit(kind, uid, name)
   local user = {id = uid, name = name}
-  local payload = cjson.encode({type = kind, room = ARGV[6], user = user, ts = now})
-  redis.call('PUBLISH', ARGV[4], ARGV[5] .. payload)
-  table.insert(events, payload)
+  table.insert(events, cjson.encode({type = kind, room = ARGV[6], user = user, ts = now}))
+end
+local function finish()
+  if #events > BURST_LIMIT then
+    -- A burst (mass reconnect): one member list instead of many events.
+    local best, order = {}, {}
+    for _, p in ipairs(live_pods()) do
+      for _, raw in ipairs(redis.call('HVALS', base .. p)) do
+        local m = cjson.decode(raw)
+        local known = best[m.id]
+        if not known then table.insert(order, m.id) end
+        if not known or m.since < known.since then best[m.id] = {since = m.since, raw = raw} end
+      end
+    end
+    table.sort(order, function(x, y)
+      if best[x].since ~= best[y].since then return best[x].since < best[y].since end
+      return x < y
+    end)
+    local parts = {}
+    for _, uid in ipairs(order) do table.insert(parts, best[uid].raw) end
+    events = {'{"type":"presence","room":' .. cjson.encode(ARGV[6]) .. ',"members":['
+      .. table.concat(parts, ',') .. ']}'}
+  end
+  for _, payload in ipairs(events) do
+    redis.call('PUBLISH', ARGV[4], ARGV[5] .. payload)
+  end
+  return events
 end
 local function keep_alive()
   if redis.call('EXISTS', own) == 1 then
@@ -61,7 +86,7 @@ local function keep_alive()
     redis.call('ZREM', KEYS[1], pod)
   end
 end
-"""
+""".replace("@BURST@", str(PRESENCE_BURST))
 
 SYNC: Final = (
     _COMMON
@@ -87,7 +112,7 @@ while i <= #ARGV do
   end
 end
 keep_alive()
-return events
+return finish()
 """
 )
 """KEYS: pods. ARGV: hash base, pod, ttl ms, channel, envelope head, room,
@@ -113,7 +138,7 @@ for _, gone in ipairs(dead) do
     end
   end
 end
-return events
+return finish()
 """
 )
 """KEYS: pods. ARGV: hash base, pod, ttl ms, channel, envelope head, room."""
