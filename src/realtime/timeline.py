@@ -75,6 +75,7 @@ class _Room:
     gap_timer: asyncio.TimerHandle | None = None
     repair_tries: int = 0
     syncing: bool = False
+    repairing: bool = False
     again: bool = False
     """A resubscription came while a read was in flight: read once more."""
 
@@ -348,8 +349,14 @@ class Timeline:
 
     def _gap_due(self, room: str, state: _Room) -> None:
         state.gap_timer = None
-        if self._rooms.get(room) is state and state.seq.gap() is not None:
-            self._spawn(self._repair(room, state))
+        if self._rooms.get(room) is not state or state.seq.gap() is None:
+            return
+        if state.repairing:  # one read at a time; look again after it
+            state.gap_timer = asyncio.get_running_loop().call_later(
+                self.settings.gap_wait, self._gap_due, room, state
+            )
+            return
+        self._spawn(self._repair(room, state))
 
     async def _repair(self, room: str, state: _Room) -> None:
         gap = state.seq.gap()
@@ -357,6 +364,7 @@ class Timeline:
             return
         after, highest = gap
         self.counters.gap_repairs += 1
+        state.repairing = True
         try:
             got = await self._log.read(room, after, highest - after, epoch=state.seq.epoch)
         except BroadcastError as exc:
@@ -365,7 +373,6 @@ class Timeline:
                 return
             if state.repair_tries < MAX_REPAIR_TRIES:
                 log.warning("room %s: repairing a gap failed (%s); will retry", room, exc)
-                self._apply(room, state, Step())
                 if state.gap_timer is None and not self._stopped:
                     state.gap_timer = asyncio.get_running_loop().call_later(
                         self.settings.gap_wait, self._gap_due, room, state
@@ -374,6 +381,8 @@ class Timeline:
             log.warning("room %s: giving up on a gap after %d tries", room, state.repair_tries)
             self._apply(room, state, state.seq.skip_gap(self._clock()))
             return
+        finally:
+            state.repairing = False
         if self._rooms.get(room) is state:
             step = state.seq.fill(got.epoch, got.entries, newest=got.newest, now=self._clock())
             self.counters.recovered += len(step.deliver)
