@@ -34,20 +34,30 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server process on 127.0.0.1, started by the test suite."""
 
-    def __init__(self, *, password: str | None = None) -> None:
+    def __init__(self, *, password: str | None = None, tls: bool = False) -> None:
         if REDIS_SERVER is None:
             raise RuntimeError("redis-server is not on PATH")
         self.password = password
+        self.tls = tls
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self._dir = tempfile.TemporaryDirectory(prefix="chat-api-redis-")
         self.socket_path = os.path.join(self._dir.name, "redis.sock")
+        self.ca_file = os.path.join(self._dir.name, "ca.pem")
+        if tls:
+            try:
+                make_certificates(self._dir.name)
+            except BaseException:
+                self._dir.cleanup()
+                raise
 
     # -- addresses ------------------------------------------------------------
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.ca_file}"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     @property
@@ -74,6 +84,15 @@ class RedisServer:
             ]  # fmt: skip
             if self.password:
                 args += ["--requirepass", self.password]
+            if self.tls:
+                d = self._dir.name
+                args[1:3] = ["--port", "0", "--tls-port", str(port)]
+                args += [
+                    "--tls-cert-file", os.path.join(d, "server.pem"),
+                    "--tls-key-file", os.path.join(d, "server.key"),
+                    "--tls-ca-cert-file", self.ca_file,
+                    "--tls-auth-clients", "no",
+                ]  # fmt: skip
             self.proc = subprocess.Popen(
                 args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
             )
@@ -89,9 +108,7 @@ class RedisServer:
             if self.proc is None or self.proc.poll() is not None:
                 return False
             try:
-                with redis.Redis(
-                    port=port, password=self.password, socket_timeout=1, socket_connect_timeout=1
-                ) as client:
+                with self.client(port, timeout=1) as client:
                     if client.ping():
                         return True
             except redis.RedisError:
@@ -141,9 +158,17 @@ class RedisServer:
 
     # -- commands ---------------------------------------------------------------
 
-    def client(self) -> redis.Redis:
+    def client(self, port: int | None = None, *, timeout: float = 5) -> redis.Redis:
+        tls: dict[str, Any] = {}
+        if self.tls:
+            tls = {"ssl": True, "ssl_ca_certs": self.ca_file}
         return redis.Redis(
-            port=self.port, password=self.password, socket_timeout=5, socket_connect_timeout=5
+            host="127.0.0.1",
+            port=port or self.port,
+            password=self.password,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            **tls,
         )
 
     def command(self, *args: Any) -> Any:
@@ -161,6 +186,25 @@ class RedisServer:
 
     def kill_pubsub_clients(self) -> int:
         return int(self.command("CLIENT", "KILL", "TYPE", "pubsub"))
+
+
+def make_certificates(directory: str) -> None:
+    """A throw-away CA and a server certificate for 127.0.0.1, made with openssl."""
+    if shutil.which("openssl") is None:
+        raise RuntimeError("openssl is not on PATH")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-subj", "/CN=chat-api test CA", "-keyout", "ca.key", "-out", "ca.pem")  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+            "-keyout", "server.key", "-out", "server.csr")  # fmt: skip
+    with open(os.path.join(directory, "san.ext"), "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-out", "server.pem",
+            "-extfile", "san.ext")  # fmt: skip
 
 
 @contextlib.contextmanager

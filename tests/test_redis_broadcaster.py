@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
 from collections.abc import AsyncIterator, Callable
 
 import orjson
@@ -62,7 +63,7 @@ async def pods(channel_prefix: str) -> AsyncIterator[Pods]:
     made = Pods(channel_prefix)
     yield made
     for broadcaster in made.started:
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(2):  # prompt, whatever state Redis is in
             await broadcaster.stop()
 
 
@@ -200,3 +201,72 @@ async def test_a_killed_publisher_connection_is_replaced_without_a_resubscribe(
     await eventually(a_probe_gets_through)
     assert a.stats()["reconnects"] == 0  # the subscriber was never touched
     assert a.state is LinkState.CONNECTED
+
+
+BUSY = """
+local t = redis.call('TIME')
+local start = t[1] * 1000000 + t[2]
+repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] - start > tonumber(ARGV[1]) * 1000000
+return 1
+"""
+
+
+async def test_rooms_opened_and_closed_during_a_resubscribe_end_as_asked(
+    pods: Pods, redis_server: RedisServer
+) -> None:
+    broadcaster, _ = await pods.start(redis_server.url, "pod-a")
+    broadcaster.subscribe("kept")
+    await wait_subscribed(broadcaster, 3)
+
+    def kill_then_keep_busy() -> None:
+        # one round trip: the subscriber is cut, then Redis is busy for 0.6 s,
+        # so the resubscribe is in flight while the rooms change
+        with redis_server.client() as client, client.pipeline(transaction=False) as pipe:
+            pipe.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            pipe.execute_command("EVAL", BUSY, 0, "0.6")
+            pipe.execute()
+
+    busy = asyncio.create_task(asyncio.to_thread(kill_then_keep_busy))
+    try:
+        await eventually(_is(broadcaster, LinkState.RECONNECTING))
+        broadcaster.subscribe("late")
+        broadcaster.subscribe("gone")
+        broadcaster.unsubscribe("gone")
+        broadcaster.unsubscribe("kept")
+    finally:
+        async with asyncio.timeout(5):
+            await busy
+    await eventually(_is(broadcaster, LinkState.CONNECTED))
+    room = f"{pods.prefix}:room:"
+
+    async def as_asked() -> bool:
+        return redis_server.channels(room + "*") == {room + "late"}
+
+    await eventually(as_asked)
+    await wait_subscribed(broadcaster, 3)
+
+
+async def test_rediss_with_a_verified_certificate(pods: Pods) -> None:
+    try:
+        server = RedisServer(tls=True)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot make certificates here: {exc}")
+    try:
+        try:
+            server.start()
+        except RuntimeError as exc:  # a redis-server built without TLS
+            pytest.skip(f"no TLS Redis here: {exc}")
+        a, _ = await pods.start(server.url, "pod-a")
+        b, from_b = await pods.start(server.url, "pod-b")
+        await wait_subscribed(b, 2)
+        a.publish(message(None, "over tls"))
+
+        async def arrived() -> bool:
+            return len(from_b) == 1
+
+        await eventually(arrived)
+    finally:
+        for broadcaster in pods.started:
+            async with asyncio.timeout(2):
+                await broadcaster.stop()
+        server.close()

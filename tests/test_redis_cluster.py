@@ -100,10 +100,15 @@ async def test_every_pod_reaches_every_pod_in_rooms_and_globally_exactly_once(
         assert got == Counter(global_texts | {"global end"})
 
     for pod in pods:
+
+        async def echoes_skipped(pod: Pod = pod) -> bool:
+            stats = await broadcaster_stats(session, pod)
+            return stats["published"] == stats["skipped_own"] >= 2
+
+        await eventually(echoes_skipped)
         stats = await broadcaster_stats(session, pod)
         assert stats["pod"] == pod.name
         assert stats["state"] == "connected"
-        assert stats["published"] == stats["skipped_own"] >= 2
         assert stats["received"] >= 2 * (count - 1)
         assert stats["publish_failures"] == 0
     for ws in rooms + everyone:
@@ -218,7 +223,7 @@ async def test_client_kill_type_pubsub_is_healed_by_resubscribing(
     await a.close()
     await b.close()
     for pod in (pod1, pod2):
-        assert (await broadcaster_stats(session, pod))["reconnects"] == 1
+        assert (await broadcaster_stats(session, pod))["reconnects"] >= 1
         assert_clean_exit(pod)
 
 

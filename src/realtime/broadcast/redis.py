@@ -34,6 +34,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
@@ -46,7 +47,7 @@ from ..protocol import Message
 from .base import Deliver, LinkState
 from .subscriber import RedisAddress, Subscriber, open_subscriber, pack_command
 
-__all__ = ["RedisBroadcaster"]
+__all__ = ["RedisBroadcaster", "RedisCounters"]
 
 log = logging.getLogger("realtime.redis")
 
@@ -59,6 +60,27 @@ _ALLOWED = {
 
 _LINK_ERRORS = (OSError, TimeoutError, RedisError, BroadcastError)
 _HEARTBEAT = b"hb"
+_STOP_TIMEOUT = 5.0
+
+
+@dataclass(slots=True)
+class RedisCounters:
+    """What went over the link; shown in stats."""
+
+    published: int = 0
+    """messages this pod published to Redis"""
+    received: int = 0
+    """messages from other pods handed to local members"""
+    skipped_own: int = 0
+    """this pod's own messages echoed back by Redis"""
+    malformed: int = 0
+    """envelopes on our channels not from a chat-api pod"""
+    publish_failures: int = 0
+    """messages that reached local members only"""
+    reconnects: int = 0
+    """subscriptions rebuilt after a loss"""
+    connect_failures: int = 0
+    heartbeat_timeouts: int = 0
 
 
 class RedisBroadcaster:
@@ -112,14 +134,7 @@ class RedisBroadcaster:
         self._last_heartbeat: float | None = None
         self._down_since: float | None = None
         self._publish_outage = False
-        self.published = 0
-        self.received = 0
-        self.skipped_own = 0
-        self.malformed = 0
-        self.publish_failures = 0
-        self.reconnects = 0
-        self.connect_failures = 0
-        self.heartbeat_timeouts = 0
+        self.counters = RedisCounters()
 
     # -- Broadcaster ----------------------------------------------------------
 
@@ -167,9 +182,11 @@ class RedisBroadcaster:
             subscriber.close()
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        pending: set[asyncio.Task[None]] = set()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=_STOP_TIMEOUT)
+        for task in pending:
+            log.error("redis broadcaster task %s ignored its cancellation", task.get_name())
         self._tasks = []
         if subscriber is not None:
             with contextlib.suppress(TimeoutError):
@@ -223,15 +240,15 @@ class RedisBroadcaster:
             "state": self._state.value,
             "pod": self.pod_id,
             "channel_prefix": self.channel_prefix,
-            "published": self.published,
-            "received": self.received,
-            "skipped_own": self.skipped_own,
-            "malformed": self.malformed,
-            "publish_failures": self.publish_failures,
+            "published": self.counters.published,
+            "received": self.counters.received,
+            "skipped_own": self.counters.skipped_own,
+            "malformed": self.counters.malformed,
+            "publish_failures": self.counters.publish_failures,
             "publish_queue": len(self._outbox),
-            "reconnects": self.reconnects,
-            "connect_failures": self.connect_failures,
-            "heartbeat_timeouts": self.heartbeat_timeouts,
+            "reconnects": self.counters.reconnects,
+            "connect_failures": self.counters.connect_failures,
+            "heartbeat_timeouts": self.counters.heartbeat_timeouts,
             "last_heartbeat_age": age,
             "subscribed_channels": 0 if subscriber is None else len(subscriber.channels),
             "wanted_channels": len(self._rooms) + 1,
@@ -247,13 +264,13 @@ class RedisBroadcaster:
                 self._last_heartbeat = time.monotonic()
             return  # a room left a moment ago, still in flight
         if data.startswith(self._own):
-            self.skipped_own += 1
+            self.counters.skipped_own += 1
             return
         cut = data.find(b"\n")
         if cut < 0 or self._deliver is None:
-            self.malformed += 1
+            self.counters.malformed += 1
             return
-        self.received += 1
+        self.counters.received += 1
         try:
             self._deliver(room, data[cut + 1 :])
         except Exception:  # a bug below us must not cut the link for every room
@@ -276,11 +293,10 @@ class RedisBroadcaster:
                 )
             except _LINK_ERRORS as exc:
                 self._connect_failed(exc, attempt)
-                delay = min(self._max_delay, self._min_delay * 2**attempt)
+                await self._backoff(attempt)
                 attempt += 1
-                await asyncio.sleep(random.uniform(delay / 2, delay))
                 continue
-            attempt = 0
+            connected_at = time.monotonic()
             # Rooms opened or closed while the handshake was in flight are not
             # in the snapshot it subscribed: catch up, then let subscribe()
             # and unsubscribe() write to this connection directly.
@@ -299,6 +315,16 @@ class RedisBroadcaster:
                 if subscriber.open:  # not already closing gracefully (stop)
                     subscriber.abort()
             self._lost(reason)
+            if time.monotonic() - connected_at > self._heartbeat_timeout:
+                attempt = 0  # it worked for a while: try again at once
+            else:  # a link that drops as soon as it is up: do not hammer Redis
+                await self._backoff(attempt)
+                attempt += 1
+
+    async def _backoff(self, attempt: int) -> None:
+        """Exponential backoff capped at the maximum, with jitter (half to full delay)."""
+        delay = min(self._max_delay, self._min_delay * 2**attempt)
+        await asyncio.sleep(random.uniform(delay / 2, delay))
 
     async def _watch(self, subscriber: Subscriber) -> str:
         """Publish heartbeats to this pod's own channel until the connection
@@ -311,7 +337,7 @@ class RedisBroadcaster:
                 return subscriber.lost_reason
             age = time.monotonic() - (self._last_heartbeat or 0.0)
             if age > self._heartbeat_timeout:
-                self.heartbeat_timeouts += 1
+                self.counters.heartbeat_timeouts += 1
                 return f"no heartbeat came back for {age:.1f}s (Redis stalled?)"
 
     def _connected(self, subscriber: Subscriber) -> None:
@@ -320,6 +346,7 @@ class RedisBroadcaster:
             self._first_attempt.set_result(None)
         if self._state is LinkState.CONNECTING:
             self._move(LinkState.CONNECTED)
+            self._down_since = None
             log.info(
                 "redis link connected (pod=%s, prefix=%s, %d channels subscribed)",
                 self.pod_id,
@@ -328,8 +355,9 @@ class RedisBroadcaster:
             )
             return
         self._move(LinkState.CONNECTED)
-        self.reconnects += 1
+        self.counters.reconnects += 1
         down = time.monotonic() - (self._down_since or time.monotonic())
+        self._down_since = None
         log.info(
             "redis link resubscribed %d channels after %.1fs down (pod=%s)",
             channels,
@@ -347,7 +375,7 @@ class RedisBroadcaster:
         )
 
     def _connect_failed(self, exc: BaseException, attempt: int) -> None:
-        self.connect_failures += 1
+        self.counters.connect_failures += 1
         if self._first_attempt is not None and not self._first_attempt.done():
             self._first_attempt.set_result(None)
         if self._down_since is None:
@@ -376,6 +404,7 @@ class RedisBroadcaster:
     async def _drain(self) -> None:
         """Publish the outbox in order, a pipelined batch at a time."""
         outbox = self._outbox
+        task = asyncio.current_task()
         while True:
             if not outbox:
                 self._outbox_ready.clear()
@@ -383,6 +412,9 @@ class RedisBroadcaster:
             count = min(len(outbox), self._publish_batch)
             batch = [outbox.popleft() for _ in range(count)]
             await self._send(batch)
+            if task is not None and task.cancelling():
+                # redis-py can turn a cancellation into a connection error
+                raise asyncio.CancelledError
 
     async def _send(self, batch: list[tuple[bytes, bytes]]) -> None:
         """The one place that writes messages to Redis: the whole batch in one
@@ -416,13 +448,13 @@ class RedisBroadcaster:
             log.exception("publishing to redis failed unexpectedly")
             self._publish_failed(messages, _describe(exc))
             return
-        self.published += messages
+        self.counters.published += messages
         if self._publish_outage:
             self._publish_outage = False
             log.info("publishing to redis works again (pod=%s)", self.pod_id)
 
     def _publish_failed(self, count: int, reason: str) -> None:
-        self.publish_failures += count
+        self.counters.publish_failures += count
         if not self._publish_outage:
             self._publish_outage = True
             log.warning(
@@ -442,4 +474,6 @@ class RedisBroadcaster:
 
 def _describe(exc: BaseException) -> str:
     text = str(exc)
+    if not text and isinstance(exc, TimeoutError):
+        text = "no answer in time"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
