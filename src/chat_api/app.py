@@ -17,13 +17,29 @@ from realtime import (
     HandlerSettings,
     LocalHub,
     MemoryBroadcaster,
+    MemoryPresence,
+    OrderedBroadcaster,
+    Presence,
+    PresenceBackend,
     RedisBroadcaster,
+    Timeline,
+    TimelineSettings,
 )
+from realtime.broadcast.redis_presence import RedisPresence
 
 from .api.routes import register_routes
 from .config import Config, ConfigError, redact_url
 
-__all__ = ["BROADCASTER", "CONFIG", "HANDLER", "HUB", "create_app", "serve"]
+__all__ = [
+    "BROADCASTER",
+    "CONFIG",
+    "HANDLER",
+    "HUB",
+    "PRESENCE",
+    "TIMELINE",
+    "create_app",
+    "serve",
+]
 
 log = logging.getLogger("chat_api")
 
@@ -31,11 +47,15 @@ CONFIG = web.AppKey("config", Config)
 HUB = web.AppKey("hub", LocalHub)
 BROADCASTER = web.AppKey("broadcaster", Broadcaster)
 HANDLER = web.AppKey("handler", Handler)
+TIMELINE = web.AppKey("timeline", Timeline)
+PRESENCE = web.AppKey("presence", Presence)
 
 
-def make_broadcaster(config: Config) -> Broadcaster:
+def make_broadcaster(config: Config) -> OrderedBroadcaster:
     if config.local_only:
-        return MemoryBroadcaster()
+        return MemoryBroadcaster(
+            history_length=config.history_length, history_ttl=config.history_ttl
+        )
     log.info(
         "cross-pod fan-out through %s (channels %s:*)",
         redact_url(config.redis_url),
@@ -50,6 +70,8 @@ def make_broadcaster(config: Config) -> Broadcaster:
             heartbeat_timeout=config.redis_heartbeat_timeout,
             reconnect_max_delay=config.redis_reconnect_max_delay,
             publish_queue=config.redis_publish_queue,
+            history_length=config.history_length,
+            history_ttl=config.history_ttl,
         )
     except BroadcastError as exc:
         raise ConfigError("REDIS_URL", str(exc)) from None
@@ -60,7 +82,20 @@ def create_app(config: Config) -> web.Application:
     if config.auth_enabled:
         raise ConfigError("AUTH_ENABLED", "authentication is not available in this build")
     broadcaster = make_broadcaster(config)
-    hub = LocalHub(watcher=broadcaster)
+    hub = LocalHub()
+    timeline = Timeline(
+        hub,
+        broadcaster,
+        broadcaster,
+        TimelineSettings(keep=config.history_length, gap_wait=config.gap_wait),
+    )
+    hub.watch(timeline)
+    backend: PresenceBackend
+    if isinstance(broadcaster, RedisBroadcaster):
+        backend = RedisPresence(broadcaster, ttl=config.presence_ttl)
+    else:
+        backend = MemoryPresence()
+    presence = Presence(hub, backend, ttl=config.presence_ttl)
     handler = Handler(
         hub,
         broadcaster,
@@ -72,13 +107,25 @@ def create_app(config: Config) -> web.Application:
             ping_interval=config.ws_ping_interval,
             close_timeout=config.ws_close_timeout,
         ),
+        timeline=timeline,
+        presence=presence,
     )
     app = web.Application(client_max_size=64 * 1024)
     app[CONFIG] = config
     app[HUB] = hub
     app[BROADCASTER] = broadcaster
     app[HANDLER] = handler
-    register_routes(app, handler=handler, broadcaster=broadcaster)
+    app[TIMELINE] = timeline
+    app[PRESENCE] = presence
+    register_routes(
+        app,
+        handler=handler,
+        broadcaster=broadcaster,
+        timeline=timeline,
+        presence=presence,
+        publish_api_key=config.publish_api_key,
+        max_message_bytes=config.max_message_bytes,
+    )
     app.cleanup_ctx.append(_run_broadcaster)
     app.on_shutdown.append(_close_connections)
     return app
@@ -87,7 +134,10 @@ def create_app(config: Config) -> web.Application:
 async def _run_broadcaster(app: web.Application) -> AsyncIterator[None]:
     broadcaster = app[BROADCASTER]
     await broadcaster.start(app[HUB].broadcast)
+    app[PRESENCE].start()
     yield
+    await app[PRESENCE].stop()
+    await app[TIMELINE].stop()
     await broadcaster.stop()
 
 

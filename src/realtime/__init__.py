@@ -7,20 +7,34 @@ This package imports nothing from ``chat_api``.
 
 from __future__ import annotations
 
-from .broadcast import Broadcaster, Deliver, LinkState, MemoryBroadcaster, RedisBroadcaster
+from .broadcast import (
+    Broadcaster,
+    Deliver,
+    LinkState,
+    MemoryBroadcaster,
+    OrderedBroadcaster,
+    RedisBroadcaster,
+    RoomLog,
+    Stamp,
+)
 from .connection import Connection, ConnectionState, FrameSink
 from .exceptions import BroadcastError, ProtocolError, RealtimeError, StateError
 from .handler import Handler, HandlerSettings, Identify, guest_identity
 from .hub import LocalHub, RoomWatcher
-from .protocol import CloseCode, ErrorCode, Identity, Message
+from .presence import Member, MemoryPresence, Presence, PresenceBackend
+from .protocol import Catchup, CloseCode, ErrorCode, Identity, Message
+from .sequencer import Entry, RoomSequencer
+from .timeline import Timeline, TimelineSettings
 
 __all__ = [
     "BroadcastError",
     "Broadcaster",
+    "Catchup",
     "CloseCode",
     "Connection",
     "ConnectionState",
     "Deliver",
+    "Entry",
     "ErrorCode",
     "FrameSink",
     "Handler",
@@ -29,12 +43,22 @@ __all__ = [
     "Identity",
     "LinkState",
     "LocalHub",
+    "Member",
     "MemoryBroadcaster",
+    "MemoryPresence",
     "Message",
+    "OrderedBroadcaster",
+    "Presence",
+    "PresenceBackend",
     "ProtocolError",
     "RealtimeError",
     "RedisBroadcaster",
+    "RoomLog",
+    "RoomSequencer",
     "RoomWatcher",
+    "Stamp",
     "StateError",
+    "Timeline",
+    "TimelineSettings",
     "guest_identity",
 ]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import orjson
 from aiohttp import web
 
-from realtime import Broadcaster, Handler, LinkState
+from realtime import Broadcaster, BroadcastError, Handler, LinkState, Presence, Timeline
+from realtime.protocol import validate_room
 
+from .handlers.publish import publish_handler
 from .handlers.ws import stats_handler
 
 __all__ = ["API_PREFIX", "WEB_DIR", "register_routes"]
@@ -16,7 +20,16 @@ API_PREFIX = "/api/chat-api"
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 
-def register_routes(app: web.Application, *, handler: Handler, broadcaster: Broadcaster) -> None:
+def register_routes(
+    app: web.Application,
+    *,
+    handler: Handler,
+    broadcaster: Broadcaster,
+    timeline: Timeline | None = None,
+    presence: Presence | None = None,
+    publish_api_key: str = "",
+    max_message_bytes: int = 65536,
+) -> None:
     """Mount the WebSocket routes under ``/api/chat-api``, health, and the page."""
 
     async def healthz(request: web.Request) -> web.Response:
@@ -39,7 +52,33 @@ def register_routes(app: web.Application, *, handler: Handler, broadcaster: Broa
     # The stats route comes before /ws/{room} so that it wins the match.
     app.router.add_get(f"{API_PREFIX}/ws/stats", stats_handler(handler))
     app.router.add_routes(handler.routes(f"{API_PREFIX}/ws"))
+    if timeline is not None:
+        app.router.add_post(
+            f"{API_PREFIX}/rooms/{{room}}/messages",
+            publish_handler(handler, timeline, publish_api_key, max_bytes=max_message_bytes),
+        )
+    if presence is not None:
+        app.router.add_get(f"{API_PREFIX}/rooms/{{room}}/presence", presence_handler(presence))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/", index)
     app.router.add_static("/static/", WEB_DIR, follow_symlinks=False)
+
+
+def presence_handler(presence: Presence) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """``GET /api/chat-api/rooms/{room}/presence``: who is in the room, on every pod."""
+
+    async def handle(request: web.Request) -> web.Response:
+        room = request.match_info["room"]
+        try:
+            validate_room(room)
+        except ValueError as exc:
+            raise web.HTTPBadRequest(text=str(exc)) from exc
+        try:
+            members = await presence.members(room)
+        except BroadcastError as exc:
+            raise web.HTTPServiceUnavailable(text=f"presence unavailable: {exc}") from exc
+        body = {"room": room, "members": [m.as_json() for m in members]}
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+    return handle
