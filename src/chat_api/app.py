@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
 from realtime import Broadcaster, Handler, HandlerSettings, LocalHub, MemoryBroadcaster
 
 from .api.routes import register_routes
+from .auth import Authenticator, make_identify, stats_guard
 from .config import Config, ConfigError
+from .origin import OriginPolicy
 
 __all__ = ["BROADCASTER", "CONFIG", "HANDLER", "HUB", "create_app", "serve"]
 
@@ -32,8 +34,7 @@ def make_broadcaster(config: Config) -> Broadcaster:
 
 def create_app(config: Config) -> web.Application:
     """Build hub, broadcaster and handler for ``config`` and mount the routes."""
-    if config.auth_enabled:
-        raise ConfigError("AUTH_ENABLED", "authentication is not available in this build")
+    auth = Authenticator(config) if config.auth_enabled else None
     broadcaster = make_broadcaster(config)
     hub = LocalHub(watcher=broadcaster)
     handler = Handler(
@@ -46,15 +47,24 @@ def create_app(config: Config) -> web.Application:
             max_rooms=config.max_rooms_per_connection,
             ping_interval=config.ws_ping_interval,
             close_timeout=config.ws_close_timeout,
+            max_connections=config.max_connections,
+            rate_per_second=config.rate_limit_per_second,
+            rate_burst=config.rate_limit_burst,
+            rate_max_refused=config.rate_limit_max_refused,
         ),
+        identify=make_identify(OriginPolicy(config.allowed_origins), auth),
     )
     app = web.Application(client_max_size=64 * 1024)
     app[CONFIG] = config
     app[HUB] = hub
     app[BROADCASTER] = broadcaster
     app[HANDLER] = handler
-    register_routes(app, handler=handler, broadcaster=broadcaster)
+    register_routes(
+        app, handler=handler, broadcaster=broadcaster, stats_guard=stats_guard(config, auth)
+    )
     app.cleanup_ctx.append(_run_broadcaster)
+    if auth is not None:
+        app.cleanup_ctx.append(_run_authenticator(auth))
     app.on_shutdown.append(_close_connections)
     return app
 
@@ -64,6 +74,22 @@ async def _run_broadcaster(app: web.Application) -> AsyncIterator[None]:
     await broadcaster.start(app[HUB].broadcast)
     yield
     await broadcaster.stop()
+
+
+def _run_authenticator(
+    auth: Authenticator,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def run(app: web.Application) -> AsyncIterator[None]:
+        await auth.start()
+        log.info(
+            "authentication on: tokens verified with %s, algorithms %s",
+            auth.source,
+            ",".join(auth.algorithms),
+        )
+        yield
+        await auth.close()
+
+    return run
 
 
 async def _close_connections(app: web.Application) -> None:

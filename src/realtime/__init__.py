@@ -7,14 +7,17 @@ This package imports nothing from ``chat_api``.
 
 from __future__ import annotations
 
+from .access import Admission, RoomCheck, admission
 from .broadcast import Broadcaster, Deliver, LinkState, MemoryBroadcaster
 from .connection import Connection, ConnectionState, FrameSink
 from .exceptions import BroadcastError, ProtocolError, RealtimeError, StateError
 from .handler import Handler, HandlerSettings, Identify, guest_identity
 from .hub import LocalHub, RoomWatcher
 from .protocol import CloseCode, ErrorCode, Identity, Message
+from .ratelimit import RateLimiter, Verdict
 
 __all__ = [
+    "Admission",
     "BroadcastError",
     "Broadcaster",
     "CloseCode",
@@ -32,8 +35,12 @@ __all__ = [
     "MemoryBroadcaster",
     "Message",
     "ProtocolError",
+    "RateLimiter",
     "RealtimeError",
+    "RoomCheck",
     "RoomWatcher",
     "StateError",
+    "Verdict",
+    "admission",
     "guest_identity",
 ]

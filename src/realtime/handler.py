@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from .access import Admission, RoomCheck, admission
 from .broadcast.base import Broadcaster
 from .connection import Connection, ConnectionState
 from .exceptions import ProtocolError
@@ -41,14 +42,17 @@ from .protocol import (
     encode_event,
     validate_room,
 )
+from .ratelimit import RateLimiter, Verdict
 
 __all__ = ["Handler", "HandlerSettings", "Identify", "guest_identity"]
 
 log = logging.getLogger("realtime.handler")
 
-Identify = Callable[[web.Request, str], Awaitable[Identity]]
+Identify = Callable[[web.Request, str], Awaitable[Identity | Admission]]
 """Decide who a new connection is (given the request and a fresh connection
-id), or refuse it by raising an ``aiohttp.web.HTTPException``."""
+id), or refuse it by raising an ``aiohttp.web.HTTPException`` (answered
+before the WebSocket is accepted). An ``Admission`` adds an expiry time and
+room authorization to the identity."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +63,12 @@ class HandlerSettings:
     max_rooms: int = 10
     ping_interval: float = 20.0
     close_timeout: float = 5.0
+    max_connections: int = 0
+    """Open connections on this pod before new ones get HTTP 503 (0: no cap)."""
+    rate_per_second: float = 0.0
+    """Client frames per second per connection (0: no limit); see ``ratelimit``."""
+    rate_burst: int = 40
+    rate_max_refused: int = 50
 
 
 @dataclass(slots=True)
@@ -66,6 +76,10 @@ class HandlerCounters:
     connections_accepted: int = 0
     messages_received: int = 0
     errors_sent: int = 0
+    refused: dict[int, int] = field(default_factory=dict)
+    rate_limited: int = 0
+    closed_rate_abuse: int = 0
+    closed_expired: int = 0
     started: float = field(default_factory=time.monotonic)
 
 
@@ -123,6 +137,18 @@ class _TransportSink:
         self._handler._close_soon(self._ws, self._transport, code, reason)
 
 
+@dataclass(slots=True)
+class _Guard:
+    """Per-connection terms: room authorization, rate limit, expiry timer."""
+
+    may_join: RoomCheck | None = None
+    limiter: RateLimiter | None = None
+    expiry: asyncio.TimerHandle | None = None
+
+    def allows(self, room: str) -> bool:
+        return self.may_join is None or self.may_join(room)
+
+
 class Handler:
     """WebSocket endpoints of one pod: ``routes()``, ``handle_websocket``, ``stats()``."""
 
@@ -142,6 +168,8 @@ class Handler:
         self._connection_ids = _Ids()
         self._closing: set[asyncio.Task[bool]] = set()
         self._draining = False
+        self._live = 0
+        self._guards: dict[str, _Guard] = {}
         self.counters = HandlerCounters()
 
     # -- routes -----------------------------------------------------------
@@ -164,8 +192,26 @@ class Handler:
     # -- lifecycle of one connection -----------------------------------------
 
     async def handle_websocket(self, request: web.Request) -> web.StreamResponse:
-        if self._draining:
-            raise web.HTTPServiceUnavailable(text="server is shutting down")
+        """Refuse with an HTTP error before accepting (shutting down, pod full,
+        bad room, or whatever ``identify`` refuses), else serve the socket."""
+        cap = self._settings.max_connections
+        try:
+            if self._draining:
+                raise web.HTTPServiceUnavailable(text="server is shutting down")
+            if cap and self._live >= cap:
+                raise web.HTTPServiceUnavailable(
+                    text="server is full; try again later", headers={"Retry-After": "1"}
+                )
+            self._live += 1
+            try:
+                return await self._accept(request)
+            finally:
+                self._live -= 1
+        except web.HTTPException as exc:
+            self.counters.refused[exc.status] = self.counters.refused.get(exc.status, 0) + 1
+            raise
+
+    async def _accept(self, request: web.Request) -> web.StreamResponse:
         room = request.match_info.get("room")
         if room is not None:
             try:
@@ -173,7 +219,11 @@ class Handler:
             except ProtocolError as exc:
                 raise web.HTTPBadRequest(text=exc.message) from exc
         connection_id = self._connection_ids()
-        identity = await self._identify(request, connection_id)
+        granted = admission(await self._identify(request, connection_id))
+        if not granted.allows(room):
+            where = "the global channel" if room is None else f"room {room!r}"
+            raise web.HTTPForbidden(text=f"not allowed in {where}")
+        identity = granted.identity
 
         ws = web.WebSocketResponse(
             max_msg_size=self._settings.max_message_bytes,
@@ -194,6 +244,7 @@ class Handler:
         )
         self.counters.connections_accepted += 1
         self._hub.add(conn)
+        self._guards[conn.id] = self._guard(conn, granted)
         if room is not None:
             self._hub.join(conn, room)
         self._hub.send_to(
@@ -214,9 +265,29 @@ class Handler:
         try:
             await self._read_loop(ws, conn)
         finally:
+            guard = self._guards.pop(conn.id)
+            if guard.expiry is not None:
+                guard.expiry.cancel()
             self._hub.remove(conn)
             conn.closed()
         return ws
+
+    def _guard(self, conn: Connection, granted: Admission) -> _Guard:
+        guard = _Guard(may_join=granted.may_join)
+        s = self._settings
+        if s.rate_per_second > 0:
+            guard.limiter = RateLimiter(
+                s.rate_per_second, s.rate_burst, s.rate_max_refused, now=time.monotonic()
+            )
+        if granted.expires_at is not None:
+            delay = max(0.0, granted.expires_at - time.time())
+            guard.expiry = asyncio.get_running_loop().call_later(delay, self._expire, conn)
+        return guard
+
+    def _expire(self, conn: Connection) -> None:
+        if conn.state is ConnectionState.OPEN:
+            self.counters.closed_expired += 1
+            conn.close(CloseCode.POLICY_VIOLATION, "token expired")
 
     async def _read_loop(self, ws: web.WebSocketResponse, conn: Connection) -> None:
         while True:
@@ -233,6 +304,8 @@ class Handler:
                 return
 
     def _on_text(self, conn: Connection, raw: str | bytes) -> None:
+        if not self._within_rate(conn, raw):
+            return
         try:
             frame = decode_client_frame(raw)
             self._dispatch(conn, frame)
@@ -240,12 +313,39 @@ class Handler:
             self.counters.errors_sent += 1
             self._hub.send_to(conn, encode_error(exc.code, exc.message, exc.ref))
 
+    def _within_rate(self, conn: Connection, raw: str | bytes) -> bool:
+        """Apply the rate limit: answer a frame over it with ``rate_limited``
+        (dropping it), close a flood with 1008."""
+        limiter = self._guards[conn.id].limiter
+        if limiter is None:
+            return True
+        verdict = limiter.check(time.monotonic())
+        if verdict is Verdict.ALLOW:
+            return True
+        if verdict is Verdict.ABUSE:
+            self.counters.closed_rate_abuse += 1
+            conn.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+            return False
+        try:
+            ref = decode_client_frame(raw).ref
+        except ProtocolError as exc:
+            ref = exc.ref
+        self.counters.rate_limited += 1
+        self.counters.errors_sent += 1
+        message = f"over {limiter.rate:g} frames per second; this frame was dropped"
+        self._hub.send_to(conn, encode_error(ErrorCode.RATE_LIMITED, message, ref))
+        return False
+
     def _dispatch(self, conn: Connection, frame: ClientFrame) -> None:
         match frame:
             case SendMessage():
                 self._on_message(conn, frame)
             case Join(room=room, ref=ref):
                 if room not in conn.rooms:
+                    if not self._guards[conn.id].allows(room):
+                        raise ProtocolError(
+                            ErrorCode.FORBIDDEN_ROOM, f"not allowed in room {room!r}", ref=ref
+                        )
                     if len(conn.rooms) >= self._settings.max_rooms:
                         raise ProtocolError(
                             ErrorCode.TOO_MANY_ROOMS,
@@ -339,5 +439,11 @@ class Handler:
             },
             "errors_sent": self.counters.errors_sent,
             "slow_client_disconnects": hub.slow_client_disconnects,
+            "refused": {str(status): n for status, n in sorted(self.counters.refused.items())},
+            "rate_limited": self.counters.rate_limited,
+            "policy_closes": {
+                "rate_limit": self.counters.closed_rate_abuse,
+                "token_expired": self.counters.closed_expired,
+            },
             "broadcaster": dict(self._broadcaster.stats()),
         }

@@ -18,6 +18,7 @@ import orjson
 from .exceptions import ProtocolError
 
 __all__ = [
+    "MAX_DATA_DEPTH",
     "MAX_REF_LENGTH",
     "ROOM_PATTERN",
     "ClientFrame",
@@ -39,6 +40,9 @@ __all__ = [
 ]
 
 MAX_REF_LENGTH: Final = 128
+MAX_DATA_DEPTH: Final = 32
+"""Deepest nesting of arrays and objects in a message's ``data`` (JSON
+encoders have recursion limits; a deeper ``data`` is refused, not relayed)."""
 ROOM_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 """Room names: 1-64 characters, ASCII letters, digits, ``_ . -``, starting
 with a letter or digit. Safe in URLs and in Redis channel names (no glob
@@ -146,6 +150,18 @@ def _read_ref(frame: dict[str, Any]) -> str | int | None:
     return ref
 
 
+def _nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether arrays/objects in ``value`` nest more than ``limit`` deep."""
+    stack: list[tuple[Any, int]] = [(value, 1)] if isinstance(value, dict | list) else []
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
+
+
 def decode_client_frame(raw: str | bytes) -> ClientFrame:
     """Decode one client text frame into a typed frame.
 
@@ -163,6 +179,12 @@ def decode_client_frame(raw: str | bytes) -> ClientFrame:
     if kind == "message":
         if "data" not in frame:
             raise ProtocolError(ErrorCode.MISSING_DATA, "a message needs a 'data' field", ref=ref)
+        if _nested_deeper_than(frame["data"], MAX_DATA_DEPTH):
+            raise ProtocolError(
+                ErrorCode.INVALID_FRAME,
+                f"'data' is nested deeper than {MAX_DATA_DEPTH} levels",
+                ref=ref,
+            )
         room = frame.get("room")
         return SendMessage(
             data=frame["data"],

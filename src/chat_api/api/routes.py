@@ -8,6 +8,7 @@ from aiohttp import web
 
 from realtime import Broadcaster, Handler, LinkState
 
+from ..auth import StatsGuard
 from .handlers.ws import stats_handler
 
 __all__ = ["API_PREFIX", "WEB_DIR", "register_routes"]
@@ -16,8 +17,15 @@ API_PREFIX = "/api/chat-api"
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 
-def register_routes(app: web.Application, *, handler: Handler, broadcaster: Broadcaster) -> None:
-    """Mount the WebSocket routes under ``/api/chat-api``, health, and the page."""
+def register_routes(
+    app: web.Application,
+    *,
+    handler: Handler,
+    broadcaster: Broadcaster,
+    stats_guard: StatsGuard | None = None,
+) -> None:
+    """Mount the WebSocket routes under ``/api/chat-api``, health, and the page.
+    ``stats_guard`` (if any) decides who may read the stats."""
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -37,7 +45,7 @@ def register_routes(app: web.Application, *, handler: Handler, broadcaster: Broa
         return web.FileResponse(WEB_DIR / "index.html")
 
     # The stats route comes before /ws/{room} so that it wins the match.
-    app.router.add_get(f"{API_PREFIX}/ws/stats", stats_handler(handler))
+    app.router.add_get(f"{API_PREFIX}/ws/stats", stats_handler(handler, stats_guard))
     app.router.add_routes(handler.routes(f"{API_PREFIX}/ws"))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
