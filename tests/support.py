@@ -8,9 +8,11 @@ time: every wait is on a condition with a deadline.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -28,8 +30,15 @@ DEFAULT_TIMEOUT = 10.0
 class Pod:
     """One chat-api server process on a free port."""
 
-    def __init__(self, env: Mapping[str, str] | None = None, *, name: str = "pod") -> None:
+    def __init__(
+        self,
+        env: Mapping[str, str] | None = None,
+        *,
+        name: str = "pod",
+        command: list[str] | None = None,
+    ) -> None:
         self.name = name
+        self.command = command or [sys.executable, "-m", "chat_api"]
         self.env = {
             **os.environ,
             "HOST": "127.0.0.1",
@@ -53,7 +62,7 @@ class Pod:
     def start(self, timeout: float = DEFAULT_TIMEOUT) -> Pod:
         self._ready.clear()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "chat_api"],
+            self.command,
             env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -201,3 +210,32 @@ async def connect(
 
 async def send(ws: aiohttp.ClientWebSocketResponse, frame: dict[str, Any]) -> None:
     await ws.send_str(orjson.dumps(frame).decode())
+
+
+def raw_ws_connect(port: int, path: str, *, rcvbuf: int | None = None) -> socket.socket:
+    """A WebSocket handshake over a plain blocking socket, for clients that
+    misbehave on purpose (never read, vanish without a close frame)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(DEFAULT_TIMEOUT)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1)
+        if not chunk:
+            raise ConnectionError("closed during the handshake")
+        head += chunk
+    status = head.split(b"\r\n", 1)[0]
+    if b" 101 " not in status:
+        sock.close()
+        raise ConnectionError(f"handshake refused: {status.decode()}")
+    return sock

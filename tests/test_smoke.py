@@ -7,9 +7,7 @@ import aiohttp
 from .support import Pod, connect, recv_type, send
 
 
-async def test_two_clients_in_a_room_both_receive(
-    pod: Pod, session: aiohttp.ClientSession
-) -> None:
+async def test_two_clients_in_a_room_both_receive(pod: Pod, session: aiohttp.ClientSession) -> None:
     a, _ = await connect(session, pod.ws_url("general"))
     b, _ = await connect(session, pod.ws_url("general"))
     await send(a, {"type": "message", "data": {"text": "hi"}})

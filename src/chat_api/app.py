@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -101,32 +102,44 @@ async def _close_connections(app: web.Application) -> None:
 
 
 async def serve(config: Config) -> None:
-    """Run one pod until SIGTERM or SIGINT, then shut down gracefully."""
+    """Run one pod until SIGTERM or SIGINT, then shut down gracefully.
+
+    Shutdown: readiness turns false and new WebSockets are refused; after
+    ``SHUTDOWN_DRAIN_DELAY`` the listener closes, every connection gets 1001,
+    the broadcaster stops; all within ``SHUTDOWN_TIMEOUT``.
+    """
     app = create_app(config)
     runner = web.AppRunner(
         app, handle_signals=False, access_log=None, shutdown_timeout=config.ws_close_timeout
     )
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # Before anything is announced, so an early signal is never fatal.
+        loop.add_signal_handler(sig, stop.set)
     await runner.setup()
+    deadline = loop.time() + config.shutdown_timeout
     try:
         site = web.TCPSite(runner, config.host, config.port)
         await site.start()
         host, port = runner.addresses[0][:2]
-        mode = (
-            "local-only (REDIS_URL is not set)" if config.local_only else "cluster (Redis fan-out)"
-        )
+        mode = "local-only (REDIS_URL is not set)" if config.local_only else "cluster (Redis)"
         log.info(
             "chat-api listening on http://%s:%d pod=%s mode=%s", host, port, config.pod_id, mode
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        log.info("shutting down: readiness false, closing connections")
+        deadline = loop.time() + config.shutdown_timeout
+        log.info("shutting down: readiness false, refusing new connections")
         app[HANDLER].start_draining()
+        if config.shutdown_drain_delay:
+            # Keep answering /readyz (503) so load balancers notice; a second
+            # signal cuts the delay short.
+            stop.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), config.shutdown_drain_delay)
     finally:
         try:
-            await asyncio.wait_for(runner.cleanup(), timeout=config.shutdown_timeout)
+            await asyncio.wait_for(runner.cleanup(), timeout=max(0.1, deadline - loop.time()))
         except TimeoutError:
             log.warning("shutdown took longer than %.1fs; exiting anyway", config.shutdown_timeout)
     log.info("stopped")

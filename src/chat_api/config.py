@@ -196,6 +196,13 @@ class Config:
         "Seconds a graceful shutdown may take before the process exits anyway.",
         minimum=0.5,
     )
+    shutdown_drain_delay: float = _setting(
+        "SHUTDOWN_DRAIN_DELAY",
+        0.0,
+        "Seconds to keep listening with /readyz at 503 after SIGTERM before closing "
+        "connections (counts against SHUTDOWN_TIMEOUT).",
+        minimum=0,
+    )
 
     @classmethod
     def settings(cls) -> list[dataclasses.Field[Any]]:
@@ -234,6 +241,8 @@ class Config:
             scheme = urlsplit(self.redis_url).scheme
             if scheme not in ("redis", "rediss", "unix"):
                 raise ConfigError("REDIS_URL", "must start with redis://, rediss:// or unix://")
+        if self.shutdown_drain_delay >= self.shutdown_timeout:
+            raise ConfigError("SHUTDOWN_DRAIN_DELAY", "must be shorter than SHUTDOWN_TIMEOUT")
         if not self.redis_channel_prefix or any(
             c in self.redis_channel_prefix for c in "*?[] \t\r\n"
         ):

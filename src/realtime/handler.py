@@ -312,6 +312,10 @@ class Handler:
         except ProtocolError as exc:
             self.counters.errors_sent += 1
             self._hub.send_to(conn, encode_error(exc.code, exc.message, exc.ref))
+        except Exception:
+            # A bug of ours must cost one connection, never the pod.
+            log.exception("internal error on connection %s", conn.id)
+            conn.close(CloseCode.INTERNAL_ERROR, "internal error")
 
     def _within_rate(self, conn: Connection, raw: str | bytes) -> bool:
         """Apply the rate limit: answer a frame over it with ``rate_limited``
