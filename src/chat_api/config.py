@@ -161,19 +161,19 @@ class Config:
     )
     rate_limit_per_second: float = _setting(
         "RATE_LIMIT_PER_SECOND",
-        20.0,
+        50.0,
         "Frames per second one connection may send; more get a rate_limited error (0: off).",
         minimum=0,
     )
     rate_limit_burst: int = _setting(
         "RATE_LIMIT_BURST",
-        40,
+        100,
         "Frames one connection may send at once before the per-second rate applies.",
         minimum=1,
     )
     rate_limit_max_refused: int = _setting(
         "RATE_LIMIT_MAX_REFUSED",
-        50,
+        100,
         "Frames over the rate limit (net of the rate) before a flood is closed with 1008.",
         minimum=0,
     )

@@ -67,8 +67,8 @@ class HandlerSettings:
     """Open connections on this pod before new ones get HTTP 503 (0: no cap)."""
     rate_per_second: float = 0.0
     """Client frames per second per connection (0: no limit); see ``ratelimit``."""
-    rate_burst: int = 40
-    rate_max_refused: int = 50
+    rate_burst: int = 100
+    rate_max_refused: int = 100
 
 
 @dataclass(slots=True)
