@@ -131,6 +131,7 @@ class JwksCache:
         self._keys: dict[str | None, jwt.PyJWK] = {}
         self._fetched_at = -float("inf")
         self._last_attempt = -float("inf")
+        self._last_forced = -float("inf")
         self._lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
         self.fetches = 0
@@ -151,7 +152,8 @@ class JwksCache:
         if time.monotonic() - self._fetched_at > self.ttl:
             await self._refresh(force=False)
         found = self._find(kid)
-        if found is None and time.monotonic() - self._last_attempt > JWKS_REFETCH_INTERVAL:
+        if found is None and time.monotonic() - self._last_forced > JWKS_REFETCH_INTERVAL:
+            self._last_forced = time.monotonic()
             await self._refresh(force=True)
             found = self._find(kid)
         if found is None:

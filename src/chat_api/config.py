@@ -75,7 +75,7 @@ class Config:
     auth_jwt_secret: str = _setting(
         "AUTH_JWT_SECRET",
         "",
-        "Shared secret (at least 32 bytes) that signs HS256/384/512 tokens.",
+        "Shared secret that signs HS256 tokens (at least 32 bytes; 48 for HS384, 64 for HS512).",
         secret=True,
     )
     auth_jwt_public_key: str = _setting(
@@ -330,8 +330,12 @@ def _validate_security(config: Config) -> None:
     if len(keys) > 1:
         raise ConfigError(keys[1], f"set only one of {', '.join(keys)}")
     hmac = keys[0] == "AUTH_JWT_SECRET"
-    if hmac and len(config.auth_jwt_secret.encode()) < 32:
-        raise ConfigError("AUTH_JWT_SECRET", "must be at least 32 bytes long")
+    # RFC 7518 3.2: an HMAC key at least as long as the hash.
+    needed = max(
+        [int(a[2:]) // 8 for a in config.auth_jwt_algorithms if a in _HMAC_ALGORITHMS] or [32]
+    )
+    if hmac and len(config.auth_jwt_secret.encode()) < needed:
+        raise ConfigError("AUTH_JWT_SECRET", f"must be at least {needed} bytes long")
     wrong = [a for a in config.auth_jwt_algorithms if (a in _HMAC_ALGORITHMS) != hmac]
     if wrong:
         raise ConfigError(
