@@ -4,7 +4,6 @@ upgrade, identity from the token, room claims, expiry, protected stats."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import subprocess
 import sys
@@ -20,12 +19,13 @@ from chat_api.auth import Authenticator, RoomPatterns, TokenError
 from chat_api.config import Config, ConfigError
 
 from .conftest import PodFactory
-from .jwt_support import (
+from .security_support import (
     SECRET,
     KeyPair,
     claims,
     ec_key,
     forge_hs256,
+    handshake,
     hs_token,
     jwks_server,
     key_token,
@@ -62,25 +62,6 @@ async def stats(
         assert resp.status == 200, await resp.text()
         result: dict[str, Any] = await resp.json()
         return result
-
-
-async def handshake(
-    session: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
-) -> tuple[int, str, dict[str, str]]:
-    """A WebSocket upgrade request that we expect to be refused: its status,
-    body and headers, as any client (a browser, a proxy) would see them."""
-    upgrade = {
-        "Upgrade": "websocket",
-        "Connection": "Upgrade",
-        "Sec-WebSocket-Version": "13",
-        "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
-        **(headers or {}),
-    }
-    async with (
-        asyncio.timeout(DEFAULT_TIMEOUT),
-        session.get(url.replace("ws://", "http://"), headers=upgrade) as resp,
-    ):
-        return resp.status, await resp.text(), dict(resp.headers)
 
 
 async def refused_status(session: aiohttp.ClientSession, url: str, **kwargs: Any) -> int:

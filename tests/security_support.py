@@ -1,4 +1,4 @@
-"""Keys, tokens and a JWKS server for the authentication tests.
+"""Keys, tokens, a JWKS server and refused handshakes for the security tests.
 
 The JWKS server is a real aiohttp server on 127.0.0.1 (port 0) in the test
 process; pods fetch keys from it over HTTP like they would from an IdP.
@@ -6,10 +6,12 @@ process; pods fetch keys from it over HTTP like they would from an IdP.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import json
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -17,11 +19,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+
+from .support import DEFAULT_TIMEOUT
 
 SECRET = "test-secret-" + secrets.token_hex(32)  # >= 64 bytes (HS512), unique per run
 
@@ -114,3 +119,22 @@ async def jwks_server(keys: list[KeyPair]) -> AsyncIterator[JwksServer]:
         yield server
     finally:
         await runner.cleanup()
+
+
+async def handshake(
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
+) -> tuple[int, str, dict[str, str]]:
+    """A WebSocket upgrade request that we expect to be refused: its status,
+    body and headers, as any client (a browser, a proxy) would see them."""
+    upgrade = {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
+        **(headers or {}),
+    }
+    async with (
+        asyncio.timeout(DEFAULT_TIMEOUT),
+        session.get(url.replace("ws://", "http://"), headers=upgrade) as resp,
+    ):
+        return resp.status, await resp.text(), dict(resp.headers)
