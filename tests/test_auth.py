@@ -448,3 +448,13 @@ def test_auth_without_a_key_stops_the_process_naming_the_variable() -> None:
     assert result.returncode == 2
     assert "AUTH_JWT_SECRET" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_realtime_knows_nothing_of_tokens() -> None:
+    """Auth plugs into the handler through ``identify``; ``realtime`` imports
+    neither ``chat_api`` nor PyJWT."""
+    src = Path(__file__).resolve().parent.parent / "src" / "realtime"
+    for path in src.rglob("*.py"):
+        text = path.read_text()
+        for banned in ("import jwt", "from jwt", "chat_api"):
+            assert banned not in text, f"{path.name} mentions {banned!r}"

@@ -44,8 +44,8 @@ class RateLimiter:
         drained = elapsed * self.rate
         self._tokens = min(float(self.burst), self._tokens + drained)
         self._refused = max(0.0, self._refused - drained)
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
+        if self._tokens > 1.0 - 1e-9:  # (refills add up with rounding errors)
+            self._tokens = max(0.0, self._tokens - 1.0)
             return Verdict.ALLOW
         self._refused += 1.0
         return Verdict.ABUSE if self._refused > self.max_refused else Verdict.LIMITED
