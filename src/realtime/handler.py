@@ -265,8 +265,8 @@ class Handler:
         try:
             await self._read_loop(ws, conn)
         finally:
-            guard = self._guards.pop(conn.id)
-            if guard.expiry is not None:
+            guard = self._guards.pop(conn.id, None)
+            if guard is not None and guard.expiry is not None:
                 guard.expiry.cancel()
             self._hub.remove(conn)
             conn.closed()
@@ -320,7 +320,8 @@ class Handler:
     def _within_rate(self, conn: Connection, raw: str | bytes) -> bool:
         """Apply the rate limit: answer a frame over it with ``rate_limited``
         (dropping it), close a flood with 1008."""
-        limiter = self._guards[conn.id].limiter
+        guard = self._guards.get(conn.id)
+        limiter = None if guard is None else guard.limiter
         if limiter is None:
             return True
         verdict = limiter.check(time.monotonic())
@@ -346,7 +347,8 @@ class Handler:
                 self._on_message(conn, frame)
             case Join(room=room, ref=ref):
                 if room not in conn.rooms:
-                    if not self._guards[conn.id].allows(room):
+                    guard = self._guards.get(conn.id)
+                    if guard is not None and not guard.allows(room):
                         raise ProtocolError(
                             ErrorCode.FORBIDDEN_ROOM, f"not allowed in room {room!r}", ref=ref
                         )
