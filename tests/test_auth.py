@@ -32,7 +32,7 @@ from .security_support import (
     key_token,
     rsa_key,
 )
-from .support import DEFAULT_TIMEOUT, Pod, connect, recv, recv_type, send
+from .support import DEFAULT_TIMEOUT, Pod, connect, eventually, recv, recv_type, send
 
 HS_ENV = {"AUTH_ENABLED": "true", "AUTH_JWT_SECRET": SECRET}
 ADMIN = hs_token(claims("ops", admin=True))
@@ -318,21 +318,45 @@ async def test_jwks_keys_are_fetched_cached_and_rotated(
         pod.wait_for_log(r"fetched the JWKS from http://127\.0\.0\.1:\d+/\.well-known/jwks\.json")
 
 
-async def test_jwks_unreachable_answers_503_not_401(
+async def test_jwks_unreachable_answers_503_not_401_and_recovers(
     pod_factory: PodFactory, session: aiohttp.ClientSession, rsa_pair: KeyPair
 ) -> None:
     async with jwks_server([rsa_pair]) as idp:
         idp.failing = True
         pod = pod_factory({"AUTH_ENABLED": "true", "AUTH_JWKS_URL": idp.url})
         token = key_token(claims(), rsa_pair)
-        status, body, headers = await handshake(session, pod.ws_url("r", access_token=token))
-        assert status == 503
-        assert "keys are unavailable" in body
-        assert headers["Retry-After"]
+        url = pod.ws_url("r", access_token=token)
+        for _ in range(5):
+            status, body, headers = await handshake(session, url)
+            assert status == 503
+            assert "keys are unavailable" in body
+            assert headers["Retry-After"]
+        assert idp.requests == 1  # no request per knock while it is down
         pod.wait_for_log(
             r"WARNING chat_api\.auth: fetching the JWKS .* failed: ValueError: HTTP 500"
         )
+
+        idp.failing = False
+
+        async def back() -> bool:
+            return (await handshake(session, url))[0] == 101
+
+        await eventually(back, timeout=DEFAULT_TIMEOUT, interval=0.25)
         assert "Traceback" not in pod.log
+
+
+async def test_concurrent_handshakes_share_one_jwks_fetch(
+    pod_factory: PodFactory, session: aiohttp.ClientSession, rsa_pair: KeyPair
+) -> None:
+    async with jwks_server([rsa_pair]) as idp:
+        pod = pod_factory({"AUTH_ENABLED": "true", "AUTH_JWKS_URL": idp.url})
+        urls = [
+            pod.ws_url("r", access_token=key_token(claims(f"u{i}"), rsa_pair)) for i in range(8)
+        ]
+        opened = await asyncio.gather(*(connect(session, url) for url in urls))
+        assert idp.requests == 1
+        for ws, _ in opened:
+            await ws.close()
 
 
 # -- stats ---------------------------------------------------------------------------

@@ -133,3 +133,16 @@ def test_close_frame() -> None:
     frame = close_frame(1013, "slow")
     assert frame == b"\x88\x06" + struct.pack("!H", 1013) + b"slow"
     assert len(close_frame(1000, "x" * 500)) == 2 + 125
+
+
+def test_data_nesting_is_limited_below_the_encoders_recursion_limit() -> None:
+    from realtime.protocol import MAX_DATA_DEPTH
+
+    ok = "[" * MAX_DATA_DEPTH + "]" * MAX_DATA_DEPTH
+    frame = decode_client_frame('{"type": "message", "data": ' + ok + "}")
+    assert isinstance(frame, SendMessage)
+    Message("1", None, Identity("u", "u"), 0, frame.data).encode()  # encodable
+    deep = '{"a": ' * MAX_DATA_DEPTH + "[]" + "}" * MAX_DATA_DEPTH
+    with pytest.raises(ProtocolError) as info:
+        decode_client_frame('{"type": "message", "data": ' + deep + ', "ref": 5}')
+    assert (info.value.code, info.value.ref) == (ErrorCode.INVALID_FRAME, 5)

@@ -37,7 +37,7 @@ from realtime import Admission, Identify, Identity, guest_identity
 from realtime.handler import clean_name
 from realtime.protocol import ROOM_PATTERN
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, redact_url
 from .origin import OriginPolicy
 
 __all__ = [
@@ -60,6 +60,9 @@ JWKS_MAX_BYTES = 1 << 20
 JWKS_REFETCH_INTERVAL = 10.0
 """At most one refetch this often for tokens naming an unknown ``kid``, so a
 stream of made-up kids cannot turn into a stream of requests to the IdP."""
+JWKS_RETRY_INTERVAL = 2.0
+"""After a failed fetch, no new attempt for this long (however many clients
+knock meanwhile)."""
 
 
 class TokenError(Exception):
@@ -122,7 +125,8 @@ class JwksCache:
     Keys are fetched on first use and again after ``ttl`` seconds; a token
     with an unknown ``kid`` triggers an early refetch (at most one per
     ``JWKS_REFETCH_INTERVAL``). Concurrent callers share one fetch. When a
-    refetch fails the previous keys stay in use.
+    fetch fails the previous keys stay in use, and the next attempt waits
+    ``JWKS_RETRY_INTERVAL``.
     """
 
     def __init__(self, url: str, ttl: float) -> None:
@@ -132,10 +136,9 @@ class JwksCache:
         self._fetched_at = -float("inf")
         self._last_attempt = -float("inf")
         self._last_forced = -float("inf")
+        self._failed_at = -float("inf")
         self._lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
-        self.fetches = 0
-        self.failures = 0
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -170,22 +173,26 @@ class JwksCache:
     async def _refresh(self, *, force: bool) -> None:
         started = time.monotonic()
         async with self._lock:
-            # Someone else fetched while we waited for the lock.
-            if self._last_attempt >= started or (
-                not force and time.monotonic() - self._fetched_at <= self.ttl
+            now = time.monotonic()
+            if (
+                self._last_attempt >= started  # someone fetched while we waited
+                or now - self._failed_at < JWKS_RETRY_INTERVAL
+                or (not force and now - self._fetched_at <= self.ttl)
             ):
                 return
-            self._last_attempt = time.monotonic()
+            self._last_attempt = now
             try:
                 keys = await self._fetch()
             except (aiohttp.ClientError, TimeoutError, ValueError, jwt.PyJWTError) as exc:
-                self.failures += 1
-                log.warning("fetching the JWKS from %s failed: %s", self.url, _describe(exc))
+                self._failed_at = time.monotonic()
+                log.warning(
+                    "fetching the JWKS from %s failed: %s", redact_url(self.url), _describe(exc)
+                )
                 return
             self._keys = keys
             self._fetched_at = time.monotonic()
-            self.fetches += 1
-            log.info("fetched the JWKS from %s: %d key(s)", self.url, len(keys))
+            self._failed_at = -float("inf")
+            log.info("fetched the JWKS from %s: %d key(s)", redact_url(self.url), len(keys))
 
     async def _fetch(self) -> dict[str | None, jwt.PyJWK]:
         if self._session is None:
