@@ -244,6 +244,7 @@ async def test_token_expiring_mid_connection_closes_with_1008(
 # -- public keys and JWKS -----------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_rs256_and_es256_with_a_pem_public_key(
     pod_factory: PodFactory,
     session: aiohttp.ClientSession,

@@ -210,9 +210,8 @@ async def test_frame_size_limit_closes_with_1009(
         empty = orjson.dumps({"type": "message", "data": ""}).decode()
         return empty[:-2] + "x" * (n - len(empty)) + '"}'
 
-    # (aiohttp closes at MAX_MESSAGE_BYTES itself; one byte less passes.)
-    await a.send_str(sized(1023))
-    assert len((await recv_type(b, "message"))["data"]) == 1023 - len(sized(0))
+    await a.send_str(sized(1024))  # exactly the limit: accepted
+    assert len((await recv_type(b, "message"))["data"]) == 1024 - len(sized(0))
     await a.send_str(sized(1025))
     code, _ = await expect_close(a)
     assert code == 1009

@@ -66,6 +66,7 @@ async def test_refusal_happens_before_anything_is_joined(
     await member.close()
 
 
+@pytest.mark.slow
 async def test_allowed_origins_list_and_star(
     pod_factory: PodFactory, session: aiohttp.ClientSession
 ) -> None:

@@ -162,7 +162,7 @@ class JwksCache:
         if found is None:
             if not self._keys:
                 raise TokenError("the signing keys are unavailable right now", status=503)
-            raise TokenError("the token's kid names no known key")
+            raise TokenError("no known key matches the token's kid")
         return found
 
     def _find(self, kid: str | None) -> jwt.PyJWK | None:

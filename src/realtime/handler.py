@@ -226,7 +226,8 @@ class Handler:
         identity = granted.identity
 
         ws = web.WebSocketResponse(
-            max_msg_size=self._settings.max_message_bytes,
+            # aiohttp refuses a message of exactly max_msg_size bytes.
+            max_msg_size=self._settings.max_message_bytes + 1,
             heartbeat=self._settings.ping_interval or None,
             compress=False,
             timeout=self._settings.close_timeout,
