@@ -69,13 +69,15 @@ class TokenError(Exception):
     """A token (or the lack of one) that cannot admit a client.
 
     ``reason`` is safe to show the client and to log: it never contains the
-    token. ``status`` is the HTTP status of the refusal.
+    token. ``status`` is the HTTP status of the refusal; ``missing`` tells a
+    request without a token from one with a bad token (RFC 6750 3.1).
     """
 
-    def __init__(self, reason: str, status: int = 401) -> None:
+    def __init__(self, reason: str, status: int = 401, *, missing: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status
+        self.missing = missing
 
 
 def bearer_token(request: web.Request) -> str | None:
@@ -347,7 +349,9 @@ class Authenticator:
     async def admit(self, token: str | None) -> Admission:
         """The admission a token grants; raises ``TokenError``."""
         if token is None:
-            raise TokenError("a token is required: Authorization: Bearer or ?access_token=")
+            raise TokenError(
+                "a token is required: Authorization: Bearer or ?access_token=", missing=True
+            )
         claims = await self.verify(token)
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub or len(sub) > MAX_SUB_LENGTH:
@@ -380,7 +384,7 @@ class Authenticator:
 def _refusal(exc: TokenError) -> web.HTTPException:
     if exc.status == 503:
         return web.HTTPServiceUnavailable(text=exc.reason, headers={"Retry-After": "5"})
-    challenge = 'Bearer error="invalid_token"' if "required" not in exc.reason else "Bearer"
+    challenge = "Bearer" if exc.missing else 'Bearer error="invalid_token"'
     return web.HTTPUnauthorized(text=exc.reason, headers={"WWW-Authenticate": challenge})
 
 
