@@ -5,6 +5,8 @@ and never disturbs another client."""
 from __future__ import annotations
 
 import asyncio
+import re
+import socket
 from typing import Any
 
 import aiohttp
@@ -333,3 +335,39 @@ async def test_rooms_per_connection_are_capped(
     await send(a, {"type": "ping"})
     await recv_type(a, "pong")
     await a.close()
+
+
+# -- broken HTTP ------------------------------------------------------------------------
+
+
+def http_exchange(port: int, request: bytes) -> bytes:
+    """Send raw bytes, return what the server answers before it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=DEFAULT_TIMEOUT) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
+
+
+async def test_malformed_http_is_refused_quietly(pod: Pod, session: aiohttp.ClientSession) -> None:
+    member, _ = await connect(session, pod.ws_url("general"))
+    token_like = "eyJ" + "A" * 9000
+    requests = [
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64,  # TLS to a plain port
+        b"GARBAGE\r\n\r\n",
+        f"GET /api/chat-api/ws/general?access_token={token_like} HTTP/1.1\r\n\r\n".encode(),
+        f"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token_like}\r\n\r\n".encode(),
+        b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(300)) + b"\r\n",
+    ]
+    for request in requests:
+        answer = await asyncio.to_thread(http_exchange, pod.port, request)
+        assert answer == b"" or re.match(rb"HTTP/1\.[01] 4\d\d ", answer), answer[:80]
+    await send(member, {"type": "ping", "ref": 1})
+    assert (await recv_type(member, "pong"))["ref"] == 1
+    await member.close()
+    assert "Traceback" not in pod.log
+    assert " ERROR " not in pod.log
+    assert "AAAAAAAA" not in pod.log

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from realtime import Broadcaster, Handler, HandlerSettings, LocalHub, MemoryBroadcaster
 
+from . import logfilter
 from .api.routes import register_routes
 from .auth import Authenticator, make_identify, stats_guard
 from .config import Config, ConfigError
@@ -109,6 +110,7 @@ async def serve(config: Config) -> None:
     the broadcaster stops; all within ``SHUTDOWN_TIMEOUT``.
     """
     app = create_app(config)
+    logfilter.install()
     runner = web.AppRunner(
         app, handle_signals=False, access_log=None, shutdown_timeout=config.ws_close_timeout
     )
