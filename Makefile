@@ -36,5 +36,8 @@ fmt: $(STAMP)
 	$(BIN)/ruff format src tests bench
 	$(BIN)/ruff check --fix src tests bench
 
+demo-cluster: $(STAMP)
+	$(BIN)/python scripts/demo_cluster.py
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

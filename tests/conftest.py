@@ -1,12 +1,16 @@
-"""Fixtures: real chat-api processes on free ports, and an HTTP session."""
+"""Fixtures: real chat-api processes and redis-server processes on free ports,
+and an HTTP session."""
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 
 import aiohttp
 import pytest
 
+from .redis_support import REDIS_SERVER, RedisServer
 from .support import Pod
 
 PodFactory = Callable[..., Pod]
@@ -37,3 +41,51 @@ def pod(pod_factory: PodFactory) -> Pod:
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as s:
         yield s
+
+
+# -- Redis ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A private redis-server on a free port, for tests that stop or break it."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not on PATH")
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def shared_redis_url() -> Iterator[str]:
+    """A Redis no test breaks: ``TEST_REDIS_URL`` if set, else one private server."""
+    url = os.environ.get("TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not on PATH and TEST_REDIS_URL is not set")
+    server = RedisServer().start()
+    yield server.url
+    server.close()
+
+
+@pytest.fixture
+def channel_prefix(request: pytest.FixtureRequest) -> str:
+    """A channel prefix of this test's own, so tests never hear each other."""
+    return f"t-{request.node.name[:40]}-{uuid.uuid4().hex[:8]}".translate(
+        str.maketrans("[]* ?", "(),__")
+    )
+
+
+def redis_pod_env(url: str, prefix: str, **extra: str) -> dict[str, str]:
+    """Pod settings for a cluster test: short heartbeat and backoff, so
+    failures are detected and healed within a second or two."""
+    return {
+        "REDIS_URL": url,
+        "REDIS_CHANNEL_PREFIX": prefix,
+        "REDIS_HEARTBEAT_INTERVAL": "0.2",
+        "REDIS_HEARTBEAT_TIMEOUT": "1.0",
+        "REDIS_RECONNECT_MAX_DELAY": "0.5",
+        **extra,
+    }

@@ -1,14 +1,16 @@
 """Secrets (tokens, the JWT secret, the stats token, the Redis password)
 never appear in logs, stats, refusals, error frames or exceptions.
 
-(The Redis password of a running cluster pod is covered by
-``test_redis_cluster``; here: start-up and configuration errors.)
+(The Redis password of a pod connected to Redis is covered by
+``test_redis_cluster``; here: a Redis that refuses connections, start-up and
+configuration errors.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +27,14 @@ from .security_support import SECRET, claims, handshake, hs_token
 from .support import DEFAULT_TIMEOUT, connect, recv_type, send
 
 STATS_TOKEN = "stats-token-" + os.urandom(12).hex()
+REDIS_PASSWORD = "redis-pw-" + os.urandom(8).hex()
+
+
+def unused_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 async def test_tokens_and_secrets_never_reach_logs_stats_or_answers(
@@ -36,6 +46,8 @@ async def test_tokens_and_secrets_never_reach_logs_stats_or_answers(
             "AUTH_JWT_SECRET": SECRET,
             "STATS_TOKEN": STATS_TOKEN,
             "LOG_LEVEL": "DEBUG",
+            # Nobody listens there: the pod logs its reconnect attempts.
+            "REDIS_URL": f"redis://chat:{REDIS_PASSWORD}@127.0.0.1:{unused_port()}/0",
         }
     )
     now = int(time.time())
@@ -101,10 +113,11 @@ async def test_tokens_and_secrets_never_reach_logs_stats_or_answers(
         async with asyncio.timeout(DEFAULT_TIMEOUT), session.get(pod.base + path) as resp:
             answers.append(await resp.text())
 
+    pod.wait_for_log(r"redis reconnect attempt \d+ failed")
     pod.stop()
     log = pod.log
     assert "refused a WebSocket" in log  # DEBUG lines were written, and checked
-    secrets = [SECRET, STATS_TOKEN, good, admin, *bad]
+    secrets = [SECRET, STATS_TOKEN, REDIS_PASSWORD, good, admin, *bad]
     # Signatures alone are secret enough to check for too.
     secrets += [t.rsplit(".", 1)[-1] for t in (good, admin) if t.rsplit(".", 1)[-1]]
     for secret in secrets:

@@ -10,12 +10,20 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from realtime import Broadcaster, Handler, HandlerSettings, LocalHub, MemoryBroadcaster
+from realtime import (
+    Broadcaster,
+    BroadcastError,
+    Handler,
+    HandlerSettings,
+    LocalHub,
+    MemoryBroadcaster,
+    RedisBroadcaster,
+)
 
 from . import logfilter
 from .api.routes import register_routes
 from .auth import Authenticator, make_identify, stats_guard
-from .config import Config, ConfigError
+from .config import Config, ConfigError, redact_url
 from .origin import OriginPolicy
 
 __all__ = ["BROADCASTER", "CONFIG", "HANDLER", "HUB", "create_app", "serve"]
@@ -31,7 +39,23 @@ HANDLER = web.AppKey("handler", Handler)
 def make_broadcaster(config: Config) -> Broadcaster:
     if config.local_only:
         return MemoryBroadcaster()
-    raise ConfigError("REDIS_URL", "the Redis broadcaster is not available in this build")
+    log.info(
+        "cross-pod fan-out through %s (channels %s:*)",
+        redact_url(config.redis_url),
+        config.redis_channel_prefix,
+    )
+    try:
+        return RedisBroadcaster(
+            config.redis_url,
+            pod_id=config.pod_id,
+            channel_prefix=config.redis_channel_prefix,
+            heartbeat_interval=config.redis_heartbeat_interval,
+            heartbeat_timeout=config.redis_heartbeat_timeout,
+            reconnect_max_delay=config.redis_reconnect_max_delay,
+            publish_queue=config.redis_publish_queue,
+        )
+    except BroadcastError as exc:
+        raise ConfigError("REDIS_URL", str(exc)) from None
 
 
 def create_app(config: Config) -> web.Application:

@@ -69,6 +69,32 @@ class Config:
         "realtime",
         "Prefix of the Redis channels, so several deployments can share one Redis.",
     )
+    redis_heartbeat_interval: float = _setting(
+        "REDIS_HEARTBEAT_INTERVAL",
+        1.0,
+        "Seconds between the heartbeats a pod sends itself through Redis to prove its "
+        "subscription works.",
+        minimum=0.01,
+    )
+    redis_heartbeat_timeout: float = _setting(
+        "REDIS_HEARTBEAT_TIMEOUT",
+        5.0,
+        "Seconds without its own heartbeat (or a Redis answer) before a pod rebuilds its "
+        "Redis connection.",
+        minimum=0.05,
+    )
+    redis_reconnect_max_delay: float = _setting(
+        "REDIS_RECONNECT_MAX_DELAY",
+        10.0,
+        "Longest wait between Redis reconnect attempts (exponential backoff with jitter).",
+        minimum=0.01,
+    )
+    redis_publish_queue: int = _setting(
+        "REDIS_PUBLISH_QUEUE",
+        10000,
+        "Messages waiting to be published to Redis before more are counted as failed.",
+        minimum=1,
+    )
     auth_enabled: bool = _setting(
         "AUTH_ENABLED", False, "Require a JWT on every WebSocket connection."
     )
@@ -241,6 +267,12 @@ class Config:
             scheme = urlsplit(self.redis_url).scheme
             if scheme not in ("redis", "rediss", "unix"):
                 raise ConfigError("REDIS_URL", "must start with redis://, rediss:// or unix://")
+        if self.redis_heartbeat_timeout <= self.redis_heartbeat_interval:
+            raise ConfigError(
+                "REDIS_HEARTBEAT_TIMEOUT", "must be longer than REDIS_HEARTBEAT_INTERVAL"
+            )
+        if any(c.isspace() or not c.isprintable() for c in self.pod_id):
+            raise ConfigError("POD_ID", "must be printable, without white space")
         if self.shutdown_drain_delay >= self.shutdown_timeout:
             raise ConfigError("SHUTDOWN_DRAIN_DELAY", "must be shorter than SHUTDOWN_TIMEOUT")
         if not self.redis_channel_prefix or any(

@@ -8,7 +8,7 @@ This package imports nothing from ``chat_api``.
 from __future__ import annotations
 
 from .access import Admission, RoomCheck, admission
-from .broadcast import Broadcaster, Deliver, LinkState, MemoryBroadcaster
+from .broadcast import Broadcaster, Deliver, LinkState, MemoryBroadcaster, RedisBroadcaster
 from .connection import Connection, ConnectionState, FrameSink
 from .exceptions import BroadcastError, ProtocolError, RealtimeError, StateError
 from .handler import Handler, HandlerSettings, Identify, guest_identity
@@ -37,6 +37,7 @@ __all__ = [
     "ProtocolError",
     "RateLimiter",
     "RealtimeError",
+    "RedisBroadcaster",
     "RoomCheck",
     "RoomWatcher",
     "StateError",

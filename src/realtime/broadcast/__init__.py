@@ -4,5 +4,6 @@ from __future__ import annotations
 
 from .base import Broadcaster, Deliver, LinkState
 from .memory import MemoryBroadcaster
+from .redis import RedisBroadcaster
 
-__all__ = ["Broadcaster", "Deliver", "LinkState", "MemoryBroadcaster"]
+__all__ = ["Broadcaster", "Deliver", "LinkState", "MemoryBroadcaster", "RedisBroadcaster"]

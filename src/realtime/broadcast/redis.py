@@ -1,0 +1,479 @@
+"""RedisBroadcaster: cross-pod fan-out over Redis pub/sub that is never deaf.
+
+Channels: ``{prefix}:global`` for messages to everyone, ``{prefix}:room:{room}``
+for rooms, ``{prefix}:pod:{pod_id}`` for this pod's heartbeat. A pod
+subscribes to a room channel only while it has local members there (the hub
+calls ``subscribe`` on the first join and ``unsubscribe`` on the last leave).
+
+Envelope on Redis: ``pod_id + b"\\n" + payload``, where ``payload`` is the
+client-ready JSON of the message. A receiving pod skips its own envelopes
+(echo prevention: the origin pod already delivered locally) and hands the
+rest to the hub without decoding any JSON.
+
+Two connections per pod:
+
+* the subscriber (``subscriber.py``): a hiredis-fed asyncio protocol, owned by
+  one supervised task that connects, resubscribes every needed channel in a
+  batch, watches the heartbeat, and on any failure tears the connection down
+  and reconnects with capped exponential backoff plus jitter;
+* redis-py for commands: one task drains a bounded outbox and pipelines
+  ``PUBLISH`` batches in order on one connection of redis-py's pool (``_send``
+  is the only place that publishes).
+
+Publishing never raises and never blocks the sender: a message that cannot be
+published is delivered locally anyway, counted in ``publish_failures`` and
+logged once per outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
+
+from ..exceptions import BroadcastError, StateError
+from ..protocol import Message
+from .base import Deliver, LinkState
+from .subscriber import RedisAddress, Subscriber, open_subscriber, pack_command
+
+__all__ = ["RedisBroadcaster", "RedisCounters"]
+
+log = logging.getLogger("realtime.redis")
+
+_ALLOWED = {
+    LinkState.CONNECTING: {LinkState.CONNECTED, LinkState.STOPPED},
+    LinkState.CONNECTED: {LinkState.RECONNECTING, LinkState.STOPPED},
+    LinkState.RECONNECTING: {LinkState.CONNECTED, LinkState.STOPPED},
+    LinkState.STOPPED: set(),
+}
+
+_LINK_ERRORS = (OSError, TimeoutError, RedisError, BroadcastError)
+_HEARTBEAT = b"hb"
+_STOP_TIMEOUT = 5.0
+
+
+@dataclass(slots=True)
+class RedisCounters:
+    """What went over the link; shown in stats."""
+
+    published: int = 0
+    """messages this pod published to Redis"""
+    received: int = 0
+    """messages from other pods handed to local members"""
+    skipped_own: int = 0
+    """this pod's own messages echoed back by Redis"""
+    malformed: int = 0
+    """envelopes on our channels not from a chat-api pod"""
+    publish_failures: int = 0
+    """messages that reached local members only"""
+    reconnects: int = 0
+    """subscriptions rebuilt after a loss"""
+    connect_failures: int = 0
+    heartbeat_timeouts: int = 0
+
+
+class RedisBroadcaster:
+    """Delivers locally and carries every message to the other pods through Redis."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        pod_id: str,
+        channel_prefix: str = "realtime",
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float = 5.0,
+        reconnect_min_delay: float = 0.1,
+        reconnect_max_delay: float = 10.0,
+        publish_queue: int = 10_000,
+        publish_batch: int = 256,
+    ) -> None:
+        if not pod_id or any(c.isspace() or not c.isprintable() for c in pod_id):
+            raise ValueError("pod_id must be non-empty, printable, without white space")
+        if heartbeat_timeout <= heartbeat_interval:
+            raise ValueError("heartbeat_timeout must be longer than heartbeat_interval")
+        self._url = url
+        self._address = RedisAddress.from_url(url)
+        self.pod_id = pod_id
+        self.channel_prefix = channel_prefix
+        self._heartbeat_interval = heartbeat_interval
+        self._heartbeat_timeout = heartbeat_timeout
+        self._min_delay = reconnect_min_delay
+        self._max_delay = reconnect_max_delay
+        self._publish_queue = publish_queue
+        self._publish_batch = publish_batch
+
+        self._own = pod_id.encode() + b"\n"
+        self._global_channel = f"{channel_prefix}:global".encode()
+        self._room_prefix = f"{channel_prefix}:room:".encode()
+        self._pod_channel = f"{channel_prefix}:pod:{pod_id}".encode()
+        # channel -> room (None: global) for every channel this pod needs
+        self._rooms: dict[bytes, str | None] = {self._global_channel: None}
+
+        self._state = LinkState.CONNECTING
+        self._deliver: Deliver | None = None
+        self._redis: aioredis.Redis | None = None
+        self._connection: AbstractConnection | None = None  # the publisher's, from the pool
+        self._subscriber: Subscriber | None = None
+        self._outbox: deque[tuple[bytes, bytes]] = deque()
+        self._outbox_ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._first_attempt: asyncio.Future[None] | None = None
+
+        self._last_heartbeat: float | None = None
+        self._down_since: float | None = None
+        self._publish_outage = False
+        self.counters = RedisCounters()
+
+    # -- Broadcaster ----------------------------------------------------------
+
+    @property
+    def state(self) -> LinkState:
+        return self._state
+
+    def _move(self, new: LinkState) -> None:
+        if new not in _ALLOWED[self._state]:
+            raise StateError(f"link cannot go from {self._state.value} to {new.value}")
+        self._state = new
+
+    async def start(self, deliver: Deliver) -> None:
+        """Start the link and wait (at most the heartbeat timeout) for the
+        first connection attempt; serve locally whatever its outcome."""
+        if self._deliver is not None or self._state is LinkState.STOPPED:
+            raise StateError("broadcaster already started")
+        self._deliver = deliver
+        self._redis = aioredis.Redis.from_url(
+            self._url,
+            socket_connect_timeout=self._heartbeat_timeout,
+            socket_timeout=self._heartbeat_timeout,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+            client_name=f"chat-api:{self.pod_id}:pub",
+        )
+        loop = asyncio.get_running_loop()
+        self._first_attempt = loop.create_future()
+        self._tasks = [
+            loop.create_task(self._supervise(), name=f"redis-subscriber-{self.pod_id}"),
+            loop.create_task(self._drain(), name=f"redis-publisher-{self.pod_id}"),
+        ]
+        for task in self._tasks:
+            task.add_done_callback(self._task_done)
+        await asyncio.wait({self._first_attempt}, timeout=self._heartbeat_timeout)
+
+    async def stop(self) -> None:
+        """Unsubscribe, stop both tasks and close every Redis connection."""
+        if self._state is LinkState.STOPPED:
+            return
+        self._move(LinkState.STOPPED)
+        subscriber = self._subscriber
+        if subscriber is not None and subscriber.open:
+            subscriber.unsubscribe()
+            subscriber.close()
+        for task in self._tasks:
+            task.cancel()
+        pending: set[asyncio.Task[None]] = set()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=_STOP_TIMEOUT)
+        for task in pending:
+            log.error("redis broadcaster task %s ignored its cancellation", task.get_name())
+        self._tasks = []
+        if subscriber is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(subscriber.closed), 1.0)
+            subscriber.abort()
+        if self._redis is not None:
+            if self._connection is not None:
+                await self._redis.connection_pool.release(self._connection)
+                self._connection = None
+            await self._redis.aclose()
+            self._redis = None
+        self._outbox.clear()
+        self._deliver = None
+        log.info("redis link stopped (pod=%s)", self.pod_id)
+
+    def publish(self, message: Message) -> None:
+        deliver = self._deliver
+        if deliver is None:
+            raise StateError("broadcaster is not running")
+        payload = message.encode()
+        deliver(message.room, payload)
+        room = message.room
+        channel = self._global_channel if room is None else self._room_prefix + room.encode()
+        self._enqueue(channel, self._own + payload)
+
+    def subscribe(self, room: str) -> None:
+        channel = self._room_prefix + room.encode()
+        if channel in self._rooms:
+            return
+        self._rooms[channel] = room
+        subscriber = self._subscriber
+        if subscriber is not None:
+            subscriber.subscribe((channel,))
+
+    def unsubscribe(self, room: str) -> None:
+        channel = self._room_prefix + room.encode()
+        if channel not in self._rooms:
+            return
+        del self._rooms[channel]
+        subscriber = self._subscriber
+        if subscriber is not None:
+            subscriber.unsubscribe((channel,))
+
+    def stats(self) -> Mapping[str, object]:
+        subscriber = self._subscriber
+        age = None
+        if self._last_heartbeat is not None:
+            age = round(time.monotonic() - self._last_heartbeat, 3)
+        return {
+            "kind": "redis",
+            "state": self._state.value,
+            "pod": self.pod_id,
+            "channel_prefix": self.channel_prefix,
+            "published": self.counters.published,
+            "received": self.counters.received,
+            "skipped_own": self.counters.skipped_own,
+            "malformed": self.counters.malformed,
+            "publish_failures": self.counters.publish_failures,
+            "publish_queue": len(self._outbox),
+            "reconnects": self.counters.reconnects,
+            "connect_failures": self.counters.connect_failures,
+            "heartbeat_timeouts": self.counters.heartbeat_timeouts,
+            "last_heartbeat_age": age,
+            "subscribed_channels": 0 if subscriber is None else len(subscriber.channels),
+            "wanted_channels": len(self._rooms) + 1,
+        }
+
+    # -- receiving -------------------------------------------------------------
+
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        """One pub/sub message, straight from the parser: no JSON decoding."""
+        room = self._rooms.get(channel, "")
+        if room == "":
+            if channel == self._pod_channel:
+                self._last_heartbeat = time.monotonic()
+            return  # a room left a moment ago, still in flight
+        if data.startswith(self._own):
+            self.counters.skipped_own += 1
+            return
+        cut = data.find(b"\n")
+        if cut < 0 or self._deliver is None:
+            self.counters.malformed += 1
+            return
+        self.counters.received += 1
+        try:
+            self._deliver(room, data[cut + 1 :])
+        except Exception:  # a bug below us must not cut the link for every room
+            log.exception("delivering a message from redis failed (room=%s)", room)
+
+    def _wanted(self) -> list[bytes]:
+        return [self._pod_channel, *self._rooms]
+
+    async def _supervise(self) -> None:
+        """Keep one subscriber connected for as long as the broadcaster runs."""
+        attempt = 0
+        while True:
+            try:
+                subscriber = await open_subscriber(
+                    self._address,
+                    self._wanted(),
+                    self._on_message,
+                    client_name=f"chat-api:{self.pod_id}:sub",
+                    timeout=self._heartbeat_timeout,
+                )
+            except _LINK_ERRORS as exc:
+                self._connect_failed(exc, attempt)
+                await self._backoff(attempt)
+                attempt += 1
+                continue
+            connected_at = time.monotonic()
+            # Rooms opened or closed while the handshake was in flight are not
+            # in the snapshot it subscribed: catch up, then let subscribe()
+            # and unsubscribe() write to this connection directly.
+            wanted = set(self._wanted())
+            subscriber.subscribe(wanted - subscriber.channels)
+            subscriber.unsubscribe(subscriber.channels - wanted)
+            self._subscriber = subscriber
+            try:
+                self._connected(subscriber)
+                reason = await self._watch(subscriber)
+            except Exception as exc:  # a bug: log it, rebuild the link, keep serving
+                log.exception("redis subscriber failed unexpectedly")
+                reason = _describe(exc)
+            finally:
+                self._subscriber = None
+                if subscriber.open:  # not already closing gracefully (stop)
+                    subscriber.abort()
+            self._lost(reason)
+            if time.monotonic() - connected_at > self._heartbeat_timeout:
+                attempt = 0  # it worked for a while: try again at once
+            else:  # a link that drops as soon as it is up: do not hammer Redis
+                await self._backoff(attempt)
+                attempt += 1
+
+    async def _backoff(self, attempt: int) -> None:
+        """Exponential backoff capped at the maximum, with jitter (half to full delay)."""
+        delay = min(self._max_delay, self._min_delay * 2**attempt)
+        await asyncio.sleep(random.uniform(delay / 2, delay))
+
+    async def _watch(self, subscriber: Subscriber) -> str:
+        """Publish heartbeats to this pod's own channel until the connection
+        closes or a heartbeat fails to come back in time; return why it ended."""
+        self._last_heartbeat = time.monotonic()
+        while True:
+            self._enqueue(self._pod_channel, _HEARTBEAT, heartbeat=True)
+            await asyncio.wait({subscriber.closed}, timeout=self._heartbeat_interval)
+            if subscriber.closed.done():
+                return subscriber.lost_reason
+            age = time.monotonic() - (self._last_heartbeat or 0.0)
+            if age > self._heartbeat_timeout:
+                self.counters.heartbeat_timeouts += 1
+                return f"no heartbeat came back for {age:.1f}s (Redis stalled?)"
+
+    def _connected(self, subscriber: Subscriber) -> None:
+        channels = len(self._rooms) + 1
+        if self._first_attempt is not None and not self._first_attempt.done():
+            self._first_attempt.set_result(None)
+        if self._state is LinkState.CONNECTING:
+            self._move(LinkState.CONNECTED)
+            self._down_since = None
+            log.info(
+                "redis link connected (pod=%s, prefix=%s, %d channels subscribed)",
+                self.pod_id,
+                self.channel_prefix,
+                channels,
+            )
+            return
+        self._move(LinkState.CONNECTED)
+        self.counters.reconnects += 1
+        down = time.monotonic() - (self._down_since or time.monotonic())
+        self._down_since = None
+        log.info(
+            "redis link resubscribed %d channels after %.1fs down (pod=%s)",
+            channels,
+            down,
+            self.pod_id,
+        )
+
+    def _lost(self, reason: str) -> None:
+        self._move(LinkState.RECONNECTING)
+        self._down_since = time.monotonic()
+        log.warning(
+            "redis link lost (%s); serving local clients only, reconnecting (pod=%s)",
+            reason,
+            self.pod_id,
+        )
+
+    def _connect_failed(self, exc: BaseException, attempt: int) -> None:
+        self.counters.connect_failures += 1
+        if self._first_attempt is not None and not self._first_attempt.done():
+            self._first_attempt.set_result(None)
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+        if attempt == 0:
+            log.warning(
+                "redis unreachable (%s); serving local clients only, "
+                "reconnecting with backoff up to %.1fs (pod=%s)",
+                _describe(exc),
+                self._max_delay,
+                self.pod_id,
+            )
+        else:
+            log.debug("redis reconnect attempt %d failed: %s", attempt + 1, _describe(exc))
+
+    # -- publishing --------------------------------------------------------
+
+    def _enqueue(self, channel: bytes, data: bytes, *, heartbeat: bool = False) -> None:
+        if len(self._outbox) >= self._publish_queue and not heartbeat:
+            self._publish_failed(1, "the publish queue is full")
+            return
+        self._outbox.append((channel, data))
+        if not self._outbox_ready.is_set():
+            self._outbox_ready.set()
+
+    async def _drain(self) -> None:
+        """Publish the outbox in order, a pipelined batch at a time."""
+        outbox = self._outbox
+        task = asyncio.current_task()
+        while True:
+            if not outbox:
+                self._outbox_ready.clear()
+                await self._outbox_ready.wait()
+            count = min(len(outbox), self._publish_batch)
+            batch = [outbox.popleft() for _ in range(count)]
+            await self._send(batch)
+            if task is not None and task.cancelling():
+                # redis-py can turn a cancellation into a connection error
+                raise asyncio.CancelledError
+
+    async def _send(self, batch: list[tuple[bytes, bytes]]) -> None:
+        """The one place that writes messages to Redis: the whole batch in one
+        write on the publisher's own redis-py connection, then its replies.
+
+        Skipping redis-py's command and pipeline layers (but keeping its
+        connection: TLS, AUTH, timeouts, reconnect) makes a publish about
+        2.5x cheaper alone and 2x in batches, measured."""
+        messages = sum(1 for channel, _ in batch if channel is not self._pod_channel)
+        try:
+            connection = self._connection
+            if connection is None:
+                assert self._redis is not None
+                connection = self._connection = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+            await connection.send_packed_command(
+                b"".join([pack_command(b"PUBLISH", channel, data) for channel, data in batch]),
+                check_health=False,
+            )
+            refused = 0
+            for _ in batch:
+                try:
+                    await connection.read_response()
+                except ResponseError:
+                    refused += 1
+            if refused:
+                raise BroadcastError(f"Redis refused {refused} of {len(batch)} publishes")
+        except _LINK_ERRORS as exc:
+            self._publish_failed(messages, _describe(exc))
+            return
+        except Exception as exc:  # a bug: count and log it, keep the publisher alive
+            log.exception("publishing to redis failed unexpectedly")
+            self._publish_failed(messages, _describe(exc))
+            return
+        self.counters.published += messages
+        if self._publish_outage:
+            self._publish_outage = False
+            log.info("publishing to redis works again (pod=%s)", self.pod_id)
+
+    def _publish_failed(self, count: int, reason: str) -> None:
+        self.counters.publish_failures += count
+        if not self._publish_outage:
+            self._publish_outage = True
+            log.warning(
+                "publishing to redis failed (%s); messages reach local clients only "
+                "until it recovers (pod=%s)",
+                reason,
+                self.pod_id,
+            )
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("redis broadcaster task %s crashed", task.get_name(), exc_info=exc)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    if not text and isinstance(exc, TimeoutError):
+        text = "no answer in time"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,216 @@
+"""A private ``redis-server`` process for tests that need to break Redis.
+
+``RedisServer`` starts ``redis-server`` on a free port with persistence off,
+waits until it answers PING, and can stop, kill, pause (SIGSTOP), resume
+(SIGCONT) and restart it on the same port. Nothing here sleeps for a fixed
+time: every wait is on a condition with a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from typing import Any
+
+import redis
+
+REDIS_SERVER = os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
+START_TIMEOUT = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """One redis-server process on 127.0.0.1, started by the test suite."""
+
+    def __init__(self, *, password: str | None = None, tls: bool = False) -> None:
+        if REDIS_SERVER is None:
+            raise RuntimeError("redis-server is not on PATH")
+        self.password = password
+        self.tls = tls
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._dir = tempfile.TemporaryDirectory(prefix="chat-api-redis-")
+        self.socket_path = os.path.join(self._dir.name, "redis.sock")
+        self.ca_file = os.path.join(self._dir.name, "ca.pem")
+        if tls:
+            try:
+                make_certificates(self._dir.name)
+            except BaseException:
+                self._dir.cleanup()
+                raise
+
+    # -- addresses ------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.ca_file}"
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def unix_url(self) -> str:
+        query = f"?password={self.password}" if self.password else ""
+        return f"unix://{self.socket_path}{query}"
+
+    # -- process ----------------------------------------------------------------
+
+    def start(self) -> RedisServer:
+        """Start on a free port (or, after a stop, on the same port as before)."""
+        for _ in range(5):
+            port = self.port or free_port()
+            args = [
+                REDIS_SERVER,
+                "--port", str(port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", self._dir.name,
+                "--unixsocket", self.socket_path,
+                "--unixsocketperm", "700",
+                "--loglevel", "warning",
+            ]  # fmt: skip
+            if self.password:
+                args += ["--requirepass", self.password]
+            if self.tls:
+                d = self._dir.name
+                args[1:3] = ["--port", "0", "--tls-port", str(port)]
+                args += [
+                    "--tls-cert-file", os.path.join(d, "server.pem"),
+                    "--tls-key-file", os.path.join(d, "server.key"),
+                    "--tls-ca-cert-file", self.ca_file,
+                    "--tls-auth-clients", "no",
+                ]  # fmt: skip
+            self.proc = subprocess.Popen(
+                args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+            )
+            if self._wait_ready(port):
+                self.port = port
+                return self
+            self._reap()
+        raise RuntimeError("redis-server did not start")
+
+    def _wait_ready(self, port: int) -> bool:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                return False
+            try:
+                with self.client(port, timeout=1) as client:
+                    if client.ping():
+                        return True
+            except redis.RedisError:
+                pass
+            time.sleep(0.02)  # polling interval while the server starts
+        return False
+
+    def _reap(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait(START_TIMEOUT)
+
+    def stop(self) -> None:
+        """SIGTERM and wait for the exit (SIGCONT first, in case it is paused)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(START_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(START_TIMEOUT)
+
+    def kill(self) -> None:
+        """SIGKILL: Redis vanishes without closing anything politely."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(START_TIMEOUT)
+
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open but nothing is answered."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def restart(self) -> RedisServer:
+        self.stop()
+        return self.start()
+
+    def close(self) -> None:
+        self.stop()
+        self._dir.cleanup()
+
+    # -- commands ---------------------------------------------------------------
+
+    def client(self, port: int | None = None, *, timeout: float = 5) -> redis.Redis:
+        tls: dict[str, Any] = {}
+        if self.tls:
+            tls = {"ssl": True, "ssl_ca_certs": self.ca_file}
+        return redis.Redis(
+            host="127.0.0.1",
+            port=port or self.port,
+            password=self.password,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            **tls,
+        )
+
+    def command(self, *args: Any) -> Any:
+        """Run one command on a fresh connection (closed afterwards)."""
+        with self.client() as client:
+            return client.execute_command(*args)
+
+    def channels(self, pattern: str = "*") -> set[str]:
+        """``PUBSUB CHANNELS pattern``, decoded."""
+        return {c.decode() for c in self.command("PUBSUB", "CHANNELS", pattern)}
+
+    def numsub(self, channel: str) -> int:
+        reply = self.command("PUBSUB", "NUMSUB", channel)
+        return int(reply[1])
+
+    def kill_pubsub_clients(self) -> int:
+        return int(self.command("CLIENT", "KILL", "TYPE", "pubsub"))
+
+
+def make_certificates(directory: str) -> None:
+    """A throw-away CA and a server certificate for 127.0.0.1, made with openssl."""
+    if shutil.which("openssl") is None:
+        raise RuntimeError("openssl is not on PATH")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-subj", "/CN=chat-api test CA", "-keyout", "ca.key", "-out", "ca.pem")  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+            "-keyout", "server.key", "-out", "server.csr")  # fmt: skip
+    with open(os.path.join(directory, "san.ext"), "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-out", "server.pem",
+            "-extfile", "san.ext")  # fmt: skip
+
+
+@contextlib.contextmanager
+def running_redis(**kwargs: Any) -> Any:
+    server = RedisServer(**kwargs).start()
+    try:
+        yield server
+    finally:
+        server.close()

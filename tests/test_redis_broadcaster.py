@@ -1,0 +1,272 @@
+"""RedisBroadcaster in-process against a private redis-server: URLs, the
+envelope, and publishing while Redis is gone."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+from collections.abc import AsyncIterator, Callable
+
+import orjson
+import pytest
+
+from realtime import Identity, LinkState, Message, RedisBroadcaster
+
+from .redis_support import RedisServer
+from .support import eventually
+
+Delivered = list[tuple[str | None, bytes]]
+
+
+class Pods:
+    """Broadcasters started in this test; all stopped at the end."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.started: list[RedisBroadcaster] = []
+
+    async def start(
+        self, url: str, pod_id: str, *, wait: bool = True
+    ) -> tuple[RedisBroadcaster, Delivered]:
+        delivered: Delivered = []
+
+        def deliver(room: str | None, payload: bytes) -> int:
+            delivered.append((room, payload))
+            return 1
+
+        broadcaster = RedisBroadcaster(
+            url,
+            pod_id=pod_id,
+            channel_prefix=self.prefix,
+            heartbeat_interval=0.2,
+            heartbeat_timeout=1.0,
+            reconnect_max_delay=0.3,
+        )
+        self.started.append(broadcaster)
+        async with asyncio.timeout(5):
+            await broadcaster.start(deliver)
+        if wait:
+            await eventually(_is(broadcaster, LinkState.CONNECTED))
+        return broadcaster, delivered
+
+
+def _is(broadcaster: RedisBroadcaster, state: LinkState) -> Callable[[], asyncio.Future[bool]]:
+    async def check() -> bool:
+        return broadcaster.state is state
+
+    return check  # type: ignore[return-value]
+
+
+@pytest.fixture
+async def pods(channel_prefix: str) -> AsyncIterator[Pods]:
+    made = Pods(channel_prefix)
+    yield made
+    for broadcaster in made.started:
+        async with asyncio.timeout(2):  # prompt, whatever state Redis is in
+            await broadcaster.stop()
+
+
+def message(room: str | None, data: object) -> Message:
+    return Message(id="m-1", room=room, sender=Identity("u1", "Ann"), ts=1, data=data)
+
+
+async def wait_subscribed(broadcaster: RedisBroadcaster, count: int) -> None:
+    async def check() -> bool:
+        return broadcaster.stats()["subscribed_channels"] == count
+
+    await eventually(check)
+
+
+@pytest.fixture
+def secured_redis() -> AsyncIterator[RedisServer]:
+    server = RedisServer(password="pa55-w0rd").start()
+    yield server  # type: ignore[misc]
+    server.close()
+
+
+@pytest.mark.parametrize("kind", ["redis", "unix"])
+async def test_urls_with_password_and_db(pods: Pods, secured_redis: RedisServer, kind: str) -> None:
+    url = secured_redis.url if kind == "redis" else secured_redis.unix_url + "&db=3"
+    a, _ = await pods.start(url, "pod-a")
+    b, from_b = await pods.start(url, "pod-b")
+    b.subscribe("general")
+    await wait_subscribed(b, 3)
+    a.publish(message("general", {"text": "hi"}))
+
+    async def arrived() -> bool:
+        return len(from_b) == 1
+
+    await eventually(arrived)
+    assert from_b == [("general", message("general", {"text": "hi"}).encode())]
+
+
+async def test_a_wrong_password_keeps_retrying_and_is_never_logged(
+    pods: Pods, secured_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="realtime")
+    url = f"redis://:not-the-password@127.0.0.1:{secured_redis.port}/0"
+    broadcaster, delivered = await pods.start(url, "pod-a", wait=False)
+
+    async def failed_twice() -> bool:
+        return int(str(broadcaster.stats()["connect_failures"])) >= 2
+
+    await eventually(failed_twice)
+    assert broadcaster.state is LinkState.CONNECTING
+    broadcaster.publish(message(None, "still local"))  # never raises
+    assert len(delivered) == 1
+    assert "WRONGPASS" in caplog.text or "invalid" in caplog.text.lower()
+    assert "not-the-password" not in caplog.text
+    assert sum("redis unreachable" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_foreign_envelopes_are_handed_over_undecoded_and_junk_is_skipped(
+    pods: Pods, redis_server: RedisServer
+) -> None:
+    broadcaster, delivered = await pods.start(redis_server.url, "pod-a")
+    broadcaster.subscribe("general")
+    await wait_subscribed(broadcaster, 3)
+    channel = f"{pods.prefix}:room:general"
+    redis_server.command("PUBLISH", channel, b"no-newline-here")
+    redis_server.command("PUBLISH", channel, b"pod-a\n" + b'{"mine":1}')
+    redis_server.command("PUBLISH", channel, b"pod-b\n" + b'{"not": "re-encoded"}')
+    redis_server.command("PUBLISH", f"{pods.prefix}:room:elsewhere", b"pod-b\n{}")
+
+    async def arrived() -> bool:
+        return len(delivered) == 1
+
+    await eventually(arrived)
+    assert delivered == [("general", b'{"not": "re-encoded"}')]
+    stats = broadcaster.stats()
+    assert (stats["malformed"], stats["skipped_own"], stats["received"]) == (1, 1, 1)
+
+
+async def test_publishing_while_redis_is_gone_counts_failures_and_never_raises(
+    pods: Pods, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="realtime")
+    broadcaster, delivered = await pods.start(redis_server.url, "pod-a")
+    redis_server.kill()
+    await eventually(_is(broadcaster, LinkState.RECONNECTING))
+    for n in range(50):
+        broadcaster.publish(message("general", n))
+    assert len(delivered) == 50
+
+    async def counted() -> bool:
+        return broadcaster.stats()["publish_failures"] == 50
+
+    await eventually(counted)
+    assert sum("publishing to redis failed" in r.getMessage() for r in caplog.records) == 1
+    redis_server.start()
+    await eventually(_is(broadcaster, LinkState.CONNECTED))
+    broadcaster.publish(message("general", "back"))
+
+    async def published() -> bool:
+        return broadcaster.stats()["published"] == 1
+
+    await eventually(published)
+    assert any("publishing to redis works again" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_full_publish_queue_counts_failures_instead_of_growing(
+    pods: Pods, redis_server: RedisServer
+) -> None:
+    delivered: Delivered = []
+    broadcaster = RedisBroadcaster(
+        redis_server.url, pod_id="pod-a", channel_prefix=pods.prefix, publish_queue=10
+    )
+    pods.started.append(broadcaster)
+    async with asyncio.timeout(5):
+        await broadcaster.start(lambda room, payload: delivered.append((room, payload)) or 1)
+    for n in range(25):  # no await in between: the publisher cannot drain yet
+        broadcaster.publish(message(None, n))
+    assert len(delivered) == 25
+    assert broadcaster.stats()["publish_failures"] == 15
+    assert broadcaster.stats()["publish_queue"] == 10
+
+
+async def test_a_killed_publisher_connection_is_replaced_without_a_resubscribe(
+    pods: Pods, redis_server: RedisServer
+) -> None:
+    a, _ = await pods.start(redis_server.url, "pod-a")
+    b, from_b = await pods.start(redis_server.url, "pod-b")
+    await wait_subscribed(b, 2)
+    assert redis_server.command("CLIENT", "KILL", "TYPE", "normal") >= 2
+
+    async def a_probe_gets_through() -> bool:
+        # the first publish may die with the killed connection; a later one must not
+        a.publish(message(None, "probe"))
+        return any(orjson.loads(payload)["data"] == "probe" for _, payload in from_b)
+
+    await eventually(a_probe_gets_through)
+    assert a.stats()["reconnects"] == 0  # the subscriber was never touched
+    assert a.state is LinkState.CONNECTED
+
+
+BUSY = """
+local t = redis.call('TIME')
+local start = t[1] * 1000000 + t[2]
+repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] - start > tonumber(ARGV[1]) * 1000000
+return 1
+"""
+
+
+async def test_rooms_opened_and_closed_during_a_resubscribe_end_as_asked(
+    pods: Pods, redis_server: RedisServer
+) -> None:
+    broadcaster, _ = await pods.start(redis_server.url, "pod-a")
+    broadcaster.subscribe("kept")
+    await wait_subscribed(broadcaster, 3)
+
+    def kill_then_keep_busy() -> None:
+        # one round trip: the subscriber is cut, then Redis is busy for 0.6 s,
+        # so the resubscribe is in flight while the rooms change
+        with redis_server.client() as client, client.pipeline(transaction=False) as pipe:
+            pipe.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            pipe.execute_command("EVAL", BUSY, 0, "0.6")
+            pipe.execute()
+
+    busy = asyncio.create_task(asyncio.to_thread(kill_then_keep_busy))
+    try:
+        await eventually(_is(broadcaster, LinkState.RECONNECTING))
+        broadcaster.subscribe("late")
+        broadcaster.subscribe("gone")
+        broadcaster.unsubscribe("gone")
+        broadcaster.unsubscribe("kept")
+    finally:
+        async with asyncio.timeout(5):
+            await busy
+    await eventually(_is(broadcaster, LinkState.CONNECTED))
+    room = f"{pods.prefix}:room:"
+
+    async def as_asked() -> bool:
+        return redis_server.channels(room + "*") == {room + "late"}
+
+    await eventually(as_asked)
+    await wait_subscribed(broadcaster, 3)
+
+
+async def test_rediss_with_a_verified_certificate(pods: Pods) -> None:
+    try:
+        server = RedisServer(tls=True)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot make certificates here: {exc}")
+    try:
+        try:
+            server.start()
+        except RuntimeError as exc:  # a redis-server built without TLS
+            pytest.skip(f"no TLS Redis here: {exc}")
+        a, _ = await pods.start(server.url, "pod-a")
+        b, from_b = await pods.start(server.url, "pod-b")
+        await wait_subscribed(b, 2)
+        a.publish(message(None, "over tls"))
+
+        async def arrived() -> bool:
+            return len(from_b) == 1
+
+        await eventually(arrived)
+    finally:
+        for broadcaster in pods.started:
+            async with asyncio.timeout(2):
+                await broadcaster.stop()
+        server.close()
