@@ -15,6 +15,8 @@ from typing import Any
 import aiohttp
 import jwt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from chat_api.auth import Authenticator, RoomPatterns, TokenError
 from chat_api.config import Config, ConfigError
@@ -483,3 +485,41 @@ def test_realtime_knows_nothing_of_tokens() -> None:
     banned = re.compile(r"^\s*(from|import)\s+(chat_api|jwt|cryptography)\b", re.M)
     for path in src.rglob("*.py"):
         assert banned.search(path.read_text()) is None, path.name
+
+
+_FUZZ_AUTH = Authenticator(
+    Config.load({"AUTH_ENABLED": "true", "AUTH_JWT_SECRET": SECRET}, env_file=None)
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    token=st.text(max_size=300)
+    | st.builds(
+        lambda header, body, sig: ".".join([header, body, sig]),
+        st.text(max_size=60),
+        st.text(max_size=60),
+        st.text(max_size=60),
+    )
+    | st.builds(
+        hs_token,
+        st.dictionaries(
+            st.sampled_from(["sub", "exp", "nbf", "iat", "aud", "rooms", "name"]),
+            st.none()
+            | st.booleans()
+            | st.integers()
+            | st.floats()
+            | st.text()
+            | st.lists(st.text()),
+        ),
+    )
+)
+def test_any_token_is_admitted_or_refused_never_crashes(token: str) -> None:
+    refused: TokenError | None = None
+    try:
+        asyncio.run(_FUZZ_AUTH.admit(token))
+    except TokenError as exc:
+        refused = exc
+    if refused is not None:
+        assert refused.status == 401
+        assert len(token) < 8 or token not in refused.reason
