@@ -303,7 +303,7 @@ class Authenticator:
     def source(self) -> str:
         """Which key verifies tokens, for the start-up log (no secrets)."""
         if self._jwks is not None:
-            return f"JWKS {self._jwks.url}"
+            return f"JWKS {redact_url(self._jwks.url)}"
         return "AUTH_JWT_SECRET" if self._config.auth_jwt_secret else "AUTH_JWT_PUBLIC_KEY"
 
     async def start(self) -> None:
