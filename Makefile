@@ -19,6 +19,7 @@ run: $(STAMP)
 	$(BIN)/chat-api
 
 test: $(STAMP)
+	scripts/ensure-chromium
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/mypy
 	$(BIN)/pytest

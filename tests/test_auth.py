@@ -365,7 +365,7 @@ async def test_concurrent_handshakes_share_one_jwks_fetch(
 # -- stats ---------------------------------------------------------------------------
 
 
-async def test_stats_need_an_admin_token_or_the_stats_token(
+async def test_stats_and_presence_need_an_admin_token_or_the_stats_token(
     pod_factory: PodFactory, session: aiohttp.ClientSession
 ) -> None:
     stats_token = "stats-" + os.urandom(8).hex()
@@ -380,9 +380,14 @@ async def test_stats_need_an_admin_token_or_the_stats_token(
         (bearer(ADMIN), 200),
         (bearer(stats_token), 200),
     ]
-    for headers, expected in cases:
-        async with asyncio.timeout(DEFAULT_TIMEOUT), session.get(url, headers=headers) as resp:
-            assert resp.status == expected, (headers, await resp.text())
+    presence = f"{pod.base}/api/chat-api/rooms/general/presence"
+    for target in (url, presence):
+        for headers, expected in cases:
+            async with (
+                asyncio.timeout(DEFAULT_TIMEOUT),
+                session.get(target, headers=headers) as resp,
+            ):
+                assert resp.status == expected, (target, headers, await resp.text())
     # Health and readiness stay public: probes carry no token.
     for path in ("/healthz", "/readyz"):
         async with asyncio.timeout(DEFAULT_TIMEOUT), session.get(pod.base + path) as resp:

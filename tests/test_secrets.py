@@ -28,6 +28,7 @@ from .support import DEFAULT_TIMEOUT, connect, recv_type, send
 
 STATS_TOKEN = "stats-token-" + os.urandom(12).hex()
 REDIS_PASSWORD = "redis-pw-" + os.urandom(8).hex()
+PUBLISH_KEY = "publish-key-" + os.urandom(8).hex()
 
 
 def unused_port() -> int:
@@ -45,6 +46,7 @@ async def test_tokens_and_secrets_never_reach_logs_stats_or_answers(
             "AUTH_ENABLED": "true",
             "AUTH_JWT_SECRET": SECRET,
             "STATS_TOKEN": STATS_TOKEN,
+            "PUBLISH_API_KEY": PUBLISH_KEY,
             "LOG_LEVEL": "DEBUG",
             # Nobody listens there: the pod logs its reconnect attempts.
             "REDIS_URL": f"redis://chat:{REDIS_PASSWORD}@127.0.0.1:{unused_port()}/0",
@@ -109,7 +111,17 @@ async def test_tokens_and_secrets_never_reach_logs_stats_or_answers(
         ):
             assert resp.status == 200
             answers.append(await resp.text())
-    for path in ("/readyz", "/healthz"):
+    publish = f"{pod.base}/api/chat-api/rooms/general/messages"
+    for key in (PUBLISH_KEY[:-1], good):
+        async with (
+            asyncio.timeout(DEFAULT_TIMEOUT),
+            session.post(
+                publish, json={"data": 1}, headers={"Authorization": f"Bearer {key}"}
+            ) as resp,
+        ):
+            assert resp.status == 401
+            answers.append(await resp.text())
+    for path in ("/readyz", "/healthz", "/api/chat-api/rooms/general/presence"):
         async with asyncio.timeout(DEFAULT_TIMEOUT), session.get(pod.base + path) as resp:
             answers.append(await resp.text())
 
@@ -117,7 +129,7 @@ async def test_tokens_and_secrets_never_reach_logs_stats_or_answers(
     pod.stop()
     log = pod.log
     assert "refused a WebSocket" in log  # DEBUG lines were written, and checked
-    secrets = [SECRET, STATS_TOKEN, REDIS_PASSWORD, good, admin, *bad]
+    secrets = [SECRET, STATS_TOKEN, REDIS_PASSWORD, PUBLISH_KEY, good, admin, *bad]
     # Signatures alone are secret enough to check for too.
     secrets += [t.rsplit(".", 1)[-1] for t in (good, admin) if t.rsplit(".", 1)[-1]]
     for secret in secrets:

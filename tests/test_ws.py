@@ -56,7 +56,7 @@ async def test_room_message_reaches_members_and_sender_not_other_rooms(
     frames = [await recv_type(ws, "message") for ws in (a, b)]
     assert frames[0] == frames[1]
     frame = frames[0]
-    assert set(frame) == {"type", "room", "id", "from", "ts", "data"}
+    assert set(frame) == {"type", "room", "id", "from", "ts", "data", "offset", "epoch"}
     assert frame["room"] == "general"
     assert frame["data"] == {"text": "hi"}
     assert frame["from"] == wa["user"] == {"id": wa["user"]["id"], "name": "Ada"}
@@ -99,7 +99,14 @@ async def test_ack_carries_ref_and_message_id(pod: Pod, session: aiohttp.ClientS
     await send(a, {"type": "message", "data": "x", "ref": "m-1"})
     message = await recv_type(a, "message")
     ack = await recv_type(a, "ack")
-    assert ack == {"type": "ack", "ref": "m-1", "id": message["id"], "room": "general"}
+    assert ack == {
+        "type": "ack",
+        "ref": "m-1",
+        "id": message["id"],
+        "room": "general",
+        "offset": message["offset"],
+        "epoch": message["epoch"],
+    }
     await send(a, {"type": "message", "data": "y"})  # no ref, no ack
     await recv_type(a, "message")
     await assert_silent(a)

@@ -17,8 +17,15 @@ from realtime import (
     HandlerSettings,
     LocalHub,
     MemoryBroadcaster,
+    MemoryPresence,
+    OrderedBroadcaster,
+    Presence,
+    PresenceBackend,
     RedisBroadcaster,
+    Timeline,
+    TimelineSettings,
 )
+from realtime.broadcast.redis_presence import RedisPresence
 
 from . import logfilter
 from .api.routes import register_routes
@@ -26,7 +33,16 @@ from .auth import Authenticator, make_identify, stats_guard
 from .config import Config, ConfigError, redact_url
 from .origin import OriginPolicy
 
-__all__ = ["BROADCASTER", "CONFIG", "HANDLER", "HUB", "create_app", "serve"]
+__all__ = [
+    "BROADCASTER",
+    "CONFIG",
+    "HANDLER",
+    "HUB",
+    "PRESENCE",
+    "TIMELINE",
+    "create_app",
+    "serve",
+]
 
 log = logging.getLogger("chat_api")
 
@@ -34,11 +50,15 @@ CONFIG = web.AppKey("config", Config)
 HUB = web.AppKey("hub", LocalHub)
 BROADCASTER = web.AppKey("broadcaster", Broadcaster)
 HANDLER = web.AppKey("handler", Handler)
+TIMELINE = web.AppKey("timeline", Timeline)
+PRESENCE = web.AppKey("presence", Presence)
 
 
-def make_broadcaster(config: Config) -> Broadcaster:
+def make_broadcaster(config: Config) -> OrderedBroadcaster:
     if config.local_only:
-        return MemoryBroadcaster()
+        return MemoryBroadcaster(
+            history_length=config.history_length, history_ttl=config.history_ttl
+        )
     log.info(
         "cross-pod fan-out through %s (channels %s:*)",
         redact_url(config.redis_url),
@@ -53,6 +73,8 @@ def make_broadcaster(config: Config) -> Broadcaster:
             heartbeat_timeout=config.redis_heartbeat_timeout,
             reconnect_max_delay=config.redis_reconnect_max_delay,
             publish_queue=config.redis_publish_queue,
+            history_length=config.history_length,
+            history_ttl=config.history_ttl,
         )
     except BroadcastError as exc:
         raise ConfigError("REDIS_URL", str(exc)) from None
@@ -62,7 +84,20 @@ def create_app(config: Config) -> web.Application:
     """Build hub, broadcaster and handler for ``config`` and mount the routes."""
     auth = Authenticator(config) if config.auth_enabled else None
     broadcaster = make_broadcaster(config)
-    hub = LocalHub(watcher=broadcaster)
+    hub = LocalHub()
+    timeline = Timeline(
+        hub,
+        broadcaster,
+        broadcaster,
+        TimelineSettings(keep=config.history_length, gap_wait=config.gap_wait),
+    )
+    hub.watch(timeline)
+    backend: PresenceBackend
+    if isinstance(broadcaster, RedisBroadcaster):
+        backend = RedisPresence(broadcaster, ttl=config.presence_ttl)
+    else:
+        backend = MemoryPresence()
+    presence = Presence(hub, backend, ttl=config.presence_ttl)
     handler = Handler(
         hub,
         broadcaster,
@@ -79,14 +114,25 @@ def create_app(config: Config) -> web.Application:
             rate_max_refused=config.rate_limit_max_refused,
         ),
         identify=make_identify(OriginPolicy(config.allowed_origins), auth),
+        timeline=timeline,
+        presence=presence,
     )
     app = web.Application(client_max_size=64 * 1024)
     app[CONFIG] = config
     app[HUB] = hub
     app[BROADCASTER] = broadcaster
     app[HANDLER] = handler
+    app[TIMELINE] = timeline
+    app[PRESENCE] = presence
     register_routes(
-        app, handler=handler, broadcaster=broadcaster, stats_guard=stats_guard(config, auth)
+        app,
+        handler=handler,
+        broadcaster=broadcaster,
+        timeline=timeline,
+        presence=presence,
+        publish_api_key=config.publish_api_key,
+        max_message_bytes=config.max_message_bytes,
+        stats_guard=stats_guard(config, auth),
     )
     app.cleanup_ctx.append(_run_broadcaster)
     if auth is not None:
@@ -98,7 +144,10 @@ def create_app(config: Config) -> web.Application:
 async def _run_broadcaster(app: web.Application) -> AsyncIterator[None]:
     broadcaster = app[BROADCASTER]
     await broadcaster.start(app[HUB].broadcast)
+    app[PRESENCE].start()
     yield
+    await app[PRESENCE].stop()
+    await app[TIMELINE].stop()
     await broadcaster.stop()
 
 

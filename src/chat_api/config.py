@@ -216,6 +216,39 @@ class Config:
         "Seconds a closing client gets to let go before the TCP connection is cut.",
         minimum=0.1,
     )
+    history_length: int = _setting(
+        "HISTORY_LENGTH",
+        100,
+        "Messages kept per room for history on join and for resume.",
+        minimum=1,
+    )
+    history_ttl: float = _setting(
+        "HISTORY_TTL",
+        3600.0,
+        "Seconds a room's history and offsets are kept after its last message.",
+        minimum=1,
+    )
+    gap_wait: float = _setting(
+        "GAP_WAIT",
+        0.25,
+        "Seconds a pod holds a room's delivery for a missing offset before reading it from "
+        "history.",
+        minimum=0.01,
+    )
+    presence_ttl: float = _setting(
+        "PRESENCE_TTL",
+        15.0,
+        "Seconds after which the presence entries of a pod that stopped (or was killed) vanish; "
+        "pods refresh theirs every third of it.",
+        minimum=0.3,
+    )
+    publish_api_key: str = _setting(
+        "PUBLISH_API_KEY",
+        "",
+        "Key a backend sends as 'Authorization: Bearer <key>' to POST messages into rooms "
+        "(empty: that route is off).",
+        secret=True,
+    )
     shutdown_timeout: float = _setting(
         "SHUTDOWN_TIMEOUT",
         10.0,

@@ -21,11 +21,14 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from .access import Admission, RoomCheck, admission
-from .broadcast.base import Broadcaster
+from .broadcast.base import Broadcaster, Stamp
 from .connection import Connection, ConnectionState
-from .exceptions import ProtocolError
+from .exceptions import BroadcastError, ProtocolError
 from .hub import LocalHub
+from .presence import Presence
 from .protocol import (
+    NO_CATCHUP,
+    Catchup,
     ClientFrame,
     CloseCode,
     ErrorCode,
@@ -34,15 +37,18 @@ from .protocol import (
     Leave,
     Message,
     Ping,
+    PresenceQuery,
     SendMessage,
     close_frame,
     decode_client_frame,
     encode_ack,
     encode_error,
     encode_event,
+    parse_catchup,
     validate_room,
 )
 from .ratelimit import RateLimiter, Verdict
+from .timeline import Timeline
 
 __all__ = ["Handler", "HandlerSettings", "Identify", "guest_identity"]
 
@@ -159,8 +165,13 @@ class Handler:
         settings: HandlerSettings,
         *,
         identify: Identify = guest_identity,
+        timeline: Timeline | None = None,
+        presence: Presence | None = None,
     ) -> None:
         self._hub = hub
+        self._timeline = timeline
+        """Room offsets, order and catch-up; None: plain best-effort rooms."""
+        self._presence = presence
         self._broadcaster = broadcaster
         self._settings = settings
         self._identify = identify
@@ -180,6 +191,10 @@ class Handler:
             web.get(prefix, self.handle_websocket),
             web.get(prefix + "/{room}", self.handle_websocket),
         ]
+
+    def new_message_id(self) -> str:
+        """A fresh message id, unique across pods (for server-made messages)."""
+        return self._message_ids()
 
     @property
     def draining(self) -> bool:
@@ -213,9 +228,11 @@ class Handler:
 
     async def _accept(self, request: web.Request) -> web.StreamResponse:
         room = request.match_info.get("room")
+        catchup = NO_CATCHUP
         if room is not None:
             try:
                 validate_room(room)
+                catchup = _query_catchup(request)
             except ProtocolError as exc:
                 raise web.HTTPBadRequest(text=exc.message) from exc
         connection_id = self._connection_ids()
@@ -246,29 +263,39 @@ class Handler:
         self.counters.connections_accepted += 1
         self._hub.add(conn)
         self._guards[conn.id] = self._guard(conn, granted)
-        if room is not None:
+        if room is not None and self._timeline is None:
             self._hub.join(conn, room)
-        self._hub.send_to(
-            conn,
-            encode_event(
-                "welcome",
-                connection_id=conn.id,
-                user=identity.as_json(),
-                pod=self._settings.pod_id,
-                room=room,
-                rooms=sorted(conn.rooms),
-                limits={
-                    "max_message_bytes": self._settings.max_message_bytes,
-                    "max_rooms": self._settings.max_rooms,
-                },
-            ),
-        )
+
+        def greet() -> None:
+            self._hub.send_to(
+                conn,
+                encode_event(
+                    "welcome",
+                    connection_id=conn.id,
+                    user=identity.as_json(),
+                    pod=self._settings.pod_id,
+                    room=room,
+                    rooms=sorted(conn.rooms | ({room} if room is not None else set())),
+                    limits={
+                        "max_message_bytes": self._settings.max_message_bytes,
+                        "max_rooms": self._settings.max_rooms,
+                    },
+                ),
+            )
+
+        if room is None or self._timeline is None:
+            greet()
         try:
+            if room is not None and self._timeline is not None:
+                # The welcome goes out once the room is live for this client.
+                await self._attach(conn, room, catchup, greet)
             await self._read_loop(ws, conn)
         finally:
             guard = self._guards.pop(conn.id, None)
             if guard is not None and guard.expiry is not None:
                 guard.expiry.cancel()
+            if self._presence is not None:
+                self._presence.drop(conn)
             self._hub.remove(conn)
             conn.closed()
         return ws
@@ -295,7 +322,11 @@ class Handler:
             msg = await ws.receive()
             if msg.type is WSMsgType.TEXT:
                 if conn.state is ConnectionState.OPEN:
-                    self._on_text(conn, msg.data)
+                    pending = self._on_text(conn, msg.data)
+                    if pending is not None:
+                        # A join with catch-up: later frames of this client
+                        # wait for it, so they keep their order.
+                        await pending
             elif msg.type is WSMsgType.BINARY:
                 conn.close(
                     CloseCode.UNSUPPORTED_DATA,
@@ -304,19 +335,21 @@ class Handler:
             else:  # CLOSE, CLOSING, CLOSED or ERROR: the connection is over
                 return
 
-    def _on_text(self, conn: Connection, raw: str | bytes) -> None:
+    def _on_text(self, conn: Connection, raw: str | bytes) -> Awaitable[None] | None:
         if not self._within_rate(conn, raw):
-            return
+            return None
         try:
             frame = decode_client_frame(raw)
-            self._dispatch(conn, frame)
+            return self._dispatch(conn, frame)
         except ProtocolError as exc:
             self.counters.errors_sent += 1
             self._hub.send_to(conn, encode_error(exc.code, exc.message, exc.ref))
+            return None
         except Exception:
             # A bug of ours must cost one connection, never the pod.
             log.exception("internal error on connection %s", conn.id)
             conn.close(CloseCode.INTERNAL_ERROR, "internal error")
+            return None
 
     def _within_rate(self, conn: Connection, raw: str | bytes) -> bool:
         """Apply the rate limit: answer a frame over it with ``rate_limited``
@@ -342,7 +375,7 @@ class Handler:
         self._hub.send_to(conn, encode_error(ErrorCode.RATE_LIMITED, message, ref))
         return False
 
-    def _dispatch(self, conn: Connection, frame: ClientFrame) -> None:
+    def _dispatch(self, conn: Connection, frame: ClientFrame) -> Awaitable[None] | None:
         match frame:
             case SendMessage():
                 self._on_message(conn, frame)
@@ -359,15 +392,65 @@ class Handler:
                             f"a connection may be in at most {self._settings.max_rooms} rooms",
                             ref=ref,
                         )
+                    if self._timeline is not None:
+                        return self._attach(
+                            conn,
+                            room,
+                            frame.catchup,
+                            lambda: self._hub.send_to(
+                                conn, encode_event("joined", room=room, ref=ref)
+                            ),
+                        )
                     self._hub.join(conn, room)
                 self._hub.send_to(conn, encode_event("joined", room=room, ref=ref))
             case Leave(room=room, ref=ref):
                 if room not in conn.rooms:
                     raise ProtocolError(ErrorCode.NOT_IN_ROOM, f"not in room {room!r}", ref=ref)
                 self._hub.leave(conn, room)
+                if self._presence is not None:
+                    self._presence.leave(conn, room)
                 self._hub.send_to(conn, encode_event("left", room=room, ref=ref))
             case Ping(ref=ref):
                 self._hub.send_to(conn, encode_event("pong", ref=ref))
+            case PresenceQuery(room=room, ref=ref):
+                return self._on_presence(conn, room, ref)
+        return None
+
+    async def _attach(
+        self, conn: Connection, room: str, catchup: Catchup, greet: Callable[[], object]
+    ) -> None:
+        assert self._timeline is not None
+        await self._timeline.attach(conn, room, catchup, greet)
+        if (
+            self._presence is not None
+            and room in conn.rooms
+            and not self._hub.is_waiting(conn, room)
+        ):
+            self._presence.join(conn, room)
+
+    def _on_presence(
+        self, conn: Connection, room: str, ref: str | int | None
+    ) -> Awaitable[None] | None:
+        if self._presence is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_TYPE, "presence is not available", ref=ref)
+        if room not in conn.rooms:
+            raise ProtocolError(ErrorCode.NOT_IN_ROOM, f"join room {room!r} first", ref=ref)
+        return self._send_presence(conn, room, ref, self._presence)
+
+    async def _send_presence(
+        self, conn: Connection, room: str, ref: str | int | None, presence: Presence
+    ) -> None:
+        try:
+            members = await presence.members(room)
+        except BroadcastError as exc:
+            self._hub.send_to(
+                conn, encode_error(ErrorCode.UNAVAILABLE, f"presence unavailable: {exc}", ref)
+            )
+            return
+        fields: dict[str, Any] = {"room": room, "members": [m.as_json() for m in members]}
+        if ref is not None:
+            fields["ref"] = ref
+        self._hub.send_to(conn, encode_event("presence", **fields))
 
     def _on_message(self, conn: Connection, frame: SendMessage) -> None:
         room = conn.default_room if frame.room is None else frame.room
@@ -385,6 +468,24 @@ class Handler:
             data=frame.data,
         )
         self.counters.messages_received += 1
+        if room is not None and self._timeline is not None:
+            ref = frame.ref
+
+            def stamped(stamp: Stamp | None) -> None:
+                if ref is not None:
+                    self._hub.send_to(
+                        conn,
+                        encode_ack(
+                            ref,
+                            message.id,
+                            room,
+                            epoch=None if stamp is None else stamp.epoch,
+                            offset=None if stamp is None else stamp.offset,
+                        ),
+                    )
+
+            self._timeline.publish(message, stamped)
+            return
         self._broadcaster.publish(message)
         if frame.ref is not None:
             self._hub.send_to(conn, encode_ack(frame.ref, message.id, room))
@@ -453,4 +554,21 @@ class Handler:
                 "token_expired": self.counters.closed_expired,
             },
             "broadcaster": dict(self._broadcaster.stats()),
+            **({"timeline": self._timeline.stats()} if self._timeline is not None else {}),
+            **({"presence": self._presence.stats()} if self._presence is not None else {}),
         }
+
+
+def _query_catchup(request: web.Request) -> Catchup:
+    """``since``/``epoch`` or ``history`` from the query string."""
+    query = request.query
+
+    def number(name: str) -> int | None:
+        raw = query.get(name)
+        if raw is None or raw == "":
+            return None
+        if not raw.isdigit() or len(raw) > 16:
+            raise ProtocolError(ErrorCode.INVALID_FRAME, f"{name!r} must be a non-negative integer")
+        return int(raw)
+
+    return parse_catchup(number("since"), query.get("epoch") or None, number("history"))

@@ -41,6 +41,9 @@ class LocalHub:
         self._watcher = watcher
         self._connections: dict[str, Connection] = {}
         self._rooms: dict[str, dict[str, Connection]] = {}
+        self._waiting: dict[str, dict[str, Connection]] = {}
+        """Members still catching up (history, resume): they count for the
+        room's subscription but get no live frames until ``go_live``."""
         self.counters = HubCounters()
 
     def watch(self, watcher: RoomWatcher) -> None:
@@ -59,24 +62,43 @@ class LocalHub:
         for room in list(conn.rooms):
             self.leave(conn, room)
 
-    def join(self, conn: Connection, room: str) -> None:
-        members = self._rooms.get(room)
-        if members is None:
-            members = self._rooms[room] = {}
-            if self._watcher is not None:
-                self._watcher.subscribe(room)
-        members[conn.id] = conn
+    def join(self, conn: Connection, room: str, *, live: bool = True) -> None:
+        """Add ``conn`` to ``room``; with ``live=False`` it waits (no live
+        frames) until ``go_live``, so a catch-up can be sent first."""
+        new = room not in self._rooms and room not in self._waiting
+        if new and self._watcher is not None:
+            self._watcher.subscribe(room)
+        if live:
+            self._rooms.setdefault(room, {})[conn.id] = conn
+        else:
+            self._waiting.setdefault(room, {})[conn.id] = conn
         conn.rooms.add(room)
+
+    def is_waiting(self, conn: Connection, room: str) -> bool:
+        return conn.id in self._waiting.get(room, ())
+
+    def go_live(self, conn: Connection, room: str) -> bool:
+        """Move a waiting member to live delivery; False if it is gone."""
+        waiting = self._waiting.get(room)
+        if waiting is None or waiting.pop(conn.id, None) is None:
+            return False
+        if not waiting:
+            del self._waiting[room]
+        self._rooms.setdefault(room, {})[conn.id] = conn
+        return True
 
     def leave(self, conn: Connection, room: str) -> None:
         conn.rooms.discard(room)
-        members = self._rooms.get(room)
-        if members is None or members.pop(conn.id, None) is None:
-            return
-        if not members:
-            del self._rooms[room]
-            if self._watcher is not None:
-                self._watcher.unsubscribe(room)
+        removed = False
+        for table in (self._rooms, self._waiting):
+            members = table.get(room)
+            if members is not None and members.pop(conn.id, None) is not None:
+                removed = True
+                if not members:
+                    del table[room]
+        gone = removed and room not in self._rooms and room not in self._waiting
+        if gone and self._watcher is not None:
+            self._watcher.unsubscribe(room)
 
     # -- queries ----------------------------------------------------------
 
@@ -88,10 +110,13 @@ class LocalHub:
         return list(self._connections.values())
 
     def room_sizes(self) -> dict[str, int]:
-        return {room: len(members) for room, members in self._rooms.items()}
+        sizes = {room: len(members) for room, members in self._rooms.items()}
+        for room, members in self._waiting.items():
+            sizes[room] = sizes.get(room, 0) + len(members)
+        return sizes
 
     def has_room(self, room: str) -> bool:
-        return room in self._rooms
+        return room in self._rooms or room in self._waiting
 
     # -- delivery ---------------------------------------------------------
 

@@ -20,7 +20,10 @@ from .exceptions import ProtocolError
 __all__ = [
     "MAX_DATA_DEPTH",
     "MAX_REF_LENGTH",
+    "MESSAGE_PREFIX",
+    "NO_CATCHUP",
     "ROOM_PATTERN",
+    "Catchup",
     "ClientFrame",
     "CloseCode",
     "ErrorCode",
@@ -29,12 +32,15 @@ __all__ = [
     "Leave",
     "Message",
     "Ping",
+    "PresenceQuery",
     "SendMessage",
     "close_frame",
     "decode_client_frame",
     "encode_ack",
     "encode_error",
     "encode_event",
+    "parse_catchup",
+    "stamp_body",
     "text_frame",
     "validate_room",
 ]
@@ -101,11 +107,35 @@ class SendMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class Catchup:
+    """What a joining client already has of a room.
+
+    ``since``: the last offset it saw (resume: it gets every later message
+    still stored), with the ``epoch`` that offset belongs to; or
+    ``history``: it wants the last ``history`` messages. Neither: live only.
+    """
+
+    since: int | None = None
+    epoch: str | None = None
+    history: int | None = None
+
+    @property
+    def asked(self) -> bool:
+        """The client asked for a catch-up (and so gets a ``sync`` frame)."""
+        return self.since is not None or self.history is not None
+
+
+NO_CATCHUP: Final = Catchup()
+MAX_EPOCH_LENGTH: Final = 64
+
+
+@dataclass(frozen=True, slots=True)
 class Join:
-    """``{"type": "join", "room": ..., "ref"?: ...}``"""
+    """``{"type": "join", "room": ..., "since"?: n, "epoch"?: e, "history"?: n, "ref"?: ...}``"""
 
     room: str
     ref: str | int | None = None
+    catchup: Catchup = NO_CATCHUP
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +153,45 @@ class Ping:
     ref: str | int | None = None
 
 
-ClientFrame = SendMessage | Join | Leave | Ping
+@dataclass(frozen=True, slots=True)
+class PresenceQuery:
+    """``{"type": "presence", "room": ..., "ref"?: ...}``: who is in the room."""
+
+    room: str
+    ref: str | int | None = None
+
+
+ClientFrame = SendMessage | Join | Leave | Ping | PresenceQuery
+
+
+def _offset(value: object, name: str, ref: str | int | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 53:
+        raise ProtocolError(
+            ErrorCode.INVALID_FRAME, f"{name!r} must be a non-negative integer", ref=ref
+        )
+    return value
+
+
+def parse_catchup(
+    since: object, epoch: object, history: object, *, ref: str | int | None = None
+) -> Catchup:
+    """Validate the catch-up fields of a join frame or query string
+    (already converted to int where they came as text)."""
+    offset = _offset(since, "since", ref)
+    count = _offset(history, "history", ref)
+    if epoch is not None and (not isinstance(epoch, str) or not 0 < len(epoch) <= MAX_EPOCH_LENGTH):
+        raise ProtocolError(
+            ErrorCode.INVALID_FRAME, "'epoch' must be the string from a message frame", ref=ref
+        )
+    if offset is not None and count is not None:
+        raise ProtocolError(
+            ErrorCode.INVALID_FRAME, "give 'since' (resume) or 'history', not both", ref=ref
+        )
+    if offset is None and count is None:
+        return NO_CATCHUP
+    return Catchup(since=offset, epoch=epoch, history=count)
 
 
 def validate_room(room: object, *, ref: str | int | None = None) -> str:
@@ -192,7 +260,15 @@ def decode_client_frame(raw: str | bytes) -> ClientFrame:
             ref=ref,
         )
     if kind == "join":
-        return Join(room=validate_room(frame.get("room"), ref=ref), ref=ref)
+        return Join(
+            room=validate_room(frame.get("room"), ref=ref),
+            ref=ref,
+            catchup=parse_catchup(
+                frame.get("since"), frame.get("epoch"), frame.get("history"), ref=ref
+            ),
+        )
+    if kind == "presence":
+        return PresenceQuery(room=validate_room(frame.get("room"), ref=ref), ref=ref)
     if kind == "leave":
         return Leave(room=validate_room(frame.get("room"), ref=ref), ref=ref)
     if kind == "ping":
@@ -202,7 +278,7 @@ def decode_client_frame(raw: str | bytes) -> ClientFrame:
     shown = kind if len(kind) <= 32 else kind[:32] + "..."
     raise ProtocolError(
         ErrorCode.UNKNOWN_TYPE,
-        f"unknown frame type {shown!r}; expected message, join, leave or ping",
+        f"unknown frame type {shown!r}; expected message, join, leave, ping or presence",
         ref=ref,
     )
 
@@ -221,7 +297,11 @@ class Message:
     data: Any
 
     def encode(self) -> bytes:
-        """The client-facing JSON of this message, built once per broadcast."""
+        """The client-facing JSON of this message, built once per broadcast.
+
+        Room messages are sent stamped (``stamped``); this form, without
+        ``offset`` and ``epoch``, is for global messages and for room
+        messages that could not be stored (link down)."""
         return orjson.dumps(
             {
                 "type": "message",
@@ -233,14 +313,48 @@ class Message:
             }
         )
 
+    def body(self) -> bytes:
+        """``encode()`` without its leading ``{"type":"message",``: what a
+        store prepends the offset and epoch to (see ``stamp_body``)."""
+        return self.encode()[len(MESSAGE_PREFIX) :]
+
+    def stamped(self, epoch: str, offset: int) -> bytes:
+        """The client-facing JSON with the room ``offset`` and ``epoch``."""
+        return stamp_body(self.body(), epoch, offset)
+
+
+MESSAGE_PREFIX: Final = b'{"type":"message",'
+
+
+def stamp_body(body: bytes, epoch: str, offset: int) -> bytes:
+    """``{"type":"message","offset":N,"epoch":"E",`` + ``body``.
+
+    The Redis script builds the very same bytes, so a message replayed from
+    history is byte-identical to the live one. ``epoch`` is hex, never
+    needing escapes."""
+    return b'%s"offset":%d,"epoch":"%s",%s' % (MESSAGE_PREFIX, offset, epoch.encode(), body)
+
 
 def encode_event(kind: str, **fields: Any) -> bytes:
     """Encode a server frame of type ``kind`` with the given fields."""
     return orjson.dumps({"type": kind, **fields})
 
 
-def encode_ack(ref: str | int, message_id: str, room: str | None) -> bytes:
-    return orjson.dumps({"type": "ack", "ref": ref, "id": message_id, "room": room})
+def encode_ack(
+    ref: str | int,
+    message_id: str,
+    room: str | None,
+    *,
+    epoch: str | None = None,
+    offset: int | None = None,
+) -> bytes:
+    """``ack``; for room messages also the ``offset`` and ``epoch`` the
+    message got (both null if it could not be stored)."""
+    frame: dict[str, Any] = {"type": "ack", "ref": ref, "id": message_id, "room": room}
+    if room is not None:
+        frame["offset"] = offset
+        frame["epoch"] = epoch
+    return orjson.dumps(frame)
 
 
 def encode_error(code: str, message: str, ref: str | int | None = None) -> bytes:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import orjson
 from aiohttp import web
 
-from realtime import Broadcaster, Handler, LinkState
+from realtime import Broadcaster, BroadcastError, Handler, LinkState, Presence, Timeline
+from realtime.protocol import validate_room
 
 from ..auth import StatsGuard
+from .handlers.publish import publish_handler
 from .handlers.ws import stats_handler
 
 __all__ = ["API_PREFIX", "WEB_DIR", "register_routes"]
@@ -22,10 +26,14 @@ def register_routes(
     *,
     handler: Handler,
     broadcaster: Broadcaster,
+    timeline: Timeline | None = None,
+    presence: Presence | None = None,
+    publish_api_key: str = "",
+    max_message_bytes: int = 65536,
     stats_guard: StatsGuard | None = None,
 ) -> None:
     """Mount the WebSocket routes under ``/api/chat-api``, health, and the page.
-    ``stats_guard`` (if any) decides who may read the stats."""
+    ``stats_guard`` (if any) decides who may read the stats and the presence."""
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -47,7 +55,40 @@ def register_routes(
     # The stats route comes before /ws/{room} so that it wins the match.
     app.router.add_get(f"{API_PREFIX}/ws/stats", stats_handler(handler, stats_guard))
     app.router.add_routes(handler.routes(f"{API_PREFIX}/ws"))
+    if timeline is not None:
+        app.router.add_post(
+            f"{API_PREFIX}/rooms/{{room}}/messages",
+            publish_handler(handler, timeline, publish_api_key, max_bytes=max_message_bytes),
+        )
+    if presence is not None:
+        app.router.add_get(
+            f"{API_PREFIX}/rooms/{{room}}/presence", presence_handler(presence, stats_guard)
+        )
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/", index)
     app.router.add_static("/static/", WEB_DIR, follow_symlinks=False)
+
+
+def presence_handler(
+    presence: Presence, guard: StatsGuard | None = None
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """``GET /api/chat-api/rooms/{room}/presence``: who is in the room, on every
+    pod. ``guard`` (if any) decides who may ask, as for the stats."""
+
+    async def handle(request: web.Request) -> web.Response:
+        if guard is not None:
+            await guard(request)
+        room = request.match_info["room"]
+        try:
+            validate_room(room)
+        except ValueError as exc:
+            raise web.HTTPBadRequest(text=str(exc)) from exc
+        try:
+            members = await presence.members(room)
+        except BroadcastError as exc:
+            raise web.HTTPServiceUnavailable(text=f"presence unavailable: {exc}") from exc
+        body = {"room": room, "members": [m.as_json() for m in members]}
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+    return handle

@@ -2,8 +2,30 @@
 
 from __future__ import annotations
 
-from .base import Broadcaster, Deliver, LinkState
+from .base import (
+    Broadcaster,
+    Deliver,
+    LinkState,
+    LogSink,
+    OrderedBroadcaster,
+    RoomLog,
+    Slice,
+    Stamp,
+    Stamped,
+)
 from .memory import MemoryBroadcaster
 from .redis import RedisBroadcaster
 
-__all__ = ["Broadcaster", "Deliver", "LinkState", "MemoryBroadcaster", "RedisBroadcaster"]
+__all__ = [
+    "Broadcaster",
+    "Deliver",
+    "LinkState",
+    "LogSink",
+    "MemoryBroadcaster",
+    "OrderedBroadcaster",
+    "RedisBroadcaster",
+    "RoomLog",
+    "Slice",
+    "Stamp",
+    "Stamped",
+]

@@ -12,11 +12,23 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from ..protocol import Message
+from ..sequencer import Entry
 
-__all__ = ["Broadcaster", "Deliver", "LinkState"]
+__all__ = [
+    "Broadcaster",
+    "Deliver",
+    "LinkState",
+    "LogSink",
+    "OrderedBroadcaster",
+    "RoomLog",
+    "Slice",
+    "Stamp",
+    "Stamped",
+]
 
 Deliver = Callable[[str | None, bytes], int]
 """Hand a client-ready JSON payload to local members of a room (None: all)."""
@@ -58,3 +70,79 @@ class Broadcaster(Protocol):
 
     def stats(self) -> Mapping[str, object]:
         """Counters and state for ``/ws/stats`` (no secrets)."""
+
+
+# -- room log: offsets, history -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Stamp:
+    """Where a room message landed: its room offset and epoch.
+
+    ``duplicate`` is true when an idempotency key matched an earlier
+    message: nothing new was published and the stamp is the earlier one's.
+    """
+
+    epoch: str
+    offset: int
+    duplicate: bool = False
+
+
+Stamped = Callable[[Stamp | None], None]
+"""Told the outcome of ``RoomLog.append``: the stamp, or None if the
+message could not be stored (link down); called exactly once."""
+
+
+@dataclass(frozen=True, slots=True)
+class Slice:
+    """A read of a room's stored history."""
+
+    epoch: str | None
+    """The room's current epoch (None: the room has no stored state)."""
+    newest: int
+    """The last offset assigned in this epoch (0: none)."""
+    first: int
+    """The oldest offset still stored (``newest + 1`` when none is)."""
+    entries: tuple[Entry, ...]
+    """Stored entries after the offset asked for, oldest first."""
+
+
+class LogSink(Protocol):
+    """Where a room log reports to (the pod's ``Timeline``)."""
+
+    def entry(self, room: str, entry: Entry) -> None:
+        """A room entry reached this pod (its own or another pod's)."""
+
+    def ready(self, room: str) -> None:
+        """Every entry appended to ``room`` from now on will reach ``entry``:
+        after the first subscription and again after each resubscription."""
+
+
+class RoomLog(Protocol):
+    """Per-room offsets and history: the half of a broadcaster that orders.
+
+    ``append`` assigns the room's next offset, stores the message in the
+    room's history and publishes it to every pod, atomically; every pod's
+    sink then gets the entry (the appending pod at the latest when the
+    append completes).
+    """
+
+    def attach(self, sink: LogSink) -> None:
+        """Set where entries and readiness are reported; before ``start``."""
+
+    def append(
+        self, message: Message, done: Stamped, *, idempotency_key: str | None = None
+    ) -> None:
+        """Stamp, store and publish a room message; never blocks or raises
+        for link trouble. ``done`` gets the stamp (or None) in append order."""
+
+    async def read(self, room: str, after: int, limit: int, *, epoch: str | None = None) -> Slice:
+        """Stored entries of ``room`` with offset > ``after`` (at most
+        ``limit``); ``after=-1``: the newest ``limit`` entries. If ``epoch``
+        is given and the room's epoch differs, reads from the start of the
+        current epoch. Raises ``BroadcastError`` when the store cannot be
+        reached."""
+
+
+class OrderedBroadcaster(Broadcaster, RoomLog, Protocol):
+    """A broadcaster that is also the room log (both implementations are)."""

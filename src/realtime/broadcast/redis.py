@@ -23,28 +23,39 @@ Two connections per pod:
 Publishing never raises and never blocks the sender: a message that cannot be
 published is delivered locally anyway, counted in ``publish_failures`` and
 logged once per outage.
+
+It is also the room log (``redis_log.py``): a room message is appended with one
+``EVALSHA`` that stamps it with the room's next offset, stores it in the room's
+capped stream and publishes it, atomically. Appends share the outbox with plain
+publishes, so one pod's messages keep their order. Stamped messages arriving on
+a room channel go to the ``LogSink`` (the timeline) instead of straight to the
+hub; the appending pod gets its own from the script's reply.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import random
 import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from ..exceptions import BroadcastError, StateError
-from ..protocol import Message
-from .base import Deliver, LinkState
+from ..protocol import Message, stamp_body
+from ..sequencer import Entry
+from .base import Deliver, LinkState, LogSink, Slice, Stamped
+from .redis_log import APPEND, READ, RedisRoomLog, parse_stamp
 from .subscriber import RedisAddress, Subscriber, open_subscriber, pack_command
 
 __all__ = ["RedisBroadcaster", "RedisCounters"]
@@ -81,6 +92,26 @@ class RedisCounters:
     """subscriptions rebuilt after a loss"""
     connect_failures: int = 0
     heartbeat_timeouts: int = 0
+    appended: int = 0
+    """room messages stamped, stored and published by the room log script"""
+    append_failures: int = 0
+    """room messages that could not be stored (delivered locally, unstamped)"""
+    history_reads: int = 0
+
+
+@dataclass(slots=True)
+class _Append:
+    """A room message waiting in the outbox to be stamped and published."""
+
+    message: Message
+    channel: bytes
+    done: Stamped
+    idempotency_key: str | None
+    body: bytes
+    """``message.body()``, encoded once for the script and the stamped copy."""
+
+
+_Outgoing = tuple[bytes, bytes] | _Append
 
 
 class RedisBroadcaster:
@@ -98,6 +129,8 @@ class RedisBroadcaster:
         reconnect_max_delay: float = 10.0,
         publish_queue: int = 10_000,
         publish_batch: int = 256,
+        history_length: int = 100,
+        history_ttl: float = 3600.0,
     ) -> None:
         if not pod_id or any(c.isspace() or not c.isprintable() for c in pod_id):
             raise ValueError("pod_id must be non-empty, printable, without white space")
@@ -126,7 +159,14 @@ class RedisBroadcaster:
         self._redis: aioredis.Redis | None = None
         self._connection: AbstractConnection | None = None  # the publisher's, from the pool
         self._subscriber: Subscriber | None = None
-        self._outbox: deque[tuple[bytes, bytes]] = deque()
+        self._outbox: deque[_Outgoing] = deque()
+        self._sink: LogSink | None = None
+        self._log = RedisRoomLog(
+            channel_prefix,
+            pod_id=pod_id,
+            history_length=history_length,
+            history_ttl=history_ttl,
+        )
         self._outbox_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._first_attempt: asyncio.Future[None] | None = None
@@ -212,6 +252,65 @@ class RedisBroadcaster:
         channel = self._global_channel if room is None else self._room_prefix + room.encode()
         self._enqueue(channel, self._own + payload)
 
+    # -- RoomLog ---------------------------------------------------------------
+
+    def attach(self, sink: LogSink) -> None:
+        self._sink = sink
+
+    def append(
+        self, message: Message, done: Stamped, *, idempotency_key: str | None = None
+    ) -> None:
+        room = message.room
+        if room is None:
+            raise ValueError("only room messages are appended to a room log")
+        if self._deliver is None:
+            raise StateError("broadcaster is not running")
+        channel = self._room_prefix + room.encode()
+        if len(self._outbox) >= self._publish_queue:
+            self._publish_failed(1, "the publish queue is full")
+            self.counters.append_failures += 1
+            done(None)
+            return
+        self._outbox.append(_Append(message, channel, done, idempotency_key, message.body()))
+        if not self._outbox_ready.is_set():
+            self._outbox_ready.set()
+
+    async def read(self, room: str, after: int, limit: int, *, epoch: str | None = None) -> Slice:
+        if self._redis is None:
+            raise BroadcastError("broadcaster is not running")
+        command = self._log.read_command(room, after, limit, epoch)
+        self.counters.history_reads += 1
+        try:
+            try:
+                reply = await self._redis.execute_command(*command)  # type: ignore[no-untyped-call]
+            except NoScriptError:
+                await self._load_scripts()
+                reply = await self._redis.execute_command(*command)  # type: ignore[no-untyped-call]
+        except _LINK_ERRORS as exc:
+            raise BroadcastError(f"history read failed: {_describe(exc)}") from exc
+        return self._log.parse_read(reply, after)
+
+    async def run_script(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        """``EVALSHA`` one of our scripts on the command connection, loading it
+        if Redis does not know it; raises ``BroadcastError`` on link trouble."""
+        if self._redis is None:
+            raise BroadcastError("broadcaster is not running")
+        sha = hashlib.sha1(script.encode()).hexdigest()
+        command = ["EVALSHA", sha, len(keys), *keys, *args]
+        try:
+            try:
+                return await self._redis.execute_command(*command)  # type: ignore[no-untyped-call]
+            except NoScriptError:
+                await self._redis.script_load(script)
+                return await self._redis.execute_command(*command)  # type: ignore[no-untyped-call]
+        except _LINK_ERRORS as exc:
+            raise BroadcastError(f"script failed: {_describe(exc)}") from exc
+
+    async def _load_scripts(self) -> None:
+        assert self._redis is not None
+        await self._redis.script_load(APPEND)
+        await self._redis.script_load(READ)
+
     def subscribe(self, room: str) -> None:
         channel = self._room_prefix + room.encode()
         if channel in self._rooms:
@@ -251,6 +350,9 @@ class RedisBroadcaster:
             "heartbeat_timeouts": self.counters.heartbeat_timeouts,
             "last_heartbeat_age": age,
             "subscribed_channels": 0 if subscriber is None else len(subscriber.channels),
+            "appended": self.counters.appended,
+            "append_failures": self.counters.append_failures,
+            "history_reads": self.counters.history_reads,
             "wanted_channels": len(self._rooms) + 1,
         }
 
@@ -271,10 +373,23 @@ class RedisBroadcaster:
             self.counters.malformed += 1
             return
         self.counters.received += 1
+        payload = data[cut + 1 :]
         try:
-            self._deliver(room, data[cut + 1 :])
+            if room is not None and self._sink is not None:
+                stamp = parse_stamp(payload)
+                if stamp is not None:
+                    self._sink.entry(room, Entry(stamp[0], stamp[1], payload))
+                    return
+            self._deliver(room, payload)
         except Exception:  # a bug below us must not cut the link for every room
             log.exception("delivering a message from redis failed (room=%s)", room)
+
+    def _on_subscribed(self, channel: bytes) -> None:
+        """Redis confirmed a subscription: from now on the room's messages
+        reach this pod, so the timeline may read where the room stands."""
+        room = self._rooms.get(channel)
+        if room is not None and self._sink is not None:
+            self._sink.ready(room)
 
     def _wanted(self) -> list[bytes]:
         return [self._pod_channel, *self._rooms]
@@ -288,6 +403,7 @@ class RedisBroadcaster:
                     self._address,
                     self._wanted(),
                     self._on_message,
+                    on_subscribe=self._on_subscribed,
                     client_name=f"chat-api:{self.pod_id}:sub",
                     timeout=self._heartbeat_timeout,
                 )
@@ -416,21 +532,22 @@ class RedisBroadcaster:
                 # redis-py can turn a cancellation into a connection error
                 raise asyncio.CancelledError
 
-    async def _send(self, batch: list[tuple[bytes, bytes]]) -> None:
+    async def _send(self, batch: list[_Outgoing]) -> None:
         """The one place that writes messages to Redis: the whole batch in one
         write on the publisher's own redis-py connection, then its replies.
 
         Skipping redis-py's command and pipeline layers (but keeping its
         connection: TLS, AUTH, timeouts, reconnect) makes a publish about
         2.5x cheaper alone and 2x in batches, measured."""
-        messages = sum(1 for channel, _ in batch if channel is not self._pod_channel)
+        if any(isinstance(item, _Append) for item in batch):
+            await self._send_appends(batch)
+            return
+        plain: list[tuple[bytes, bytes]] = [i for i in batch if not isinstance(i, _Append)]
+        messages = sum(1 for channel, _ in plain if channel is not self._pod_channel)
         try:
-            connection = self._connection
-            if connection is None:
-                assert self._redis is not None
-                connection = self._connection = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+            connection = await self._publisher()
             await connection.send_packed_command(
-                b"".join([pack_command(b"PUBLISH", channel, data) for channel, data in batch]),
+                b"".join([pack_command(b"PUBLISH", channel, data) for channel, data in plain]),
                 check_health=False,
             )
             refused = 0
@@ -452,6 +569,80 @@ class RedisBroadcaster:
         if self._publish_outage:
             self._publish_outage = False
             log.info("publishing to redis works again (pod=%s)", self.pod_id)
+
+    async def _publisher(self) -> AbstractConnection:
+        connection = self._connection
+        if connection is None:
+            assert self._redis is not None
+            connection = self._connection = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        return connection
+
+    async def _send_appends(self, batch: list[_Outgoing]) -> None:
+        """A batch with room messages: ``PUBLISH`` and ``EVALSHA`` commands in
+        one write, then their replies; each append's stamp goes to the
+        timeline, then to its ``done``, in outbox order."""
+        try:
+            replies = await self._roundtrip(batch)
+            if any(isinstance(r, NoScriptError) for r in replies):
+                # Redis lost its script cache (restart, SCRIPT FLUSH): load
+                # and run again what did not run.
+                await self._load_scripts()
+                again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+                retried = await self._roundtrip([batch[i] for i in again])
+                for i, reply in zip(again, retried, strict=True):
+                    replies[i] = reply
+        except _LINK_ERRORS as exc:
+            replies = [exc] * len(batch)
+        failed = 0
+        reason = ""
+        for item, reply in zip(batch, replies, strict=True):
+            if isinstance(reply, BaseException):
+                failed += 1
+                reason = _describe(reply)
+                if isinstance(item, _Append):
+                    self.counters.append_failures += 1
+                    item.done(None)
+                continue
+            if not isinstance(item, _Append):
+                if item[0] != self._pod_channel:
+                    self.counters.published += 1
+                continue
+            stamp = self._log.parse_append(reply)
+            self.counters.appended += 1
+            self.counters.published += 1
+            if not stamp.duplicate and self._sink is not None:
+                room = item.message.room
+                assert room is not None
+                payload = stamp_body(item.body, stamp.epoch, stamp.offset)
+                self._sink.entry(room, Entry(stamp.epoch, stamp.offset, payload))
+            item.done(stamp)
+        if failed:
+            self._publish_failed(failed, reason)
+        elif self._publish_outage:
+            self._publish_outage = False
+            log.info("publishing to redis works again (pod=%s)", self.pod_id)
+
+    async def _roundtrip(self, batch: list[_Outgoing]) -> list[Any]:
+        """Write every command of ``batch`` at once; read one reply each
+        (a refused command's ``ResponseError`` in its place)."""
+        commands = []
+        for item in batch:
+            if isinstance(item, _Append):
+                args = self._log.append_command(
+                    item.message, item.channel, item.idempotency_key, item.body
+                )
+                commands.append(pack_command(*(_arg(a) for a in args)))
+            else:
+                commands.append(pack_command(b"PUBLISH", *item))
+        connection = await self._publisher()
+        await connection.send_packed_command(b"".join(commands), check_health=False)
+        replies: list[Any] = []
+        for _ in batch:
+            try:
+                replies.append(await connection.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+        return replies
 
     def _publish_failed(self, count: int, reason: str) -> None:
         self.counters.publish_failures += count
@@ -477,3 +668,9 @@ def _describe(exc: BaseException) -> str:
     if not text and isinstance(exc, TimeoutError):
         text = "no answer in time"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _arg(value: object) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    return str(value).encode()

@@ -94,9 +94,12 @@ class Subscriber(asyncio.Protocol):
     whatever reason (``lost_reason`` says which).
     """
 
-    def __init__(self, on_message: OnMessage) -> None:
+    def __init__(
+        self, on_message: OnMessage, on_subscribe: Callable[[bytes], None] | None = None
+    ) -> None:
         loop = asyncio.get_running_loop()
         self._on_message = on_message
+        self._on_subscribe = on_subscribe
         self._reader = hiredis.Reader()
         self._transport: asyncio.Transport | None = None
         self.channels: set[bytes] = set()
@@ -121,6 +124,8 @@ class Subscriber(asyncio.Protocol):
                         on_message(reply[1], reply[2])
                     elif kind == b"subscribe":
                         self.channels.add(reply[1])
+                        if self._on_subscribe is not None:
+                            self._on_subscribe(reply[1])
                     elif kind == b"unsubscribe":
                         self.channels.discard(reply[1])
                     elif kind == b"pong" and not self.ready.done():
@@ -206,6 +211,7 @@ async def open_subscriber(
     channels: Iterable[bytes],
     on_message: OnMessage,
     *,
+    on_subscribe: Callable[[bytes], None] | None = None,
     client_name: str,
     timeout: float,
 ) -> Subscriber:
@@ -219,7 +225,7 @@ async def open_subscriber(
 
     def factory() -> Subscriber:
         nonlocal subscriber
-        subscriber = Subscriber(on_message)
+        subscriber = Subscriber(on_message, on_subscribe)
         return subscriber
 
     try:

@@ -1,0 +1,233 @@
+"""Per-room ordering: a room's messages in offset order, no gap, no duplicate.
+
+Pure: no sockets, no awaits, no clock of its own (callers pass ``now``).
+Every room message carries an ``epoch`` (which changes when the room's
+stored state is lost) and an ``offset`` that grows by exactly one per
+message. A pod feeds a ``RoomSequencer`` with whatever reaches it — its own
+publish replies, pub/sub messages from other pods, history reads — in any
+order and any number of times, and gets back the entries it may deliver now,
+in order. When offset n+2 arrives before n+1 the sequencer holds n+2 and
+reports a gap; the caller fills it from history after a bounded wait
+(``fill``), and, if history no longer has it either, the sequencer skips it
+and counts it as lost.
+
+It also remembers the last ``keep`` delivered entries, so a client joining
+or resuming in a busy room is usually served without a history read.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+__all__ = ["Entry", "RoomSequencer", "SequencerState", "Step"]
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One room message: its place in the room and its client-ready JSON."""
+
+    epoch: str
+    offset: int
+    payload: bytes
+
+
+@dataclass(slots=True)
+class Step:
+    """What the caller must do after feeding the sequencer."""
+
+    deliver: list[Entry] = field(default_factory=list)
+    """Entries to hand to the room's members now, in this order."""
+    epoch_changed: bool = False
+    """The room's epoch changed: tell members before delivering ``deliver``."""
+    lost: int = 0
+    """Offsets skipped because nothing could supply them any more."""
+    skipped_at: int | None = None
+    """Index in ``deliver`` where the skip happened (members should be told
+    before the entries from there on); ``skipped_to`` the offset skipped to."""
+    skipped_to: int = 0
+
+
+class SequencerState(enum.Enum):
+    SYNCING = "syncing"
+    """The room's position is not known yet: everything offered is held."""
+    LIVE = "live"
+    """Delivering in order; nothing is missing."""
+    HOLDING = "holding"
+    """An offset is missing: later ones are held until it arrives."""
+
+
+class RoomSequencer:
+    """Ordering buffer and recent-message memory of one room on one pod."""
+
+    __slots__ = (
+        "_pending",
+        "_recent",
+        "duplicates",
+        "epoch",
+        "gap_since",
+        "last",
+        "lost",
+        "max_pending",
+        "state",
+    )
+
+    def __init__(self, keep: int, *, max_pending: int = 10_000) -> None:
+        self.state = SequencerState.SYNCING
+        self.epoch: str | None = None
+        """The room's epoch as far as this pod knows (None: no message yet)."""
+        self.last = 0
+        """Offset of the last entry delivered (or of the baseline)."""
+        self.gap_since: float | None = None
+        """When the current gap was first seen (None: no gap)."""
+        self.max_pending = max_pending
+        self.duplicates = 0
+        self.lost = 0
+        self._pending: dict[int, Entry] = {}
+        self._recent: deque[Entry] = deque(maxlen=max(keep, 1))
+
+    # -- feeding ----------------------------------------------------------
+
+    def start(
+        self, epoch: str | None, last: int, tail: Iterable[Entry] = (), *, now: float = 0.0
+    ) -> Step:
+        """Set where the room stands (from the store): its epoch, the last
+        offset assigned, and the stored tail (oldest first, up to ``last``).
+
+        Called once the pod is sure to receive every later entry. Entries
+        held while syncing reached the pod after it subscribed: they are news
+        for members already in the room and are delivered, with any stored
+        entry between them and the baseline.
+        """
+        step = Step()
+        if self.state is not SequencerState.SYNCING:
+            # A resync after the link came back: treat it as a fill.
+            return self.fill(epoch, tail, newest=last, now=now)
+        tail = [e for e in tail if e.epoch == epoch and e.offset <= last]
+        held = sorted(
+            (e for e in self._pending.values() if e.epoch == epoch), key=lambda e: e.offset
+        )
+        self._pending.clear()
+        self.epoch = epoch
+        self.last = min(last, held[0].offset - 1) if held else last
+        self._recent.clear()
+        for entry in tail:
+            if entry.offset <= self.last:
+                self._recent.append(entry)
+        self.state = SequencerState.LIVE
+        for entry in [*tail, *held]:
+            if entry.offset > self.last:
+                self._offer(entry, now, step)
+        return step
+
+    def offer(self, entry: Entry, now: float) -> Step:
+        """A room entry reached this pod, from any source."""
+        step = Step()
+        if self.state is SequencerState.SYNCING:
+            if len(self._pending) < self.max_pending:
+                self._pending.setdefault(entry.offset, entry)
+            return step
+        self._offer(entry, now, step)
+        return step
+
+    def fill(
+        self,
+        epoch: str | None,
+        entries: Iterable[Entry],
+        *,
+        newest: int,
+        now: float,
+    ) -> Step:
+        """Entries read from the store after a gap (oldest first).
+
+        The read must cover everything after ``last`` up to the highest held
+        offset. ``newest`` is the last offset the store has assigned. Offsets
+        the store no longer has are skipped and counted in ``Step.lost``.
+        """
+        step = Step()
+        if self.state is SequencerState.SYNCING:
+            return self.start(epoch, newest, entries, now=now)
+        for entry in entries:
+            if entry.epoch == epoch:
+                self._offer(entry, now, step)
+        if self._pending:
+            # The store writes an offset before any later one is published,
+            # so what it did not return is gone for good (evicted, expired or
+            # flushed): skip it rather than hold the room forever.
+            self._skip_to(min(self._pending) - 1, now, step)
+        return step
+
+    def skip_gap(self, now: float) -> Step:
+        """Give up on the current gap: deliver what is held after it."""
+        step = Step()
+        if self._pending:
+            self._skip_to(min(self._pending) - 1, now, step)
+        return step
+
+    def _offer(self, entry: Entry, now: float, step: Step) -> None:
+        if entry.epoch != self.epoch:
+            if self.epoch is not None:
+                step.epoch_changed = True
+            # A new epoch starts at offset 1: every entry of it is news.
+            self.epoch = entry.epoch
+            self.last = 0
+            self._recent.clear()
+            self._pending = {o: e for o, e in self._pending.items() if e.epoch == entry.epoch}
+        if entry.offset <= self.last or entry.offset in self._pending:
+            self.duplicates += 1
+            return
+        self._pending[entry.offset] = entry
+        self._drain(now, step)
+        if len(self._pending) > self.max_pending:
+            self._skip_to(min(self._pending) - 1, now, step)
+
+    def _skip_to(self, offset: int, now: float, step: Step) -> None:
+        missed = offset - self.last
+        if missed > 0:
+            self.lost += missed
+            step.lost += missed
+            if step.skipped_at is None:
+                step.skipped_at = len(step.deliver)
+            step.skipped_to = offset
+            self.last = offset
+        self._drain(now, step)
+
+    def _drain(self, now: float, step: Step) -> None:
+        while (entry := self._pending.pop(self.last + 1, None)) is not None:
+            self.last = entry.offset
+            self._recent.append(entry)
+            step.deliver.append(entry)
+        if self._pending:
+            self.state = SequencerState.HOLDING
+            if self.gap_since is None:
+                self.gap_since = now
+        else:
+            self.state = SequencerState.LIVE
+            self.gap_since = None
+
+    # -- queries ------------------------------------------------------------
+
+    @property
+    def synced(self) -> bool:
+        return self.state is not SequencerState.SYNCING
+
+    @property
+    def held(self) -> int:
+        return len(self._pending)
+
+    def gap(self) -> tuple[int, int] | None:
+        """``(last delivered, highest held)`` while holding, else None."""
+        if not self._pending:
+            return None
+        return self.last, max(self._pending)
+
+    def since(self, after: int) -> list[Entry] | None:
+        """Delivered entries with offset > ``after``, oldest first, from
+        memory; None if memory does not reach back that far."""
+        if after >= self.last:
+            return []
+        if not self._recent or self._recent[0].offset > after + 1:
+            return None
+        return [e for e in self._recent if e.offset > after]

@@ -1,0 +1,182 @@
+"""Room offsets, history on join and resume, against real local-only pods."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+
+from .conftest import PodFactory
+from .support import Pod, connect, recv, recv_type, send
+
+
+async def messages(ws: aiohttp.ClientWebSocketResponse, n: int) -> list[dict[str, Any]]:
+    """The next ``n`` message frames (other frames are skipped)."""
+    return [await recv_type(ws, "message") for _ in range(n)]
+
+
+async def send_many(ws: aiohttp.ClientWebSocketResponse, texts: list[str]) -> None:
+    for text in texts:
+        await send(ws, {"type": "message", "data": text})
+
+
+async def test_room_messages_carry_consecutive_offsets_and_acks_say_which(
+    pod: Pod, session: aiohttp.ClientSession
+) -> None:
+    ws, _ = await connect(session, pod.ws_url("offsets", history="10"))
+    sync = await recv_type(ws, "sync")
+    assert sync == {
+        "type": "sync",
+        "room": "offsets",
+        "epoch": None,
+        "offset": 0,
+        "replayed": 0,
+        "complete": True,
+    }
+    await send(ws, {"type": "message", "data": "a", "ref": 1})
+    await send(ws, {"type": "message", "data": "b", "ref": 2})
+    frames = [await recv(ws) for _ in range(4)]
+    got = [f for f in frames if f["type"] == "message"]
+    acks = [f for f in frames if f["type"] == "ack"]
+    assert [m["offset"] for m in got] == [1, 2]
+    epoch = got[0]["epoch"]
+    assert isinstance(epoch, str)
+    assert got[1]["epoch"] == epoch
+    assert [(a["ref"], a["offset"], a["epoch"]) for a in acks] == [(1, 1, epoch), (2, 2, epoch)]
+    await ws.close()
+
+
+async def test_history_on_join_then_live(pod: Pod, session: aiohttp.ClientSession) -> None:
+    a, _ = await connect(session, pod.ws_url("hist"))
+    await send_many(a, [f"m{i}" for i in range(1, 6)])
+    await messages(a, 5)
+    b, _ = await connect(session, pod.ws_url("hist", history="3"))
+    sync = await recv_type(b, "sync")
+    assert (sync["replayed"], sync["first"], sync["offset"], sync["complete"]) == (3, 3, 5, True)
+    assert [m["data"] for m in await messages(b, 3)] == ["m3", "m4", "m5"]
+    await send(a, {"type": "message", "data": "m6"})
+    assert (await recv_type(b, "message"))["offset"] == 6
+    await a.close()
+    await b.close()
+
+
+async def test_resume_gets_exactly_what_was_missed(
+    pod: Pod, session: aiohttp.ClientSession
+) -> None:
+    sender, _ = await connect(session, pod.ws_url("resume"))
+    reader, _ = await connect(session, pod.ws_url("resume"))
+    await send_many(sender, ["1", "2", "3"])
+    seen = await messages(reader, 3)
+    last, epoch = seen[-1]["offset"], seen[-1]["epoch"]
+    await reader.close()
+    await send_many(sender, ["4", "5", "6", "7"])
+    await messages(sender, 7)
+    back, _ = await connect(session, pod.ws_url("resume", since=str(last), epoch=epoch))
+    sync = await recv_type(back, "sync")
+    assert (sync["complete"], sync["replayed"], sync["offset"]) == (True, 4, 7)
+    assert [m["data"] for m in await messages(back, 4)] == ["4", "5", "6", "7"]
+    await send(sender, {"type": "message", "data": "8"})
+    assert (await recv_type(back, "message"))["data"] == "8"
+    await sender.close()
+    await back.close()
+
+
+async def test_resume_with_a_join_frame_on_another_connection(
+    pod: Pod, session: aiohttp.ClientSession
+) -> None:
+    sender, _ = await connect(session, pod.ws_url("later"))
+    await send_many(sender, ["1", "2", "3"])
+    first = await messages(sender, 3)
+    ws, _ = await connect(session, pod.ws_url())
+    await send(ws, {"type": "join", "room": "later", "since": 1, "epoch": first[0]["epoch"]})
+    assert (await recv_type(ws, "joined"))["room"] == "later"
+    sync = await recv_type(ws, "sync")
+    assert (sync["complete"], sync["replayed"]) == (True, 2)
+    assert [m["offset"] for m in await messages(ws, 2)] == [2, 3]
+    await sender.close()
+    await ws.close()
+
+
+async def test_window_exceeded_is_told(
+    pod_factory: PodFactory, session: aiohttp.ClientSession
+) -> None:
+    pod = pod_factory({"HISTORY_LENGTH": "5"})
+    sender, _ = await connect(session, pod.ws_url("small"))
+    await send_many(sender, [str(i) for i in range(1, 13)])
+    got = await messages(sender, 12)
+    back, _ = await connect(session, pod.ws_url("small", since="2", epoch=got[0]["epoch"]))
+    sync = await recv_type(back, "sync")
+    assert sync["complete"] is False
+    assert sync["reason"] == "window_exceeded"
+    assert (sync["replayed"], sync["first"]) == (5, 8)
+    assert [m["offset"] for m in await messages(back, 5)] == [8, 9, 10, 11, 12]
+    await sender.close()
+    await back.close()
+
+
+async def test_epoch_change_after_a_restart_is_told(
+    pod: Pod, session: aiohttp.ClientSession
+) -> None:
+    ws, _ = await connect(session, pod.ws_url("reboot"))
+    await send(ws, {"type": "message", "data": "before"})
+    before = await recv_type(ws, "message")
+    await ws.close()
+    pod.stop()
+    pod.restart()
+    ws, _ = await connect(session, pod.ws_url("reboot"))
+    await send(ws, {"type": "message", "data": "after"})
+    await recv_type(ws, "message")
+    back, _ = await connect(
+        session, pod.ws_url("reboot", since=str(before["offset"]), epoch=before["epoch"])
+    )
+    sync = await recv_type(back, "sync")
+    assert sync["complete"] is False
+    assert sync["reason"] == "epoch_changed"
+    assert sync["epoch"] != before["epoch"]
+    # What the new epoch has kept is sent, from its start.
+    assert [m["data"] for m in await messages(back, sync["replayed"])] == ["after"]
+    await ws.close()
+    await back.close()
+
+
+async def test_bad_catchup_parameters_are_refused(pod: Pod, session: aiohttp.ClientSession) -> None:
+    async with asyncio.timeout(10):
+        async with session.get(pod.ws_url("x", since="-1").replace("ws:", "http:")) as resp:
+            assert resp.status == 400
+    ws, _ = await connect(session, pod.ws_url())
+    await send(ws, {"type": "join", "room": "x", "since": 1, "history": 2, "ref": 9})
+    error = await recv_type(ws, "error")
+    assert (error["code"], error["ref"]) == ("invalid_frame", 9)
+    await ws.close()
+
+
+async def test_history_on_join_during_traffic_has_no_gap_or_duplicate(
+    pod: Pod, session: aiohttp.ClientSession
+) -> None:
+    sender, _ = await connect(session, pod.ws_url("busy"))
+    total = 300
+
+    async def flood() -> None:
+        for i in range(1, total + 1):
+            await send(sender, {"type": "message", "data": i})
+            if i % 20 == 0:
+                await asyncio.sleep(0.001)  # let the joiners in mid-flood
+
+    async def joiner() -> list[int]:
+        ws, _ = await connect(session, pod.ws_url("busy", history="50"))
+        sync = await recv_type(ws, "sync")
+        got = [m["offset"] for m in await messages(ws, sync["replayed"])]
+        while not got or got[-1] < total:
+            frame = await recv(ws)
+            if frame.get("type") == "message":
+                got.append(frame["offset"])
+        await ws.close()
+        return got
+
+    flooding = asyncio.create_task(flood())
+    results = await asyncio.wait_for(asyncio.gather(*(joiner() for _ in range(4))), 30)
+    await flooding
+    for got in results:
+        assert got == list(range(got[0], total + 1))
+    await sender.close()

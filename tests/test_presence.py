@@ -1,0 +1,93 @@
+"""Presence: lists, join/leave events, and cleanup after a pod is killed."""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+
+from .conftest import PodFactory, redis_pod_env
+from .support import Pod, connect, get_json, recv_type, send
+
+
+async def presence_of(ws: aiohttp.ClientWebSocketResponse, room: str) -> list[dict[str, Any]]:
+    await send(ws, {"type": "presence", "room": room, "ref": "p"})
+    frame = await recv_type(ws, "presence")
+    assert frame["room"] == room
+    assert frame["ref"] == "p"
+    members: list[dict[str, Any]] = frame["members"]
+    return members
+
+
+async def event_for(ws: aiohttp.ClientWebSocketResponse, kind: str, name: str) -> dict[str, Any]:
+    while True:
+        frame = await recv_type(ws, kind)
+        if frame["user"]["name"] == name:
+            return frame
+
+
+async def test_presence_list_events_and_route_on_one_pod(
+    pod: Pod, session: aiohttp.ClientSession
+) -> None:
+    before = int(time.time() * 1000)
+    ann, wa = await connect(session, pod.ws_url("lobby", name="Ann"))
+    bob, wb = await connect(session, pod.ws_url("lobby", name="Bob"))
+    joined = await event_for(ann, "member_joined", "Bob")
+    assert joined["room"] == "lobby"
+    assert joined["user"] == wb["user"]
+    assert joined["ts"] >= before
+    members = await presence_of(ann, "lobby")
+    assert [(m["id"], m["name"]) for m in members] == [
+        (wa["user"]["id"], "Ann"),
+        (wb["user"]["id"], "Bob"),
+    ]
+    assert all(m["since"] >= before for m in members)
+    listed = await get_json(session, f"{pod.base}/api/chat-api/rooms/lobby/presence")
+    assert listed == {"room": "lobby", "members": members}
+    await bob.close()
+    left = await event_for(ann, "member_left", "Bob")
+    assert left["user"] == wb["user"]
+    assert [m["name"] for m in await presence_of(ann, "lobby")] == ["Ann"]
+    await ann.close()
+
+
+async def test_presence_of_a_room_not_joined_is_refused(
+    pod: Pod, session: aiohttp.ClientSession
+) -> None:
+    ws, _ = await connect(session, pod.ws_url("lobby"))
+    await send(ws, {"type": "presence", "room": "elsewhere", "ref": 3})
+    error = await recv_type(ws, "error")
+    assert (error["code"], error["ref"]) == ("not_in_room", 3)
+    await ws.close()
+
+
+@pytest.mark.slow
+async def test_presence_across_pods_and_cleanup_after_kill(
+    pod_factory: PodFactory,
+    session: aiohttp.ClientSession,
+    shared_redis_url: str,
+    channel_prefix: str,
+) -> None:
+    ttl = 1.5
+    env = redis_pod_env(shared_redis_url, channel_prefix, PRESENCE_TTL=str(ttl))
+    a, b = pod_factory(env, name="pod-a"), pod_factory(env, name="pod-b")
+    ann, _ = await connect(session, a.ws_url("lobby", name="Ann"))
+    bob, wb = await connect(session, b.ws_url("lobby", name="Bob"))
+    await event_for(ann, "member_joined", "Bob")
+    await event_for(bob, "member_joined", "Bob")  # Bob's pod delivers its own events too
+    names = sorted(m["name"] for m in await presence_of(ann, "lobby"))
+    assert names == ["Ann", "Bob"]
+    listed = await get_json(session, f"{b.base}/api/chat-api/rooms/lobby/presence")
+    assert sorted(m["name"] for m in listed["members"]) == ["Ann", "Bob"]
+
+    b.signal(signal.SIGKILL)
+    killed = time.monotonic()
+    left = await event_for(ann, "member_left", "Bob")
+    assert left["user"] == wb["user"]
+    # Documented bound: PRESENCE_TTL plus one refresh period (a third of it).
+    assert time.monotonic() - killed < ttl + ttl / 3 + 1.0
+    assert [m["name"] for m in await presence_of(ann, "lobby")] == ["Ann"]
+    await ann.close()

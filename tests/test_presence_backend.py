@@ -1,0 +1,104 @@
+"""Presence backends in-process: memory, and the Redis scripts on a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+import pytest
+
+from realtime import Member, MemoryPresence, PresenceBackend, RedisBroadcaster
+from realtime.broadcast.redis_presence import RedisPresence
+from realtime.presence import PRESENCE_BURST
+
+from .support import eventually
+
+Make = Callable[..., PresenceBackend]
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def make(request: pytest.FixtureRequest, channel_prefix: str) -> AsyncIterator[Make]:
+    started: list[RedisBroadcaster] = []
+
+    async def factory(pod_id: str = "pod-a", ttl: float = 5.0) -> PresenceBackend:
+        if request.param == "memory":
+            return MemoryPresence()
+        broadcaster = RedisBroadcaster(
+            request.getfixturevalue("shared_redis_url"),
+            pod_id=pod_id,
+            channel_prefix=channel_prefix,
+        )
+        await broadcaster.start(lambda room, payload: 0)
+        started.append(broadcaster)
+        return RedisPresence(broadcaster, ttl=ttl)
+
+    yield factory  # type: ignore[misc]
+    for broadcaster in started:
+        async with asyncio.timeout(5):
+            await broadcaster.stop()
+
+
+def users(n: int, start: int = 0) -> list[Member]:
+    return [Member(f"u{i}", f"user {i}", 1_700_000_000_000 + i) for i in range(start, start + n)]
+
+
+def decoded(events: list[bytes]) -> list[dict[str, Any]]:
+    return [orjson.loads(e) for e in events]
+
+
+async def test_joins_and_leaves_become_events(make: Make) -> None:
+    backend = await make()
+    joined = decoded(await backend.sync("r", users(2), []))
+    assert [(e["type"], e["user"]["id"]) for e in joined] == [
+        ("member_joined", "u0"),
+        ("member_joined", "u1"),
+    ]
+    assert {"room", "ts"} <= joined[0].keys()
+    assert [m.id for m in await backend.members("r")] == ["u0", "u1"]
+    left = decoded(await backend.sync("r", [], ["u0"]))
+    assert [(e["type"], e["user"]) for e in left] == [
+        ("member_left", {"id": "u0", "name": "user 0"})
+    ]
+    assert await backend.members("r") == users(1, 1)
+
+
+async def test_a_burst_becomes_one_member_list(make: Make) -> None:
+    backend = await make()
+    events = decoded(await backend.sync("r", users(PRESENCE_BURST + 2), []))
+    assert len(events) == 1
+    assert events[0]["type"] == "presence"
+    assert events[0]["room"] == "r"
+    assert events[0]["members"] == [m.as_json() for m in users(PRESENCE_BURST + 2)]
+
+
+async def test_a_user_on_two_pods_joins_and_leaves_once(make: Make) -> None:
+    a, b = await make("pod-a"), await make("pod-b")
+    if isinstance(a, MemoryPresence):
+        pytest.skip("one pod only in local-only mode")
+    ann = users(1)
+    assert len(await a.sync("r", ann, [])) == 1
+    assert await b.sync("r", ann, []) == []  # already in the room, on pod-a
+    assert await a.sync("r", [], ["u0"]) == []  # still in it, on pod-b
+    assert len(await b.sync("r", [], ["u0"])) == 1
+
+
+async def test_a_dead_pods_users_are_pruned_with_member_left(make: Make) -> None:
+    dead, alive = await make("pod-dead", ttl=0.3), await make("pod-alive", ttl=0.3)
+    if isinstance(dead, MemoryPresence):
+        pytest.skip("one pod only in local-only mode")
+    await dead.sync("r", users(2), [])
+    await alive.sync("r", users(1, 5), [])
+
+    pruned: list[dict[str, Any]] = []
+
+    async def pruned_both() -> bool:  # the live pod refreshes; the dead one cannot
+        pruned.extend(decoded([e for _, e in await alive.refresh(["r"])]))
+        return len(pruned) >= 2
+
+    await eventually(pruned_both, timeout=5)
+    assert sorted(e["user"]["id"] for e in pruned) == ["u0", "u1"]
+    assert {e["type"] for e in pruned} == {"member_left"}
+    assert [m.id for m in await alive.members("r")] == ["u5"]
+    assert await alive.refresh(["r"]) == []

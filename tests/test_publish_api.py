@@ -1,0 +1,133 @@
+"""POST /api/chat-api/rooms/{room}/messages: backends publish into rooms."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import pytest
+
+from .conftest import PodFactory, redis_pod_env
+from .support import Pod, connect, recv_type
+
+KEY = "s3cret-key"
+
+
+async def post(
+    session: aiohttp.ClientSession,
+    pod: Pod,
+    room: str,
+    body: Any,
+    *,
+    key: str | None = KEY,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
+    all_headers = dict(headers or {})
+    if key is not None:
+        all_headers["Authorization"] = f"Bearer {key}"
+    url = f"{pod.base}/api/chat-api/rooms/{room}/messages"
+    async with asyncio.timeout(10), session.post(url, json=body, headers=all_headers) as resp:
+        return resp.status, await resp.json()
+
+
+@pytest.fixture
+def keyed_pod(pod_factory: PodFactory) -> Pod:
+    return pod_factory({"PUBLISH_API_KEY": KEY})
+
+
+async def test_publish_reaches_members_with_an_offset(
+    keyed_pod: Pod, session: aiohttp.ClientSession
+) -> None:
+    ws, _ = await connect(session, keyed_pod.ws_url("news"))
+    status, reply = await post(session, keyed_pod, "news", {"data": {"text": "hello"}})
+    assert status == 201
+    frame = await recv_type(ws, "message")
+    assert frame["data"] == {"text": "hello"}
+    assert frame["from"] == {"id": "server", "name": "server"}
+    assert (frame["id"], frame["offset"], frame["epoch"]) == (
+        reply["id"],
+        reply["offset"],
+        reply["epoch"],
+    )
+    assert reply["duplicate"] is False
+    await ws.close()
+
+
+async def test_idempotency_key_delivers_a_retry_once(
+    keyed_pod: Pod, session: aiohttp.ClientSession
+) -> None:
+    ws, _ = await connect(session, keyed_pod.ws_url("news"))
+    body = {"data": "once", "from": {"id": "billing", "name": "Billing"}}
+    headers = {"Idempotency-Key": "order-42"}
+    first = await post(session, keyed_pod, "news", body, headers=headers)
+    again = await post(session, keyed_pod, "news", body, headers=headers)
+    in_body = await post(session, keyed_pod, "news", {**body, "idempotency_key": "order-42"})
+    assert first[0] == 201
+    assert again[0] == in_body[0] == 200
+    assert again[1] == in_body[1] == {**first[1], "duplicate": True}
+    status, _ = await post(session, keyed_pod, "news", {"data": "next"})
+    assert status == 201
+    frames = [await recv_type(ws, "message") for _ in range(2)]
+    assert [f["data"] for f in frames] == ["once", "next"]  # the retries sent nothing
+    assert frames[0]["from"] == {"id": "billing", "name": "Billing"}
+    await ws.close()
+
+
+async def test_without_idempotency_key_each_request_publishes(
+    keyed_pod: Pod, session: aiohttp.ClientSession
+) -> None:
+    replies = [await post(session, keyed_pod, "news", {"data": "x"}) for _ in range(2)]
+    assert [r[1]["offset"] for r in replies] == [1, 2]
+
+
+async def test_key_is_required_and_checked(
+    keyed_pod: Pod, pod: Pod, session: aiohttp.ClientSession
+) -> None:
+    assert (await post(session, keyed_pod, "news", {"data": 1}, key=None))[0] == 401
+    assert (await post(session, keyed_pod, "news", {"data": 1}, key="wrong"))[0] == 401
+    status, reply = await post(session, pod, "news", {"data": 1})  # no key set: off
+    assert status == 404
+    assert reply["error"] == "disabled"
+
+
+@pytest.mark.parametrize(
+    ("room", "body", "code"),
+    [
+        ("bad%20room", {"data": 1}, "invalid_room"),
+        ("news", {"text": 1}, "missing_data"),
+        ("news", [1], "missing_data"),
+        ("news", {"data": 1, "from": "me"}, "invalid_from"),
+        ("news", {"data": 1, "idempotency_key": "has space"}, "invalid_idempotency_key"),
+    ],
+)
+async def test_bad_requests_are_refused(
+    keyed_pod: Pod, session: aiohttp.ClientSession, room: str, body: Any, code: str
+) -> None:
+    status, reply = await post(session, keyed_pod, room, body)
+    assert (status, reply["error"]) == (400, code)
+
+
+@pytest.mark.slow
+async def test_publish_on_one_pod_reaches_another_and_its_history(
+    pod_factory: PodFactory,
+    session: aiohttp.ClientSession,
+    shared_redis_url: str,
+    channel_prefix: str,
+) -> None:
+    env = redis_pod_env(shared_redis_url, channel_prefix, PUBLISH_API_KEY=KEY)
+    a, b = pod_factory(env, name="pod-a"), pod_factory(env, name="pod-b")
+    ws, _ = await connect(session, b.ws_url("news"))
+    headers = {"Idempotency-Key": "k1"}
+    status, reply = await post(session, a, "news", {"data": "across"}, headers=headers)
+    assert status == 201
+    frame = await recv_type(ws, "message")
+    assert (frame["data"], frame["offset"]) == ("across", reply["offset"])
+    # A retry on the other pod is still a duplicate: the key lives in Redis.
+    status, again = await post(session, b, "news", {"data": "across"}, headers=headers)
+    assert (status, again["offset"], again["duplicate"]) == (200, reply["offset"], True)
+    late, _ = await connect(session, a.ws_url("news", history="10"))
+    assert (await recv_type(late, "sync"))["replayed"] == 1
+    assert (await recv_type(late, "message"))["data"] == "across"
+    await ws.close()
+    await late.close()

@@ -1,0 +1,274 @@
+"""The chat page, in a real headless Chromium (Debian's) driven by Playwright.
+
+Each test saves a screenshot of every page it opened under
+``test-artifacts/web/``. Without ``/usr/bin/chromium`` (``make test``
+installs it when it can) these tests skip, loudly.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import orjson
+import pytest
+from playwright.sync_api import Browser, Dialog, Locator, Page, expect, sync_playwright
+from websockets.sync.client import connect as ws_connect
+
+from .conftest import PodFactory, redis_pod_env
+from .support import Pod
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts" / "web"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+DESKTOP = {"width": 1000, "height": 640}
+PHONE = {"width": 390, "height": 760}
+XSS = "<img src=x onerror=alert(1)>"
+
+pytestmark = pytest.mark.slow
+expect.set_options(timeout=15_000)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """One headless Chromium for the whole module."""
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(
+            f"BROWSER TESTS NOT RUN: {CHROMIUM} is missing. Install Debian's chromium "
+            "package (`make test` does so when it runs as root with apt-get)."
+        )
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@dataclass
+class Tab:
+    """A page in its own browser context, with what it did that it should not."""
+
+    label: str
+    page: Page
+    dialogs: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+OpenPage = Callable[..., Tab]
+
+
+@pytest.fixture
+def open_page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[OpenPage]:
+    """Open pages (each its own context, so its own storage); afterwards save a
+    screenshot of each and check that none raised a dialog or a script error."""
+    tabs: list[Tab] = []
+
+    def open_(label: str, viewport: dict[str, int] = DESKTOP) -> Tab:
+        context = browser.new_context(viewport=viewport)  # type: ignore[arg-type]
+        tab = Tab(label, context.new_page())
+
+        def on_dialog(dialog: Dialog) -> None:
+            tab.dialogs.append(f"{dialog.type}: {dialog.message}")
+            dialog.dismiss()
+
+        tab.page.on("dialog", on_dialog)
+        tab.page.on("pageerror", lambda exc: tab.errors.append(str(exc)))
+        tabs.append(tab)
+        return tab
+
+    yield open_
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for tab in tabs:
+        tab.page.screenshot(path=ARTIFACTS / f"{request.node.name}-{tab.label}.png")
+        tab.page.context.close()
+    for tab in tabs:
+        assert tab.dialogs == [], f"{tab.label}: a dialog opened: {tab.dialogs}"
+        assert tab.errors == [], f"{tab.label}: script errors: {tab.errors}"
+
+
+def chat(tab: Tab, pod: Pod, name: str, room: str = "general") -> Page:
+    """Open the page as ``name`` in ``room`` (from the address) and wait until live."""
+    page = tab.page
+    page.goto(f"{pod.base}/?name={quote(name)}#{room}")
+    expect(page.locator("#status")).to_have_attribute("data-state", "live")
+    return page
+
+
+def say(page: Page, text: str) -> None:
+    page.get_by_label("Message", exact=True).fill(text)
+    page.get_by_label("Message", exact=True).press("Enter")
+
+
+def message(page: Page, text: str, *, own: bool | None = None) -> Locator:
+    """The locator of the confirmed message with ``text``."""
+    css = "#log li.msg[data-id]"
+    if own is True:
+        css += ".own"
+    elif own is False:
+        css += ":not(.own)"
+    return page.locator(css).filter(has=page.locator(".text", has_text=text))
+
+
+def test_two_pages_chat_both_ways(pod: Pod, open_page: OpenPage) -> None:
+    # Alice uses the form, on a phone-sized screen, with the keyboard only.
+    alice = open_page("alice", PHONE).page
+    alice.goto(pod.base + "/")
+    expect(alice.locator("#status")).to_have_attribute("data-state", "idle")
+    expect(alice.get_by_label("Display name", exact=True)).to_be_focused()
+    alice.keyboard.type("alice")
+    alice.keyboard.press("Tab")
+    expect(alice.get_by_label("Room", exact=True)).to_be_focused()
+    alice.keyboard.press("Control+A")
+    alice.keyboard.type("lobby")
+    alice.keyboard.press("Enter")
+    expect(alice.locator("#status")).to_have_attribute("data-state", "live")
+    expect(alice.get_by_label("Message", exact=True)).to_be_focused()
+    assert alice.evaluate("location.hash") == "#lobby"
+
+    bob = chat(open_page("bob"), pod, "bob", "lobby")
+
+    say(alice, "hello bob")
+    expect(message(bob, "hello bob", own=False).locator(".from")).to_have_text("alice")
+    expect(message(alice, "hello bob", own=True)).to_have_count(1)
+    say(bob, "hi alice\nsecond line")
+    expect(message(alice, "hi alice", own=False).locator(".from")).to_have_text("bob")
+    expect(message(bob, "hi alice", own=True)).to_have_count(1)
+    expect(message(alice, "hi alice").locator(".text")).to_have_text("hi alice\nsecond line")
+
+    for page in (alice, bob):
+        for item in page.locator("#log li.msg").all():
+            expect(item.locator("time.ts")).to_have_text(re.compile(r"\d"))
+        # No error lines: a server without presence (or with it) is handled quietly.
+        expect(page.locator("#log .system.error")).to_have_count(0)
+    # Nothing sticks out sideways on the phone.
+    assert alice.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+
+
+def test_two_pages_on_two_pods_chat_through_redis(
+    pod_factory: PodFactory, shared_redis_url: str, channel_prefix: str, open_page: OpenPage
+) -> None:
+    env = redis_pod_env(shared_redis_url, channel_prefix)
+    pods = [pod_factory(env, name="pod-a"), pod_factory(env, name="pod-b")]
+    alice = chat(open_page("alice"), pods[0], "alice", "lobby")
+    bob = chat(open_page("bob", PHONE), pods[1], "bob", "lobby")
+    expect(alice.locator("#status")).to_have_attribute("title", "connected to pod pod-a")
+    expect(bob.locator("#status")).to_have_attribute("title", "connected to pod pod-b")
+
+    say(alice, "from pod a")
+    expect(message(bob, "from pod a", own=False).locator(".from")).to_have_text("alice")
+    say(bob, "from pod b")
+    expect(message(alice, "from pod b", own=False).locator(".from")).to_have_text("bob")
+    # Each message is shown once on each page (no echo from Redis).
+    for page in (alice, bob):
+        expect(page.locator("#log li.msg")).to_have_count(2)
+
+
+def test_page_reconnects_after_pod_restart_and_keeps_chatting(
+    pod: Pod, open_page: OpenPage
+) -> None:
+    alice_tab = open_page("alice")
+    alice_tab.page.clock.install()  # her timers run normally until paused below
+    alice = chat(alice_tab, pod, "alice")
+    bob = chat(open_page("bob", PHONE), pod, "bob")
+    say(alice, "before the restart")
+    expect(message(bob, "before the restart")).to_have_count(1)
+
+    assert pod.stop() == 0  # every page gets 1001 going away
+    for page in (alice, bob):
+        expect(page.locator("#status")).to_have_attribute("data-state", "reconnecting")
+
+    # Typed while the pod is down: queued, shown as waiting, sent after reconnect.
+    say(alice, "written while the pod was down")
+    waiting = alice.locator("#log li.msg.pending", has_text="written while the pod was down")
+    expect(waiting).to_have_attribute("data-status", "queued")
+
+    # Hold Alice's retry timer so that Bob is surely back before her queued
+    # message goes out (there is no history yet to fill in what he missed).
+    alice.clock.pause_at(alice.evaluate("Date.now() / 1000"))  # seconds, in Python
+    pod.restart()
+    expect(bob.locator("#status")).to_have_attribute("data-state", "live")
+    expect(alice.locator("#status")).to_have_attribute("data-state", "reconnecting")
+    alice.clock.fast_forward(20_000)  # past the longest backoff
+    alice.clock.resume()
+
+    for page in (alice, bob):
+        expect(page.locator("#status")).to_have_attribute("data-state", "live")
+        expect(page.locator("#log .system", has_text="Reconnected to #general")).to_have_count(1)
+    expect(message(bob, "written while the pod was down", own=False)).to_have_count(1)
+    expect(message(alice, "written while the pod was down", own=True)).to_have_count(1)
+    expect(alice.locator("#log li.msg.pending")).to_have_count(0)
+
+    say(bob, "after the restart")
+    expect(message(alice, "after the restart", own=False)).to_have_count(1)
+
+
+def test_user_strings_are_shown_as_text_and_never_run(pod: Pod, open_page: OpenPage) -> None:
+    mallory = chat(open_page("mallory"), pod, XSS)
+    viewer = chat(open_page("viewer", PHONE), pod, "viewer")
+    say(mallory, XSS)
+    shown = message(viewer, XSS, own=False)
+    expect(shown.locator(".from")).to_have_text(XSS)
+    expect(shown.locator(".text")).to_have_text(XSS)
+
+    # A client other than the page can send any JSON as data, also markup.
+    with ws_connect(pod.ws_url("general", name="script"), open_timeout=10) as raw:
+        raw.recv(timeout=10)  # welcome
+        raw.send(orjson.dumps({"type": "message", "data": {"html": XSS}}).decode())
+        raw.recv(timeout=10)
+    expect(viewer.locator("#log .text.raw")).to_have_text(orjson.dumps({"html": XSS}).decode())
+
+    # A room name from the address is checked, and shown as text too.
+    mallory.goto(f"{pod.base}/#{quote(XSS)}")
+    expect(mallory.locator("#notice")).to_contain_text("Room names are")
+
+    for page in (mallory, viewer):
+        assert page.locator("#log img").count() == 0
+        assert page.evaluate("document.querySelectorAll('img').length") == 0
+    # (the fixture checks that no dialog opened on any page)
+
+
+def test_oversized_message_is_refused_in_words(
+    pod_factory: PodFactory, open_page: OpenPage
+) -> None:
+    pod = pod_factory({"MAX_MESSAGE_BYTES": "300"})
+    page = chat(open_page("alice"), pod, "alice")
+    say(page, "x" * 400)
+    expect(page.locator("#notice")).to_contain_text("too long")
+    expect(page.get_by_label("Message", exact=True)).to_have_value("x" * 400)  # kept, not lost
+    expect(page.locator("#status")).to_have_attribute("data-state", "live")
+
+
+def test_page_resumes_after_its_pod_restarts_without_hole_or_duplicate(
+    pod_factory: PodFactory, shared_redis_url: str, channel_prefix: str, open_page: OpenPage
+) -> None:
+    env = redis_pod_env(shared_redis_url, channel_prefix)
+    pod_a, pod_b = pod_factory(env, name="pod-a"), pod_factory(env, name="pod-b")
+    alice = chat(open_page("alice"), pod_a, "alice", "lobby")
+    bob = chat(open_page("bob"), pod_b, "bob", "lobby")
+    say(bob, "seen live")
+    expect(message(alice, "seen live")).to_have_count(1)
+
+    assert pod_a.stop() == 0
+    expect(alice.locator("#status")).to_have_attribute("data-state", "reconnecting")
+    for n in range(3):  # sent while Alice's pod is down: she resumes them
+        say(bob, f"missed {n}")
+        expect(message(bob, f"missed {n}", own=True)).to_have_count(1)
+    pod_a.restart()
+    expect(alice.locator("#status")).to_have_attribute("data-state", "live")
+    for n in range(3):
+        expect(message(alice, f"missed {n}", own=False)).to_have_count(1)
+    expect(message(alice, "seen live")).to_have_count(1)
+    expect(alice.locator("#log li.msg")).to_have_count(4)
+    texts = alice.locator("#log li.msg .text").all_inner_texts()
+    assert texts == ["seen live", "missed 0", "missed 1", "missed 2"]
