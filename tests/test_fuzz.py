@@ -46,12 +46,15 @@ values = st.recursive(
 )
 rooms = st.sampled_from(["general", "other", "r.1", "a*", "a b", "", "x" * 65]) | values
 frames = st.fixed_dictionaries(
-    {"type": st.sampled_from(["message", "join", "leave", "ping"]) | values},
+    {"type": st.sampled_from(["message", "join", "leave", "ping", "presence"]) | values},
     optional={
         "data": values,
         "room": rooms,
         "ref": st.integers(-10, 10) | st.text(max_size=140) | values,
         "from": values,
+        "since": st.integers(-5, 10**20) | values,
+        "history": st.integers(-5, 10**20) | values,
+        "epoch": st.text(max_size=80) | values,
     },
 )
 actions = st.one_of(
