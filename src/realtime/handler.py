@@ -74,7 +74,9 @@ class HandlerSettings:
     rate_per_second: float = 0.0
     """Client frames per second per connection (0: no limit); see ``ratelimit``."""
     rate_burst: int = 100
+    """Frames a connection may send at once before ``rate_per_second`` applies."""
     rate_max_refused: int = 100
+    """Refused frames (draining at the rate) before a flood is closed with 1008."""
 
 
 @dataclass(slots=True)
