@@ -218,16 +218,33 @@ def _read_ref(frame: dict[str, Any]) -> str | int | None:
     return ref
 
 
+_OPENERS: Final = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS: Final = bytes(c for c in range(256) if c not in b"[]{}")
+
+
 def _nested_deeper_than(value: Any, limit: int) -> bool:
-    """Whether arrays/objects in ``value`` nest more than ``limit`` deep."""
-    stack: list[tuple[Any, int]] = [(value, 1)] if isinstance(value, dict | list) else []
-    while stack:
-        item, depth = stack.pop()
-        if depth > limit:
-            return True
-        children = item.values() if isinstance(item, dict) else item
-        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
-    return False
+    """Whether arrays/objects in ``value`` nest more than ``limit`` deep.
+
+    Works on the JSON text with bytes methods (a tree walk in Python costs
+    about 1 µs per container): strings cut out (escaped backslashes and
+    quotes first, so every quote left delimits a string), every bracket
+    made ``[``/``]``, then each pass deletes the innermost pairs; whatever is
+    left after ``limit`` passes nests deeper."""
+    if not isinstance(value, dict | list):
+        return False
+    try:
+        text = orjson.dumps(value)
+    except TypeError:  # orjson's own recursion limit
+        return True
+    if text.count(b"[") + text.count(b"{") <= limit:
+        return False
+    unquoted = text.replace(b"\\\\", b"").replace(b'\\"', b"").split(b'"')[::2]
+    skeleton = b"".join(unquoted).translate(_OPENERS, _NOT_BRACKETS)
+    for _ in range(limit):
+        skeleton = skeleton.replace(b"[]", b"")
+        if not skeleton:
+            return False
+    return True
 
 
 def decode_client_frame(raw: str | bytes) -> ClientFrame:
