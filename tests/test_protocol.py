@@ -164,7 +164,7 @@ _tricky_text = st.text(alphabet='ab[]{}"\\\n', max_size=8)
 @settings(max_examples=500)
 @given(
     value=st.recursive(
-        st.none() | st.integers() | _tricky_text,
+        st.none() | st.integers(-(2**63), 2**64 - 1) | _tricky_text,  # as orjson decodes
         lambda inner: (
             st.lists(inner, max_size=3) | st.dictionaries(_tricky_text, inner, max_size=3)
         ),
