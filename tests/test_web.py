@@ -272,3 +272,32 @@ def test_page_resumes_after_its_pod_restarts_without_hole_or_duplicate(
     expect(alice.locator("#log li.msg")).to_have_count(4)
     texts = alice.locator("#log li.msg .text").all_inner_texts()
     assert texts == ["seen live", "missed 0", "missed 1", "missed 2"]
+
+
+def test_who_is_here_and_join_leave_lines(pod: Pod, open_page: OpenPage) -> None:
+    ada = chat(open_page("ada"), pod, "ada")
+    grace = chat(open_page("grace", PHONE), pod, "grace")
+    for page in (ada, grace):
+        expect(page.locator("#members")).to_be_visible()
+        expect(page.locator("#member-list li")).to_have_count(2)
+    expect(ada.locator("#member-count")).to_have_text("(2)")
+    expect(ada.locator("#log .system", has_text="grace joined")).to_have_count(1)
+    grace.goto("about:blank")  # her socket closes
+    expect(ada.locator("#log .system", has_text="grace left")).to_have_count(1)
+    expect(ada.locator("#member-list li")).to_have_count(1)
+    expect(ada.locator("#member-list li")).to_contain_text("ada")
+
+
+def test_a_newcomer_sees_the_rooms_recent_messages(pod: Pod, open_page: OpenPage) -> None:
+    ada = chat(open_page("ada"), pod, "ada")
+    for text in ("first", "second"):
+        say(ada, text)
+        expect(message(ada, text, own=True)).to_have_count(1)
+    grace = chat(open_page("grace", PHONE), pod, "grace")
+    expect(
+        grace.locator("#log .system", has_text="The last 2 messages before you came")
+    ).to_have_count(1)
+    expect(grace.locator("#log li.msg .text")).to_have_text(["first", "second"])
+    say(grace, "third")
+    expect(message(ada, "third", own=False)).to_have_count(1)
+    expect(grace.locator("#log li.msg .text")).to_have_text(["first", "second", "third"])

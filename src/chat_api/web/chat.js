@@ -18,6 +18,7 @@ const BACKOFF_BASE_MS = 500;
 const BACKOFF_CAP_MS = 15000;
 const MAX_QUEUED = 50; // messages kept while not connected; more are refused
 const MAX_LOG_ITEMS = 500; // older lines are dropped from the page
+const HISTORY_ON_JOIN = 50; // recent messages asked for when entering a room
 const WAIT_OFFLINE = "Waiting for the connection; it is sent when the page is back online.";
 const WAIT_REFUSED = "Waiting: the server refused the connection; it is sent once you join again.";
 
@@ -101,6 +102,7 @@ const state = {
   presenceRef: null,
   presence: "unknown", // unknown | supported | unsupported
   resume: null, // {room, offset, epoch} of the last room message seen: a reconnect resumes there
+  catchup: "", // what the current connection asked for: "resume", "history" or ""
 };
 
 // -- small helpers -------------------------------------------------------------
@@ -443,6 +445,32 @@ function onError(frame) {
   systemLine(`${words}${detail}`, "error");
 }
 
+const SYNC_REASON = {
+  window_exceeded: "they are older than what the server keeps",
+  epoch_changed: "the room's history was reset",
+  unavailable: "the server could not reach its store",
+};
+
+/** The start of a catch-up: say what the messages that follow are. */
+function onSync(frame) {
+  if (frame.room !== state.room) return;
+  if (frame.complete === false) {
+    const why = SYNC_REASON[frame.reason] || String(frame.reason ?? "unknown reason");
+    const what =
+      state.catchup === "history"
+        ? "Earlier messages could not be loaded"
+        : "Some messages sent while you were away could not be recovered";
+    systemLine(`${what}: ${why}.`, "error");
+    return;
+  }
+  const n = typeof frame.replayed === "number" ? frame.replayed : 0;
+  if (n > 0 && state.catchup === "history") {
+    systemLine(n === 1 ? "The last message before you came:" : `The last ${n} messages before you came:`);
+  } else if (n > 0 && state.catchup === "resume") {
+    systemLine(n === 1 ? "1 message sent while you were away:" : `${n} messages sent while you were away:`);
+  }
+}
+
 function onFrame(raw) {
   let frame;
   try {
@@ -462,11 +490,7 @@ function onFrame(raw) {
       renderMessage(frame);
       break;
     case "sync":
-      if (frame.complete === false && frame.room === state.room) {
-        const why = { window_exceeded: "they are older than what the server keeps",
-          epoch_changed: "the room's history was reset", unavailable: "the server could not reach its store" };
-        systemLine(`Some messages sent while you were away could not be recovered: ${why[frame.reason] || frame.reason}.`, "error");
-      }
+      onSync(frame);
       break;
     case "ack":
       onAck(frame);
@@ -498,6 +522,12 @@ function socketUrl() {
     // Resume where this page left off: the server sends exactly what it missed.
     query.set("since", String(resume.offset));
     query.set("epoch", resume.epoch);
+    state.catchup = "resume";
+  } else {
+    // Nothing seen in this room yet: ask for its recent messages (the server
+    // caps the number; one without history ignores the parameter).
+    query.set("history", String(HISTORY_ON_JOIN));
+    state.catchup = "history";
   }
   const search = query.toString();
   return `${scheme}//${location.host}${WS_PATH}${encodeURIComponent(state.room)}${search ? `?${search}` : ""}`;
