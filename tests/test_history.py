@@ -152,8 +152,9 @@ async def test_bad_catchup_parameters_are_refused(pod: Pod, session: aiohttp.Cli
 
 
 async def test_history_on_join_during_traffic_has_no_gap_or_duplicate(
-    pod: Pod, session: aiohttp.ClientSession
+    pod_factory: PodFactory, session: aiohttp.ClientSession
 ) -> None:
+    pod = pod_factory({"RATE_LIMIT_PER_SECOND": "0"})  # a flood on purpose
     sender, _ = await connect(session, pod.ws_url("busy"))
     total = 300
 

@@ -100,7 +100,8 @@ def assert_complete(frames: list[dict[str, Any]], first: int, last: int) -> None
 
 
 def two_pods(pod_factory: PodFactory, url: str, prefix: str, **extra: str) -> tuple[Pod, Pod]:
-    env = redis_pod_env(url, prefix, HISTORY_LENGTH="5000", **extra)
+    # Floods from one client at full speed: the per-connection rate limit is off.
+    env = redis_pod_env(url, prefix, HISTORY_LENGTH="5000", RATE_LIMIT_PER_SECOND="0", **extra)
     return pod_factory(env, name="pod-a"), pod_factory(env, name="pod-b")
 
 

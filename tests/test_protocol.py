@@ -6,6 +6,8 @@ import struct
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from realtime.exceptions import ProtocolError
 from realtime.protocol import (
@@ -133,3 +135,44 @@ def test_close_frame() -> None:
     frame = close_frame(1013, "slow")
     assert frame == b"\x88\x06" + struct.pack("!H", 1013) + b"slow"
     assert len(close_frame(1000, "x" * 500)) == 2 + 125
+
+
+def test_data_nesting_is_limited_below_the_encoders_recursion_limit() -> None:
+    from realtime.protocol import MAX_DATA_DEPTH
+
+    ok = "[" * MAX_DATA_DEPTH + "]" * MAX_DATA_DEPTH
+    frame = decode_client_frame('{"type": "message", "data": ' + ok + "}")
+    assert isinstance(frame, SendMessage)
+    Message("1", None, Identity("u", "u"), 0, frame.data).encode()  # encodable
+    deep = '{"a": ' * MAX_DATA_DEPTH + "[]" + "}" * MAX_DATA_DEPTH
+    with pytest.raises(ProtocolError) as info:
+        decode_client_frame('{"type": "message", "data": ' + deep + ', "ref": 5}')
+    assert (info.value.code, info.value.ref) == (ErrorCode.INVALID_FRAME, 5)
+
+
+def _depth(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+_tricky_text = st.text(alphabet='ab[]{}"\\\n', max_size=8)
+
+
+@settings(max_examples=500)
+@given(
+    value=st.recursive(
+        st.none() | st.integers(-(2**63), 2**64 - 1) | _tricky_text,  # as orjson decodes
+        lambda inner: (
+            st.lists(inner, max_size=3) | st.dictionaries(_tricky_text, inner, max_size=3)
+        ),
+        max_leaves=60,
+    ),
+    limit=st.integers(1, 40),
+)
+def test_nesting_check_agrees_with_a_tree_walk(value: object, limit: int) -> None:
+    from realtime.protocol import _nested_deeper_than
+
+    assert _nested_deeper_than(value, limit) is (_depth(value) > limit)

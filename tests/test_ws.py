@@ -269,7 +269,10 @@ async def test_client_vanishing_without_close_leaves_no_stale_member(
 async def test_client_that_never_reads_is_dropped_others_keep_receiving(
     pod_factory: PodFactory, session: aiohttp.ClientSession
 ) -> None:
-    pod = pod_factory({"SEND_BUFFER_BYTES": "65536", "WS_CLOSE_TIMEOUT": "1"})
+    # A flood on purpose: the per-connection rate limit is off.
+    pod = pod_factory(
+        {"SEND_BUFFER_BYTES": "65536", "WS_CLOSE_TIMEOUT": "1", "RATE_LIMIT_PER_SECOND": "0"}
+    )
     stuck = raw_ws_connect(pod.port, "/api/chat-api/ws/general", rcvbuf=4096)
     sender, _ = await connect(session, pod.ws_url("general"))
     receiver, _ = await connect(session, pod.ws_url("general"))

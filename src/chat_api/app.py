@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -27,8 +27,11 @@ from realtime import (
 )
 from realtime.broadcast.redis_presence import RedisPresence
 
+from . import logfilter
 from .api.routes import register_routes
+from .auth import Authenticator, make_identify, stats_guard
 from .config import Config, ConfigError, redact_url
+from .origin import OriginPolicy
 
 __all__ = [
     "BROADCASTER",
@@ -79,8 +82,7 @@ def make_broadcaster(config: Config) -> OrderedBroadcaster:
 
 def create_app(config: Config) -> web.Application:
     """Build hub, broadcaster and handler for ``config`` and mount the routes."""
-    if config.auth_enabled:
-        raise ConfigError("AUTH_ENABLED", "authentication is not available in this build")
+    auth = Authenticator(config) if config.auth_enabled else None
     broadcaster = make_broadcaster(config)
     hub = LocalHub()
     timeline = Timeline(
@@ -106,7 +108,12 @@ def create_app(config: Config) -> web.Application:
             max_rooms=config.max_rooms_per_connection,
             ping_interval=config.ws_ping_interval,
             close_timeout=config.ws_close_timeout,
+            max_connections=config.max_connections,
+            rate_per_second=config.rate_limit_per_second,
+            rate_burst=config.rate_limit_burst,
+            rate_max_refused=config.rate_limit_max_refused,
         ),
+        identify=make_identify(OriginPolicy(config.allowed_origins), auth),
         timeline=timeline,
         presence=presence,
     )
@@ -125,8 +132,11 @@ def create_app(config: Config) -> web.Application:
         presence=presence,
         publish_api_key=config.publish_api_key,
         max_message_bytes=config.max_message_bytes,
+        stats_guard=stats_guard(config, auth),
     )
     app.cleanup_ctx.append(_run_broadcaster)
+    if auth is not None:
+        app.cleanup_ctx.append(_run_authenticator(auth))
     app.on_shutdown.append(_close_connections)
     return app
 
@@ -139,6 +149,22 @@ async def _run_broadcaster(app: web.Application) -> AsyncIterator[None]:
     await app[PRESENCE].stop()
     await app[TIMELINE].stop()
     await broadcaster.stop()
+
+
+def _run_authenticator(
+    auth: Authenticator,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def run(app: web.Application) -> AsyncIterator[None]:
+        await auth.start()
+        log.info(
+            "authentication on: tokens verified with %s, algorithms %s",
+            auth.source,
+            ",".join(auth.algorithms),
+        )
+        yield
+        await auth.close()
+
+    return run
 
 
 async def _close_connections(app: web.Application) -> None:
@@ -157,6 +183,7 @@ async def serve(config: Config) -> None:
     the broadcaster stops; all within ``SHUTDOWN_TIMEOUT``.
     """
     app = create_app(config)
+    logfilter.install()
     runner = web.AppRunner(
         app, handle_signals=False, access_log=None, shutdown_timeout=config.ws_close_timeout
     )

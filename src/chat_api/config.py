@@ -98,6 +98,72 @@ class Config:
     auth_enabled: bool = _setting(
         "AUTH_ENABLED", False, "Require a JWT on every WebSocket connection."
     )
+    auth_jwt_secret: str = _setting(
+        "AUTH_JWT_SECRET",
+        "",
+        "Shared secret that signs HS256 tokens (at least 32 bytes; 48 for HS384, 64 for HS512).",
+        secret=True,
+    )
+    auth_jwt_public_key: str = _setting(
+        "AUTH_JWT_PUBLIC_KEY",
+        "",
+        "PEM public key, or the path of a PEM file, that verifies RS256/ES256 tokens.",
+    )
+    auth_jwks_url: str = _setting(
+        "AUTH_JWKS_URL",
+        "",
+        "URL of a JWKS whose keys verify RS256/ES256 tokens (fetched and cached).",
+    )
+    auth_jwt_algorithms: tuple[str, ...] = _setting(
+        "AUTH_JWT_ALGORITHMS",
+        (),
+        "Accepted token algorithms, comma-separated (empty: HS256 with a secret, "
+        "else RS256,ES256).",
+    )
+    auth_audience: str = _setting(
+        "AUTH_AUDIENCE", "", "Required aud claim of tokens (empty: not checked)."
+    )
+    auth_issuer: str = _setting(
+        "AUTH_ISSUER", "", "Required iss claim of tokens (empty: not checked)."
+    )
+    auth_leeway_seconds: float = _setting(
+        "AUTH_LEEWAY_SECONDS",
+        30.0,
+        "Clock skew allowed when checking exp and nbf.",
+        minimum=0,
+    )
+    auth_name_claim: str = _setting(
+        "AUTH_NAME_CLAIM", "name", "Token claim shown as the sender's name (falls back to sub)."
+    )
+    auth_rooms_claim: str = _setting(
+        "AUTH_ROOMS_CLAIM",
+        "rooms",
+        "Token claim listing the rooms it may join: names or * patterns (absent: every room).",
+    )
+    auth_admin_claim: str = _setting(
+        "AUTH_ADMIN_CLAIM",
+        "admin",
+        "Token claim that, when true, lets the token read the stats endpoint.",
+    )
+    auth_jwks_cache_seconds: float = _setting(
+        "AUTH_JWKS_CACHE_SECONDS",
+        300.0,
+        "Seconds a fetched JWKS is used before it is fetched again.",
+        minimum=1,
+    )
+    stats_token: str = _setting(
+        "STATS_TOKEN",
+        "",
+        "Bearer token that may read the stats endpoint (empty: stats are public "
+        "unless AUTH_ENABLED).",
+        secret=True,
+    )
+    allowed_origins: tuple[str, ...] = _setting(
+        "ALLOWED_ORIGINS",
+        (),
+        "Browser origins that may open WebSockets, comma-separated, or * for any "
+        "(empty: this service's own origin only).",
+    )
     max_message_bytes: int = _setting(
         "MAX_MESSAGE_BYTES",
         65536,
@@ -112,6 +178,30 @@ class Config:
     )
     max_rooms_per_connection: int = _setting(
         "MAX_ROOMS_PER_CONNECTION", 10, "Rooms one connection may be in at once.", minimum=1
+    )
+    max_connections: int = _setting(
+        "MAX_CONNECTIONS",
+        10000,
+        "Open WebSocket connections per pod; more are refused with HTTP 503 (0: no cap).",
+        minimum=0,
+    )
+    rate_limit_per_second: float = _setting(
+        "RATE_LIMIT_PER_SECOND",
+        50.0,
+        "Frames per second one connection may send; more get a rate_limited error (0: off).",
+        minimum=0,
+    )
+    rate_limit_burst: int = _setting(
+        "RATE_LIMIT_BURST",
+        100,
+        "Frames one connection may send at once before the per-second rate applies.",
+        minimum=1,
+    )
+    rate_limit_max_refused: int = _setting(
+        "RATE_LIMIT_MAX_REFUSED",
+        100,
+        "Frames over the rate limit (net of the rate) before a flood is closed with 1008.",
+        minimum=0,
     )
     ws_ping_interval: float = _setting(
         "WS_PING_INTERVAL",
@@ -224,6 +314,7 @@ class Config:
             raise ConfigError(
                 "REDIS_CHANNEL_PREFIX", "must be non-empty, without glob characters or spaces"
             )
+        _validate_security(self)
 
     @property
     def local_only(self) -> bool:
@@ -259,6 +350,80 @@ def _parse(f: dataclasses.Field[Any], kind: Any, raw: str) -> Any:
     if kind == tuple[str, ...]:
         return tuple(part.strip() for part in raw.split(",") if part.strip())
     return raw
+
+
+_HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+_KEY_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+
+
+def _validate_security(config: Config) -> None:
+    """Auth and origin settings that only make sense together.
+
+    Exactly one kind of key when auth is on, and algorithms that match it:
+    never ``none``, never an HMAC algorithm next to a public key (the
+    algorithm-confusion attack), never a public-key one with only a secret.
+    """
+    for origin in config.allowed_origins:
+        if origin != "*" and not _is_origin(origin):
+            raise ConfigError(
+                "ALLOWED_ORIGINS", f"{origin!r} is not * or an origin like https://chat.example.com"
+            )
+    if config.auth_jwks_url and urlsplit(config.auth_jwks_url).scheme not in ("http", "https"):
+        raise ConfigError("AUTH_JWKS_URL", "must be an http:// or https:// URL")
+    for name in config.auth_jwt_algorithms:
+        if name not in _HMAC_ALGORITHMS | _KEY_ALGORITHMS:
+            known = ", ".join(sorted(_HMAC_ALGORITHMS | _KEY_ALGORITHMS))
+            raise ConfigError("AUTH_JWT_ALGORITHMS", f"{name!r} is not one of {known}")
+    if not config.auth_enabled:
+        return
+    keys = [
+        env
+        for env, value in (
+            ("AUTH_JWT_SECRET", config.auth_jwt_secret),
+            ("AUTH_JWT_PUBLIC_KEY", config.auth_jwt_public_key),
+            ("AUTH_JWKS_URL", config.auth_jwks_url),
+        )
+        if value
+    ]
+    if not keys:
+        raise ConfigError(
+            "AUTH_JWT_SECRET",
+            "AUTH_ENABLED=true needs AUTH_JWT_SECRET, AUTH_JWT_PUBLIC_KEY or AUTH_JWKS_URL",
+        )
+    if len(keys) > 1:
+        raise ConfigError(keys[1], f"set only one of {', '.join(keys)}")
+    hmac = keys[0] == "AUTH_JWT_SECRET"
+    # RFC 7518 3.2: an HMAC key at least as long as the hash.
+    needed = max(
+        [int(a[2:]) // 8 for a in config.auth_jwt_algorithms if a in _HMAC_ALGORITHMS] or [32]
+    )
+    if hmac and len(config.auth_jwt_secret.encode()) < needed:
+        raise ConfigError("AUTH_JWT_SECRET", f"must be at least {needed} bytes long")
+    wrong = [a for a in config.auth_jwt_algorithms if (a in _HMAC_ALGORITHMS) != hmac]
+    if wrong:
+        raise ConfigError(
+            "AUTH_JWT_ALGORITHMS",
+            f"{', '.join(wrong)} cannot be used with {keys[0]}"
+            + (" (HS* needs AUTH_JWT_SECRET)" if not hmac else " (it needs a public key)"),
+        )
+
+
+def _is_origin(value: str) -> bool:
+    parts = urlsplit(value)
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return False
+    return (
+        parts.scheme in ("http", "https")
+        and bool(parts.hostname)
+        and parts.path in ("", "/")
+        and not parts.query
+        and not parts.fragment
+        and parts.username is None
+    )
 
 
 def _default_pod_id() -> str:

@@ -7,6 +7,7 @@ This package imports nothing from ``chat_api``.
 
 from __future__ import annotations
 
+from .access import Admission, RoomCheck, admission
 from .broadcast import (
     Broadcaster,
     Deliver,
@@ -23,10 +24,12 @@ from .handler import Handler, HandlerSettings, Identify, guest_identity
 from .hub import LocalHub, RoomWatcher
 from .presence import Member, MemoryPresence, Presence, PresenceBackend
 from .protocol import Catchup, CloseCode, ErrorCode, Identity, Message
+from .ratelimit import RateLimiter, Verdict
 from .sequencer import Entry, RoomSequencer
 from .timeline import Timeline, TimelineSettings
 
 __all__ = [
+    "Admission",
     "BroadcastError",
     "Broadcaster",
     "Catchup",
@@ -51,8 +54,10 @@ __all__ = [
     "Presence",
     "PresenceBackend",
     "ProtocolError",
+    "RateLimiter",
     "RealtimeError",
     "RedisBroadcaster",
+    "RoomCheck",
     "RoomLog",
     "RoomSequencer",
     "RoomWatcher",
@@ -60,5 +65,7 @@ __all__ = [
     "StateError",
     "Timeline",
     "TimelineSettings",
+    "Verdict",
+    "admission",
     "guest_identity",
 ]

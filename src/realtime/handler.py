@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from .access import Admission, RoomCheck, admission
 from .broadcast.base import Broadcaster, Stamp
 from .connection import Connection, ConnectionState
 from .exceptions import BroadcastError, ProtocolError
@@ -46,15 +47,18 @@ from .protocol import (
     parse_catchup,
     validate_room,
 )
+from .ratelimit import RateLimiter, Verdict
 from .timeline import Timeline
 
 __all__ = ["Handler", "HandlerSettings", "Identify", "guest_identity"]
 
 log = logging.getLogger("realtime.handler")
 
-Identify = Callable[[web.Request, str], Awaitable[Identity]]
+Identify = Callable[[web.Request, str], Awaitable[Identity | Admission]]
 """Decide who a new connection is (given the request and a fresh connection
-id), or refuse it by raising an ``aiohttp.web.HTTPException``."""
+id), or refuse it by raising an ``aiohttp.web.HTTPException`` (answered
+before the WebSocket is accepted). An ``Admission`` adds an expiry time and
+room authorization to the identity."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +69,14 @@ class HandlerSettings:
     max_rooms: int = 10
     ping_interval: float = 20.0
     close_timeout: float = 5.0
+    max_connections: int = 0
+    """Open connections on this pod before new ones get HTTP 503 (0: no cap)."""
+    rate_per_second: float = 0.0
+    """Client frames per second per connection (0: no limit); see ``ratelimit``."""
+    rate_burst: int = 100
+    """Frames a connection may send at once before ``rate_per_second`` applies."""
+    rate_max_refused: int = 100
+    """Refused frames (draining at the rate) before a flood is closed with 1008."""
 
 
 @dataclass(slots=True)
@@ -72,6 +84,10 @@ class HandlerCounters:
     connections_accepted: int = 0
     messages_received: int = 0
     errors_sent: int = 0
+    refused: dict[int, int] = field(default_factory=dict)
+    rate_limited: int = 0
+    closed_rate_abuse: int = 0
+    closed_expired: int = 0
     started: float = field(default_factory=time.monotonic)
 
 
@@ -129,6 +145,18 @@ class _TransportSink:
         self._handler._close_soon(self._ws, self._transport, code, reason)
 
 
+@dataclass(slots=True)
+class _Guard:
+    """Per-connection terms: room authorization, rate limit, expiry timer."""
+
+    may_join: RoomCheck | None = None
+    limiter: RateLimiter | None = None
+    expiry: asyncio.TimerHandle | None = None
+
+    def allows(self, room: str) -> bool:
+        return self.may_join is None or self.may_join(room)
+
+
 class Handler:
     """WebSocket endpoints of one pod: ``routes()``, ``handle_websocket``, ``stats()``."""
 
@@ -153,6 +181,8 @@ class Handler:
         self._connection_ids = _Ids()
         self._closing: set[asyncio.Task[bool]] = set()
         self._draining = False
+        self._live = 0
+        self._guards: dict[str, _Guard] = {}
         self.counters = HandlerCounters()
 
     # -- routes -----------------------------------------------------------
@@ -179,8 +209,26 @@ class Handler:
     # -- lifecycle of one connection -----------------------------------------
 
     async def handle_websocket(self, request: web.Request) -> web.StreamResponse:
-        if self._draining:
-            raise web.HTTPServiceUnavailable(text="server is shutting down")
+        """Refuse with an HTTP error before accepting (shutting down, pod full,
+        bad room, or whatever ``identify`` refuses), else serve the socket."""
+        cap = self._settings.max_connections
+        try:
+            if self._draining:
+                raise web.HTTPServiceUnavailable(text="server is shutting down")
+            if cap and self._live >= cap:
+                raise web.HTTPServiceUnavailable(
+                    text="server is full; try again later", headers={"Retry-After": "1"}
+                )
+            self._live += 1
+            try:
+                return await self._accept(request)
+            finally:
+                self._live -= 1
+        except web.HTTPException as exc:
+            self.counters.refused[exc.status] = self.counters.refused.get(exc.status, 0) + 1
+            raise
+
+    async def _accept(self, request: web.Request) -> web.StreamResponse:
         room = request.match_info.get("room")
         catchup = NO_CATCHUP
         if room is not None:
@@ -190,10 +238,15 @@ class Handler:
             except ProtocolError as exc:
                 raise web.HTTPBadRequest(text=exc.message) from exc
         connection_id = self._connection_ids()
-        identity = await self._identify(request, connection_id)
+        granted = admission(await self._identify(request, connection_id))
+        if not granted.allows(room):
+            where = "the global channel" if room is None else f"room {room!r}"
+            raise web.HTTPForbidden(text=f"not allowed in {where}")
+        identity = granted.identity
 
         ws = web.WebSocketResponse(
-            max_msg_size=self._settings.max_message_bytes,
+            # aiohttp refuses a message of exactly max_msg_size bytes.
+            max_msg_size=self._settings.max_message_bytes + 1,
             heartbeat=self._settings.ping_interval or None,
             compress=False,
             timeout=self._settings.close_timeout,
@@ -211,6 +264,7 @@ class Handler:
         )
         self.counters.connections_accepted += 1
         self._hub.add(conn)
+        self._guards[conn.id] = self._guard(conn, granted)
         if room is not None and self._timeline is None:
             self._hub.join(conn, room)
 
@@ -239,11 +293,31 @@ class Handler:
                 await self._attach(conn, room, catchup, greet)
             await self._read_loop(ws, conn)
         finally:
+            guard = self._guards.pop(conn.id, None)
+            if guard is not None and guard.expiry is not None:
+                guard.expiry.cancel()
             if self._presence is not None:
                 self._presence.drop(conn)
             self._hub.remove(conn)
             conn.closed()
         return ws
+
+    def _guard(self, conn: Connection, granted: Admission) -> _Guard:
+        guard = _Guard(may_join=granted.may_join)
+        s = self._settings
+        if s.rate_per_second > 0:
+            guard.limiter = RateLimiter(
+                s.rate_per_second, s.rate_burst, s.rate_max_refused, now=time.monotonic()
+            )
+        if granted.expires_at is not None:
+            delay = max(0.0, granted.expires_at - time.time())
+            guard.expiry = asyncio.get_running_loop().call_later(delay, self._expire, conn)
+        return guard
+
+    def _expire(self, conn: Connection) -> None:
+        if conn.state is ConnectionState.OPEN:
+            self.counters.closed_expired += 1
+            conn.close(CloseCode.POLICY_VIOLATION, "token expired")
 
     async def _read_loop(self, ws: web.WebSocketResponse, conn: Connection) -> None:
         while True:
@@ -264,6 +338,8 @@ class Handler:
                 return
 
     def _on_text(self, conn: Connection, raw: str | bytes) -> Awaitable[None] | None:
+        if not self._within_rate(conn, raw):
+            return None
         try:
             frame = decode_client_frame(raw)
             return self._dispatch(conn, frame)
@@ -277,12 +353,41 @@ class Handler:
             conn.close(CloseCode.INTERNAL_ERROR, "internal error")
             return None
 
+    def _within_rate(self, conn: Connection, raw: str | bytes) -> bool:
+        """Apply the rate limit: answer a frame over it with ``rate_limited``
+        (dropping it), close a flood with 1008."""
+        guard = self._guards.get(conn.id)
+        limiter = None if guard is None else guard.limiter
+        if limiter is None:
+            return True
+        verdict = limiter.check(time.monotonic())
+        if verdict is Verdict.ALLOW:
+            return True
+        if verdict is Verdict.ABUSE:
+            self.counters.closed_rate_abuse += 1
+            conn.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+            return False
+        try:
+            ref = decode_client_frame(raw).ref
+        except ProtocolError as exc:
+            ref = exc.ref
+        self.counters.rate_limited += 1
+        self.counters.errors_sent += 1
+        message = f"over {limiter.rate:g} frames per second; this frame was dropped"
+        self._hub.send_to(conn, encode_error(ErrorCode.RATE_LIMITED, message, ref))
+        return False
+
     def _dispatch(self, conn: Connection, frame: ClientFrame) -> Awaitable[None] | None:
         match frame:
             case SendMessage():
                 self._on_message(conn, frame)
             case Join(room=room, ref=ref):
                 if room not in conn.rooms:
+                    guard = self._guards.get(conn.id)
+                    if guard is not None and not guard.allows(room):
+                        raise ProtocolError(
+                            ErrorCode.FORBIDDEN_ROOM, f"not allowed in room {room!r}", ref=ref
+                        )
                     if len(conn.rooms) >= self._settings.max_rooms:
                         raise ProtocolError(
                             ErrorCode.TOO_MANY_ROOMS,
@@ -444,6 +549,12 @@ class Handler:
             },
             "errors_sent": self.counters.errors_sent,
             "slow_client_disconnects": hub.slow_client_disconnects,
+            "refused": {str(status): n for status, n in sorted(self.counters.refused.items())},
+            "rate_limited": self.counters.rate_limited,
+            "policy_closes": {
+                "rate_limit": self.counters.closed_rate_abuse,
+                "token_expired": self.counters.closed_expired,
+            },
             "broadcaster": dict(self._broadcaster.stats()),
             **({"timeline": self._timeline.stats()} if self._timeline is not None else {}),
             **({"presence": self._presence.stats()} if self._presence is not None else {}),

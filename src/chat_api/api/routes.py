@@ -11,6 +11,7 @@ from aiohttp import web
 from realtime import Broadcaster, BroadcastError, Handler, LinkState, Presence, Timeline
 from realtime.protocol import validate_room
 
+from ..auth import StatsGuard
 from .handlers.publish import publish_handler
 from .handlers.ws import stats_handler
 
@@ -29,8 +30,10 @@ def register_routes(
     presence: Presence | None = None,
     publish_api_key: str = "",
     max_message_bytes: int = 65536,
+    stats_guard: StatsGuard | None = None,
 ) -> None:
-    """Mount the WebSocket routes under ``/api/chat-api``, health, and the page."""
+    """Mount the WebSocket routes under ``/api/chat-api``, health, and the page.
+    ``stats_guard`` (if any) decides who may read the stats and the presence."""
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -50,7 +53,7 @@ def register_routes(
         return web.FileResponse(WEB_DIR / "index.html")
 
     # The stats route comes before /ws/{room} so that it wins the match.
-    app.router.add_get(f"{API_PREFIX}/ws/stats", stats_handler(handler))
+    app.router.add_get(f"{API_PREFIX}/ws/stats", stats_handler(handler, stats_guard))
     app.router.add_routes(handler.routes(f"{API_PREFIX}/ws"))
     if timeline is not None:
         app.router.add_post(
@@ -58,17 +61,24 @@ def register_routes(
             publish_handler(handler, timeline, publish_api_key, max_bytes=max_message_bytes),
         )
     if presence is not None:
-        app.router.add_get(f"{API_PREFIX}/rooms/{{room}}/presence", presence_handler(presence))
+        app.router.add_get(
+            f"{API_PREFIX}/rooms/{{room}}/presence", presence_handler(presence, stats_guard)
+        )
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/", index)
     app.router.add_static("/static/", WEB_DIR, follow_symlinks=False)
 
 
-def presence_handler(presence: Presence) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """``GET /api/chat-api/rooms/{room}/presence``: who is in the room, on every pod."""
+def presence_handler(
+    presence: Presence, guard: StatsGuard | None = None
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """``GET /api/chat-api/rooms/{room}/presence``: who is in the room, on every
+    pod. ``guard`` (if any) decides who may ask, as for the stats."""
 
     async def handle(request: web.Request) -> web.Response:
+        if guard is not None:
+            await guard(request)
         room = request.match_info["room"]
         try:
             validate_room(room)

@@ -12,8 +12,14 @@ from realtime import Handler
 __all__ = ["stats_handler"]
 
 
-def stats_handler(handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
+def stats_handler(
+    handler: Handler, guard: Callable[[web.Request], Awaitable[None]] | None = None
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """``guard`` raises an HTTP error for a request that may not see the stats."""
+
     async def stats(request: web.Request) -> web.Response:
+        if guard is not None:
+            await guard(request)
         return web.Response(
             body=orjson.dumps(handler.stats(), option=orjson.OPT_INDENT_2),
             content_type="application/json",

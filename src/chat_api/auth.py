@@ -1,0 +1,324 @@
+"""JWT authentication of WebSocket clients, and who may read the stats.
+
+With ``AUTH_ENABLED=true`` every WebSocket presents a JWT, in an
+``Authorization: Bearer`` header or an ``access_token`` query parameter
+(browsers cannot set headers on a WebSocket). It is verified with PyJWT
+against exactly one kind of key: a shared secret (HS*), a PEM public key, or
+the keys of a JWKS URL (fetched with aiohttp, cached, refetched when a token
+names an unknown ``kid``). Only the algorithms of ``AUTH_JWT_ALGORITHMS`` are
+accepted (never ``none``; never HS* next to a public key). A token that fails
+is refused before the WebSocket is accepted, with HTTP 401; nothing about the
+token is echoed or logged.
+
+A good token becomes an ``Admission`` for the realtime handler: identity
+``sub`` + display name, the expiry (the handler closes with 1008 "token
+expired" then), and the rooms of the rooms claim, if any.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import jwt
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from realtime import Admission, Identify, Identity, guest_identity
+from realtime.handler import clean_name
+from realtime.protocol import ROOM_PATTERN
+
+from .config import Config, ConfigError, redact_url
+from .jwks import JwksCache, JwksError
+from .origin import OriginPolicy
+
+__all__ = [
+    "Authenticator",
+    "RoomPatterns",
+    "StatsGuard",
+    "TokenError",
+    "bearer_token",
+    "make_identify",
+    "stats_guard",
+]
+
+log = logging.getLogger("chat_api.auth")
+
+MAX_SUB_LENGTH = 256
+MAX_ROOM_PATTERNS = 256
+
+
+class TokenError(Exception):
+    """A token (or the lack of one) that cannot admit a client.
+
+    ``reason`` is safe to show the client and to log: it never contains the
+    token. ``status`` is the HTTP status of the refusal; ``missing`` tells a
+    request without a token from one with a bad token (RFC 6750 3.1).
+    """
+
+    def __init__(self, reason: str, status: int = 401, *, missing: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+        self.missing = missing
+
+
+def bearer_token(request: web.Request) -> str | None:
+    """The token of ``Authorization: Bearer ...``, else of ``?access_token=``."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return request.query.get("access_token") or None
+
+
+class RoomPatterns:
+    """The rooms a token may join: exact names, or patterns where ``*``
+    stands for any run of characters (``team-*``). Only ``*`` alone admits
+    the global channel."""
+
+    __slots__ = ("_global", "_regex", "patterns")
+
+    def __init__(self, patterns: list[str]) -> None:
+        self.patterns = patterns
+        self._global = "*" in patterns
+        parts = (".*".join(re.escape(p) for p in pattern.split("*")) for pattern in patterns)
+        self._regex = re.compile("|".join(f"(?:{p})" for p in parts)) if patterns else None
+
+    @classmethod
+    def from_claim(cls, claim: object) -> RoomPatterns:
+        """Parse a rooms claim: a list of strings or one space-separated string."""
+        items = claim.split() if isinstance(claim, str) else claim
+        if not isinstance(items, list) or len(items) > MAX_ROOM_PATTERNS:
+            raise TokenError("the token's rooms claim is not a list of room names")
+        for item in items:
+            if not isinstance(item, str) or (
+                item != "*" and ROOM_PATTERN.fullmatch(item.replace("*", "x")) is None
+            ):
+                raise TokenError("the token's rooms claim is not a list of room names")
+        return cls(items)
+
+    def __call__(self, room: str | None) -> bool:
+        if room is None:
+            return self._global
+        return self._regex is not None and self._regex.fullmatch(room) is not None
+
+
+def _default_algorithms(key: Any) -> tuple[str, ...]:
+    if isinstance(key, rsa.RSAPublicKey):
+        return ("RS256",)
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return {"secp384r1": ("ES384",), "secp521r1": ("ES512",)}.get(key.curve.name, ("ES256",))
+    return ("EdDSA",)
+
+
+def _fits(algorithm: str, key: Any) -> bool:
+    if algorithm.startswith(("RS", "PS")):
+        return isinstance(key, rsa.RSAPublicKey)
+    if algorithm.startswith("ES"):
+        return isinstance(key, ec.EllipticCurvePublicKey)
+    return isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey)
+
+
+def _load_public_key(value: str) -> Any:
+    """A PEM public key given inline or as the path of a file."""
+    pem = value
+    if "-----BEGIN" not in value:
+        try:
+            pem = Path(value).read_text()
+        except OSError as exc:
+            raise ConfigError(
+                "AUTH_JWT_PUBLIC_KEY", f"not a PEM key and not a readable file: {exc.strerror}"
+            ) from None
+    try:
+        key = load_pem_public_key(pem.encode())
+    except ValueError:
+        raise ConfigError("AUTH_JWT_PUBLIC_KEY", "is not a PEM public key") from None
+    if not isinstance(
+        key,
+        rsa.RSAPublicKey
+        | ec.EllipticCurvePublicKey
+        | ed25519.Ed25519PublicKey
+        | ed448.Ed448PublicKey,
+    ):
+        raise ConfigError("AUTH_JWT_PUBLIC_KEY", "must be an RSA, EC or Ed25519 public key")
+    return key
+
+
+# Reasons shown for PyJWT's exceptions; PyJWT's own messages are not shown.
+_REASONS: list[tuple[type[jwt.PyJWTError], str]] = [
+    (jwt.ExpiredSignatureError, "the token has expired"),
+    (jwt.ImmatureSignatureError, "the token is not valid yet"),
+    (jwt.InvalidAudienceError, "the token is for another audience"),
+    (jwt.InvalidIssuerError, "the token has another issuer"),
+    (jwt.MissingRequiredClaimError, "the token lacks a required claim"),
+    (jwt.InvalidAlgorithmError, "the token's algorithm is not accepted"),
+    (jwt.InvalidSignatureError, "the token's signature does not verify"),
+    (jwt.InvalidKeyError, "the token's key is not accepted"),
+    (jwt.DecodeError, "the token is malformed"),
+]
+
+
+class Authenticator:
+    """Verifies JWTs as configured, and turns good ones into admissions."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._jwks: JwksCache | None = None
+        self._key: Any = None
+        algorithms = config.auth_jwt_algorithms
+        if config.auth_jwt_secret:
+            self._key = config.auth_jwt_secret
+            algorithms = algorithms or ("HS256",)
+        elif config.auth_jwt_public_key:
+            self._key = _load_public_key(config.auth_jwt_public_key)
+            algorithms = algorithms or _default_algorithms(self._key)
+            unfit = [a for a in algorithms if not _fits(a, self._key)]
+            if unfit:
+                raise ConfigError(
+                    "AUTH_JWT_ALGORITHMS", f"{', '.join(unfit)} do not fit AUTH_JWT_PUBLIC_KEY"
+                )
+        elif config.auth_jwks_url:
+            self._jwks = JwksCache(config.auth_jwks_url, config.auth_jwks_cache_seconds)
+            algorithms = algorithms or ("RS256", "ES256")
+        else:
+            raise ConfigError("AUTH_JWT_SECRET", "no key to verify tokens with")
+        self.algorithms: tuple[str, ...] = algorithms
+
+    @property
+    def source(self) -> str:
+        """Which key verifies tokens, for the start-up log (no secrets)."""
+        if self._jwks is not None:
+            return f"JWKS {redact_url(self._jwks.url)}"
+        return "AUTH_JWT_SECRET" if self._config.auth_jwt_secret else "AUTH_JWT_PUBLIC_KEY"
+
+    async def start(self) -> None:
+        if self._jwks is not None:
+            await self._jwks.start()
+
+    async def close(self) -> None:
+        if self._jwks is not None:
+            await self._jwks.close()
+
+    async def verify(self, token: str) -> dict[str, Any]:
+        """The claims of a valid token; raises ``TokenError`` otherwise."""
+        config = self._config
+        try:
+            header = jwt.get_unverified_header(token)
+            alg = header.get("alg")
+            if alg not in self.algorithms:
+                raise TokenError("the token's algorithm is not accepted")
+            key = self._key
+            if self._jwks is not None:
+                kid = header.get("kid")
+                try:
+                    key = await self._jwks.key(kid if isinstance(kid, str) else None)
+                except JwksError as exc:
+                    raise TokenError(exc.reason, 503 if exc.unavailable else 401) from None
+                if key.algorithm_name != alg:
+                    raise TokenError("the token's algorithm does not fit its key")
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key,
+                algorithms=list(self.algorithms),
+                audience=config.auth_audience or None,
+                issuer=config.auth_issuer or None,
+                leeway=config.auth_leeway_seconds,
+                options={
+                    "require": ["exp", "sub"],
+                    "verify_aud": bool(config.auth_audience),
+                    "enforce_minimum_key_length": True,
+                },
+            )
+        except jwt.PyJWTError as exc:
+            reason = next((r for kind, r in _REASONS if isinstance(exc, kind)), None)
+            raise TokenError(reason or "the token is invalid") from None
+        return claims
+
+    async def admit(self, token: str | None) -> Admission:
+        """The admission a token grants; raises ``TokenError``."""
+        if token is None:
+            raise TokenError(
+                "a token is required: Authorization: Bearer or ?access_token=", missing=True
+            )
+        claims = await self.verify(token)
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not sub or len(sub) > MAX_SUB_LENGTH:
+            raise TokenError("the token's sub claim is not a usable user id")
+        shown = claims.get(self._config.auth_name_claim)
+        name = clean_name(shown if isinstance(shown, str) else None) or clean_name(sub) or "user"
+        rooms = claims.get(self._config.auth_rooms_claim)
+        return Admission(
+            Identity(id=sub, name=name),
+            expires_at=float(claims["exp"]) + self._config.auth_leeway_seconds,
+            may_join=None if rooms is None else RoomPatterns.from_claim(rooms),
+        )
+
+    async def identify(self, request: web.Request, connection_id: str) -> Admission:
+        """The realtime ``identify`` hook: admit, or refuse with HTTP 401/503."""
+        try:
+            return await self.admit(bearer_token(request))
+        except TokenError as exc:
+            log.debug("refused a WebSocket from %s: %s", request.remote, exc.reason)
+            raise _refusal(exc) from None
+
+    async def is_admin(self, token: str) -> bool:
+        try:
+            claims = await self.verify(token)
+        except TokenError:
+            return False
+        return claims.get(self._config.auth_admin_claim) is True
+
+
+def _refusal(exc: TokenError) -> web.HTTPException:
+    if exc.status == 503:
+        return web.HTTPServiceUnavailable(text=exc.reason, headers={"Retry-After": "5"})
+    challenge = "Bearer" if exc.missing else 'Bearer error="invalid_token"'
+    return web.HTTPUnauthorized(text=exc.reason, headers={"WWW-Authenticate": challenge})
+
+
+def make_identify(origins: OriginPolicy, auth: Authenticator | None) -> Identify:
+    """The handler's ``identify`` hook: the Origin check, then the token
+    (``AUTH_ENABLED``) or a guest name from ``?name=``."""
+
+    async def identify(request: web.Request, connection_id: str) -> Identity | Admission:
+        origins.check(request)
+        if auth is None:
+            return await guest_identity(request, connection_id)
+        return await auth.identify(request, connection_id)
+
+    return identify
+
+
+StatsGuard = Callable[[web.Request], Awaitable[None]]
+
+
+def stats_guard(config: Config, auth: Authenticator | None) -> StatsGuard | None:
+    """Who may read the stats endpoint, or None when it is public.
+
+    Public unless ``STATS_TOKEN`` is set or ``AUTH_ENABLED``. Then it needs
+    ``Authorization: Bearer`` with the ``STATS_TOKEN``, or (with auth on) a
+    valid JWT whose ``AUTH_ADMIN_CLAIM`` is ``true``.
+    """
+    if not config.stats_token and auth is None:
+        return None
+    expected = config.stats_token.encode()
+
+    async def guard(request: web.Request) -> None:
+        token = bearer_token(request)
+        if token is None:
+            raise web.HTTPUnauthorized(
+                text="the stats need a bearer token", headers={"WWW-Authenticate": "Bearer"}
+            )
+        if expected and hmac.compare_digest(token.encode(), expected):
+            return
+        if auth is not None and await auth.is_admin(token):
+            return
+        raise web.HTTPForbidden(text="this token may not read the stats")
+
+    return guard

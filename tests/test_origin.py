@@ -1,0 +1,107 @@
+"""ALLOWED_ORIGINS: a foreign page cannot open a WebSocket (cross-site
+WebSocket hijacking); the service's own page and non-browser clients can."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import pytest
+
+from chat_api.origin import OriginPolicy
+
+from .conftest import PodFactory
+from .support import DEFAULT_TIMEOUT, Pod, connect, get_json
+
+
+async def status_for(session: aiohttp.ClientSession, url: str, origin: str | None) -> int:
+    headers = {"Origin": origin} if origin is not None else {}
+    try:
+        async with asyncio.timeout(DEFAULT_TIMEOUT):
+            ws = await session.ws_connect(url, headers=headers)
+    except aiohttp.WSServerHandshakeError as exc:
+        return exc.status
+    await ws.close()
+    return 101
+
+
+async def stats(session: aiohttp.ClientSession, pod: Pod) -> dict[str, Any]:
+    result: dict[str, Any] = await get_json(session, f"{pod.base}/api/chat-api/ws/stats")
+    return result
+
+
+async def test_default_allows_own_origin_and_no_origin_only(
+    pod: Pod, session: aiohttp.ClientSession
+) -> None:
+    url = pod.ws_url("general")
+    assert await status_for(session, url, None) == 101  # curl, scripts, servers
+    assert await status_for(session, url, f"http://127.0.0.1:{pod.port}") == 101
+    assert await status_for(session, url, f"HTTP://127.0.0.1:{pod.port}/") == 101
+    # A page elsewhere opens a socket in the victim's browser: refused.
+    for foreign in (
+        "http://evil.example",
+        f"http://evil.example:{pod.port}",
+        f"http://127.0.0.1:{pod.port + 1}",
+        f"http://localhost:{pod.port}",
+        f"https://127.0.0.1:{pod.port}.evil.example",
+        "null",
+        "garbage",
+    ):
+        assert await status_for(session, url, foreign) == 403, foreign
+    s = await stats(session, pod)
+    assert s["refused"] == {"403": 7}
+    assert s["connections"]["accepted"] == 3
+    assert s["rooms"] == {}
+
+
+async def test_refusal_happens_before_anything_is_joined(
+    pod: Pod, session: aiohttp.ClientSession
+) -> None:
+    member, _ = await connect(session, pod.ws_url("general"))
+    assert await status_for(session, pod.ws_url("general"), "https://evil.example") == 403
+    s = await stats(session, pod)
+    assert s["rooms"] == {"general": 1}
+    assert s["connections"] == {"open": 1, "accepted": 1}
+    await member.close()
+
+
+@pytest.mark.slow
+async def test_allowed_origins_list_and_star(
+    pod_factory: PodFactory, session: aiohttp.ClientSession
+) -> None:
+    listed = pod_factory({"ALLOWED_ORIGINS": "https://chat.example.com, http://app.test:8080"})
+    url = listed.ws_url()
+    assert await status_for(session, url, "https://chat.example.com") == 101
+    assert await status_for(session, url, "https://CHAT.example.com:443") == 101
+    assert await status_for(session, url, "http://app.test:8080") == 101
+    assert await status_for(session, url, f"http://127.0.0.1:{listed.port}") == 101  # own
+    assert await status_for(session, url, "http://chat.example.com") == 403  # scheme
+    assert await status_for(session, url, "https://chat.example.com:8443") == 403  # port
+    assert await status_for(session, url, "https://evil.example") == 403
+
+    anyone = pod_factory({"ALLOWED_ORIGINS": "*"})
+    assert await status_for(session, anyone.ws_url(), "https://evil.example") == 101
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "allowed"),
+    [
+        (None, "chat.example.com", True),
+        ("https://chat.example.com", "chat.example.com", True),  # TLS proxy, Host kept
+        ("https://chat.example.com", "chat.example.com:443", True),
+        ("http://chat.example.com", "chat.example.com:80", True),
+        ("https://chat.example.com", "chat.example.com:8000", False),
+        ("https://chat.example.com:8443", "chat.example.com:8443", True),
+        ("http://[::1]:8000", "[::1]:8000", True),
+        ("https://evil.example", "chat.example.com", False),
+        ("https://chat.example.com.evil.example", "chat.example.com", False),
+        ("https://chat.example.com", None, False),
+        ("null", "chat.example.com", False),
+        ("file://", "chat.example.com", False),
+        ("https://chat.example.com/path", "chat.example.com", False),
+        ("https://chat.example.com:99999", "chat.example.com", False),
+    ],
+)
+def test_same_origin_rule(origin: str | None, host: str | None, allowed: bool) -> None:
+    assert OriginPolicy().allows(origin, host) is allowed

@@ -1,0 +1,189 @@
+"""Secrets (tokens, the JWT secret, the stats token, the Redis password)
+never appear in logs, stats, refusals, error frames or exceptions.
+
+(The Redis password of a pod connected to Redis is covered by
+``test_redis_cluster``; here: a Redis that refuses connections, start-up and
+configuration errors.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import jwt
+import pytest
+
+from chat_api.config import Config, ConfigError
+
+from .conftest import PodFactory
+from .security_support import SECRET, claims, handshake, hs_token
+from .support import DEFAULT_TIMEOUT, connect, recv_type, send
+
+STATS_TOKEN = "stats-token-" + os.urandom(12).hex()
+REDIS_PASSWORD = "redis-pw-" + os.urandom(8).hex()
+PUBLISH_KEY = "publish-key-" + os.urandom(8).hex()
+
+
+def unused_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def test_tokens_and_secrets_never_reach_logs_stats_or_answers(
+    pod_factory: PodFactory, session: aiohttp.ClientSession
+) -> None:
+    pod = pod_factory(
+        {
+            "AUTH_ENABLED": "true",
+            "AUTH_JWT_SECRET": SECRET,
+            "STATS_TOKEN": STATS_TOKEN,
+            "PUBLISH_API_KEY": PUBLISH_KEY,
+            "LOG_LEVEL": "DEBUG",
+            # Nobody listens there: the pod logs its reconnect attempts.
+            "REDIS_URL": f"redis://chat:{REDIS_PASSWORD}@127.0.0.1:{unused_port()}/0",
+        }
+    )
+    now = int(time.time())
+    good = hs_token(claims("user-1", name="Ann"))
+    admin = hs_token(claims("ops", admin=True))
+    bad = [
+        hs_token({**claims(), "exp": now - 3600}),
+        hs_token(claims(), secret="wrong-secret-" + "y" * 40),
+        jwt.encode(claims(), None, algorithm="none"),
+        "garbage-" + os.urandom(8).hex(),
+        good[:-4] + "AAAA",  # the good token, signature altered
+        good.replace(".", "..", 1),
+    ]
+    answers: list[str] = []
+    url = pod.ws_url("general")
+    for token in bad:
+        for headers, target in (
+            ({"Authorization": f"Bearer {token}"}, url),
+            ({}, pod.ws_url("general", access_token=token)),
+        ):
+            status, body, answer_headers = await handshake(session, target, headers)
+            assert status == 401
+            answers += [body, str(answer_headers)]
+        async with (
+            asyncio.timeout(DEFAULT_TIMEOUT),
+            session.get(
+                f"{pod.base}/api/chat-api/ws/stats", headers={"Authorization": f"Bearer {token}"}
+            ) as resp,
+        ):
+            assert resp.status == 403
+            answers.append(await resp.text())
+
+    # Over-long tokens are refused by aiohttp's HTTP parser, which must not log
+    # them. (Its 400 answer shows the sender the start of its own line.)
+    huge = "hugetoken" + os.urandom(8).hex() * 600
+    for headers, target in (
+        ({"Authorization": f"Bearer {huge}"}, url),
+        ({}, pod.ws_url("general", access_token=huge)),
+    ):
+        status, _, _ = await handshake(session, target, headers)
+        assert status == 400
+    bad.append(huge[:24])
+
+    # A good connection; its error frames and messages.
+    ws, welcome = await connect(session, url, headers={"Authorization": f"Bearer {good}"})
+    answers.append(str(welcome))
+    await send(ws, {"type": "join", "room": "a*"})
+    answers.append(str(await recv_type(ws, "error")))
+    await send(ws, {"type": "message", "data": "hello"})
+    answers.append(str(await recv_type(ws, "message")))
+    await ws.close()
+
+    for token in (admin, STATS_TOKEN):
+        async with (
+            asyncio.timeout(DEFAULT_TIMEOUT),
+            session.get(
+                f"{pod.base}/api/chat-api/ws/stats", headers={"Authorization": f"Bearer {token}"}
+            ) as resp,
+        ):
+            assert resp.status == 200
+            answers.append(await resp.text())
+    publish = f"{pod.base}/api/chat-api/rooms/general/messages"
+    for key in (PUBLISH_KEY[:-1], good):
+        async with (
+            asyncio.timeout(DEFAULT_TIMEOUT),
+            session.post(
+                publish, json={"data": 1}, headers={"Authorization": f"Bearer {key}"}
+            ) as resp,
+        ):
+            assert resp.status == 401
+            answers.append(await resp.text())
+    for path in ("/readyz", "/healthz", "/api/chat-api/rooms/general/presence"):
+        async with asyncio.timeout(DEFAULT_TIMEOUT), session.get(pod.base + path) as resp:
+            answers.append(await resp.text())
+
+    pod.wait_for_log(r"redis reconnect attempt \d+ failed")
+    pod.stop()
+    log = pod.log
+    assert "refused a WebSocket" in log  # DEBUG lines were written, and checked
+    secrets = [SECRET, STATS_TOKEN, REDIS_PASSWORD, PUBLISH_KEY, good, admin, *bad]
+    # Signatures alone are secret enough to check for too.
+    secrets += [t.rsplit(".", 1)[-1] for t in (good, admin) if t.rsplit(".", 1)[-1]]
+    for secret in secrets:
+        assert secret not in log, f"a secret in the log: {secret[:12]}..."
+        for answer in answers:
+            assert secret not in answer, f"a secret in an answer: {secret[:12]}..."
+    assert "Traceback" not in log
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"AUTH_ENABLED": "true", "AUTH_JWT_SECRET": "short-secret-value"},
+        {"AUTH_ENABLED": "true", "AUTH_JWT_SECRET": "x" * 40, "AUTH_JWKS_URL": "https://a/j"},
+        {"REDIS_URL": "http://user:hunter2-redis-pw@127.0.0.1:6379/0"},
+        {"REDIS_URL": "redis://user:hunter2-redis-pw@127.0.0.1:6379/0", "PORT": "x"},
+        {"STATS_TOKEN": "tok-hunter2", "PORT": "99999"},
+    ],
+)
+def test_configuration_errors_do_not_show_secret_values(env: dict[str, str]) -> None:
+    secret_values = [
+        value
+        for key, value in env.items()
+        if key in ("AUTH_JWT_SECRET", "STATS_TOKEN") or key == "REDIS_URL"
+    ]
+    hidden = [v.split(":")[-1].split("@")[0] if "@" in v else v for v in secret_values]
+    with pytest.raises(ConfigError) as info:
+        Config.load(env, env_file=None)
+    for value in hidden:
+        assert value not in str(info.value)
+        assert value not in repr(info.value)
+    result = subprocess.run(
+        [sys.executable, "-m", "chat_api"],
+        env={"PATH": "/usr/bin:/bin", "PORT": "0", **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=Path(__file__).parent,
+    )
+    assert result.returncode == 2
+    for value in hidden:
+        assert value not in result.stderr + result.stdout
+
+
+def test_secrets_are_hidden_from_the_config_repr() -> None:
+    config = Config.load(
+        {
+            "AUTH_ENABLED": "true",
+            "AUTH_JWT_SECRET": SECRET,
+            "STATS_TOKEN": STATS_TOKEN,
+            "REDIS_URL": "redis://:hunter2-redis-pw@127.0.0.1:6379/0",
+        },
+        env_file=None,
+    )
+    for value in (SECRET, STATS_TOKEN, "hunter2-redis-pw"):
+        assert value not in repr(config)
+        assert value not in str(config)
