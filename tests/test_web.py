@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+import jwt
 import orjson
 import pytest
 from playwright.sync_api import Browser, Dialog, Locator, Page, expect, sync_playwright
@@ -301,3 +303,82 @@ def test_a_newcomer_sees_the_rooms_recent_messages(pod: Pod, open_page: OpenPage
     say(grace, "third")
     expect(message(ada, "third", own=False)).to_have_count(1)
     expect(grace.locator("#log li.msg .text")).to_have_text(["first", "second", "third"])
+
+
+# -- with AUTH_ENABLED=true -------------------------------------------------------
+
+SECRET = "web-page-tests-secret-of-at-least-32-bytes"
+
+
+def token(sub: str, name: str, ttl: float = 600) -> str:
+    claims = {"sub": sub, "name": name, "exp": int(time.time() + ttl)}
+    return jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+@pytest.fixture
+def auth_pod(pod_factory: PodFactory) -> Pod:
+    return pod_factory(
+        {"AUTH_ENABLED": "true", "AUTH_JWT_SECRET": SECRET, "AUTH_LEEWAY_SECONDS": "0"}
+    )
+
+
+def test_refused_without_a_good_token_then_live_then_expired(
+    auth_pod: Pod, open_page: OpenPage
+) -> None:
+    page = open_page("ada").page
+    page.goto(f"{auth_pod.base}/?name=ada#general")
+    status = page.locator("#status")
+    notice = page.locator("#notice")
+    expect(status).to_have_attribute("data-state", "refused")
+    expect(notice).to_contain_text("HTTP 401")
+    expect(notice).to_contain_text("Paste an access token")
+    token_field = page.get_by_label("Access token (only when the server requires sign-in)")
+    expect(token_field).to_be_visible()
+
+    token_field.fill("not-a-token")
+    token_field.press("Enter")
+    expect(notice).to_contain_text("Check the access token")
+    expect(status).to_have_attribute("data-state", "refused")
+
+    # A good token that expires in a few seconds: live, then refused as expired.
+    token_field.fill(token("u-ada", "Ada Lovelace", ttl=3))
+    token_field.press("Enter")
+    expect(status).to_have_attribute("data-state", "live")
+    expect(page.locator("#room-title")).to_have_text("#general · you are Ada Lovelace")
+    say(page, "signed in")
+    expect(message(page, "signed in", own=True).locator(".from")).to_have_text("Ada Lovelace")
+    expect(status).to_have_attribute("data-state", "refused")
+    expect(notice).to_contain_text("access token expired")
+    expect(page.locator("#retry-button")).to_be_hidden()  # no retrying with a dead token
+
+
+def test_token_from_the_address_fragment(auth_pod: Pod, open_page: OpenPage) -> None:
+    grace = open_page("grace").page
+    grace.goto(f"{auth_pod.base}/#general&token={token('u-grace', 'Grace')}")
+    expect(grace.locator("#status")).to_have_attribute("data-state", "live")
+    assert grace.evaluate("location.hash") == "#general"  # the token left the address bar
+
+    ada = open_page("ada").page
+    ada.goto(f"{auth_pod.base}/?name=ada#general")  # no token: refused
+    expect(ada.locator("#status")).to_have_attribute("data-state", "refused")
+    ada.goto(f"{auth_pod.base}/#general&token={token('u-ada', 'Ada')}")
+    expect(ada.locator("#status")).to_have_attribute("data-state", "live")
+
+    say(grace, "hello Ada")
+    expect(message(ada, "hello Ada", own=False).locator(".from")).to_have_text("Grace")
+
+
+def test_error_frames_are_shown_in_words(pod_factory: PodFactory, open_page: OpenPage) -> None:
+    # Two frames at once (the page's presence request and one message), then 1 per 2 s.
+    pod = pod_factory({"RATE_LIMIT_PER_SECOND": "0.5", "RATE_LIMIT_BURST": "2"})
+    page = chat(open_page("alice"), pod, "alice")
+    say(page, "first")
+    expect(message(page, "first", own=True)).to_have_count(1)
+    say(page, "second, too soon")
+    refused = page.locator("#log li.msg", has_text="second, too soon")
+    expect(refused).to_have_attribute("data-status", "failed")
+    expect(refused.locator(".note")).to_have_text(
+        "Not sent: You are sending messages too fast. Wait a moment, then send again."
+    )
+    expect(refused.get_by_role("button", name="Send again")).to_be_visible()
+    expect(page.locator("#status")).to_have_attribute("data-state", "live")
