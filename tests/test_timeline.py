@@ -23,6 +23,7 @@ from realtime import (
     TimelineSettings,
 )
 from realtime.broadcast.base import Stamp
+from realtime.exceptions import BroadcastError
 from realtime.sequencer import Entry
 
 from .support import eventually
@@ -193,6 +194,42 @@ async def test_members_are_told_when_history_no_longer_has_a_gap() -> None:
         ]
         assert sink.frames[1]["reason"] == "window_exceeded"
         assert timeline.stats()["lost"] == 2
+    finally:
+        await timeline.stop()
+        await log.stop()
+
+
+class LinkDown(MemoryBroadcaster):
+    """A room log whose reads fail while ``down`` (a Redis outage)."""
+
+    down = True
+
+    async def read(self, room: str, after: int, limit: int, *, epoch: str | None = None) -> Any:
+        if self.down:
+            raise BroadcastError("link down")
+        return await super().read(room, after, limit, epoch=epoch)
+
+
+async def test_a_confirmed_subscription_cuts_a_failed_reads_backoff_short() -> None:
+    hub = LocalHub()
+    log = LinkDown(history_length=50)
+    # The first retry of a failed read would come after gap_wait (3 s).
+    timeline = Timeline(hub, log, log, TimelineSettings(keep=50, gap_wait=3.0))
+    hub.watch(timeline)
+    await log.start(hub.broadcast)
+    try:
+        conn, sink = member(hub, 1)
+        await asyncio.wait_for(timeline.attach(conn, "r", Catchup()), 5)
+        await publish(timeline, 1)  # stored, but held: the room's state is unknown
+        assert sink.offsets() == []
+        log.down = False
+        timeline.ready("r")  # the link is back and the subscription confirmed
+
+        async def delivered() -> bool:
+            return sink.offsets() == [1]
+
+        # Well inside the 3 s backoff: the confirmation woke the read.
+        await eventually(delivered, timeout=1.5)
     finally:
         await timeline.stop()
         await log.stop()

@@ -78,6 +78,8 @@ class _Room:
     repairing: bool = False
     again: bool = False
     """A resubscription came while a read was in flight: read once more."""
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    """Cuts a failed read's backoff short when the subscription is confirmed."""
 
 
 class Timeline:
@@ -130,6 +132,7 @@ class Timeline:
             return
         if state.syncing:
             state.again = True  # what it reads may predate the resubscription
+            state.wake.set()  # and if it is backing off, the link is back: read now
             return
         state.syncing = True
         self._spawn(self._sync(room, state))
@@ -268,7 +271,10 @@ class Timeline:
                 except BroadcastError as exc:
                     log.warning("reading the state of room %s failed: %s", room, exc)
                     state.tried.set()
-                    await asyncio.sleep(delay)  # backoff before retrying a failed read
+                    state.wake.clear()
+                    # Back off before retrying, unless the link comes back first.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(state.wake.wait(), delay)
                     delay = min(delay * 2, 5.0)
                     continue
                 if self._rooms.get(room) is not state:
