@@ -253,7 +253,7 @@ class Handler:
         )
         await ws.prepare(request)
         transport = request.transport
-        if not isinstance(transport, asyncio.Transport):  # vanished during the upgrade
+        if transport is None or transport.is_closing():  # vanished during the upgrade
             return ws
         conn = Connection(
             connection_id,
