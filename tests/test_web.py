@@ -197,7 +197,10 @@ def test_page_reconnects_after_pod_restart_and_keeps_chatting(
 
     # Hold Alice's retry timer so that Bob is surely back before her queued
     # message goes out (there is no history yet to fill in what he missed).
-    alice.clock.pause_at(alice.evaluate("Date.now() / 1000"))  # seconds, in Python
+    # A moment ahead: the page's clock moves on while this call travels, and
+    # pausing in its past fails. A retry firing in that moment meets a pod
+    # that is still down and only backs off further.
+    alice.clock.pause_at(alice.evaluate("Date.now() / 1000 + 0.5"))  # seconds, in Python
     pod.restart()
     expect(bob.locator("#status")).to_have_attribute("data-state", "live")
     expect(alice.locator("#status")).to_have_attribute("data-state", "reconnecting")
