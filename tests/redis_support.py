@@ -20,6 +20,8 @@ from typing import Any
 
 import redis
 
+from realtime import RedisBroadcaster
+
 REDIS_SERVER = os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
 START_TIMEOUT = 10.0
 
@@ -214,3 +216,18 @@ def running_redis(**kwargs: Any) -> Any:
         yield server
     finally:
         server.close()
+
+
+def quick_broadcaster(
+    url: str, pod_id: str, channel_prefix: str, **kwargs: Any
+) -> RedisBroadcaster:
+    """A ``RedisBroadcaster`` with heartbeat and backoff short enough for tests."""
+    return RedisBroadcaster(
+        url,
+        pod_id=pod_id,
+        channel_prefix=channel_prefix,
+        heartbeat_interval=0.2,
+        heartbeat_timeout=1.0,
+        reconnect_max_delay=0.5,
+        **kwargs,
+    )

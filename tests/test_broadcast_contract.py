@@ -19,10 +19,10 @@ from realtime import (
     LinkState,
     MemoryBroadcaster,
     Message,
-    RedisBroadcaster,
     StateError,
 )
 
+from .redis_support import quick_broadcaster
 from .support import eventually
 
 Delivered = list[tuple[str | None, bytes]]
@@ -46,14 +46,7 @@ async def make(request: pytest.FixtureRequest, channel_prefix: str) -> AsyncIter
             broadcaster = MemoryBroadcaster()
         else:
             url = request.getfixturevalue("shared_redis_url")
-            broadcaster = RedisBroadcaster(
-                url,
-                pod_id=pod_id,
-                channel_prefix=channel_prefix,
-                heartbeat_interval=0.2,
-                heartbeat_timeout=1.0,
-                reconnect_max_delay=0.5,
-            )
+            broadcaster = quick_broadcaster(url, pod_id, channel_prefix)
         made.append(broadcaster)
         return broadcaster
 

@@ -15,7 +15,7 @@ from realtime.broadcast.base import Stamp
 from realtime.broadcast.redis_log import parse_stamp
 from realtime.sequencer import Entry
 
-from .redis_support import RedisServer
+from .redis_support import RedisServer, quick_broadcaster
 from .support import eventually
 
 Factory = Callable[..., OrderedBroadcaster]
@@ -48,14 +48,8 @@ async def make(request: pytest.FixtureRequest, channel_prefix: str) -> AsyncIter
         if request.param == "memory":
             broadcaster = MemoryBroadcaster(**kwargs)
         else:
-            broadcaster = RedisBroadcaster(
-                url or request.getfixturevalue("shared_redis_url"),
-                pod_id=pod_id,
-                channel_prefix=channel_prefix,
-                heartbeat_interval=0.2,
-                heartbeat_timeout=1.0,
-                reconnect_max_delay=0.5,
-                **kwargs,
+            broadcaster = quick_broadcaster(
+                url or request.getfixturevalue("shared_redis_url"), pod_id, channel_prefix, **kwargs
             )
         made.append(broadcaster)
         return broadcaster
