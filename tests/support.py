@@ -148,7 +148,7 @@ class Pod:
                 for line in self.lines:
                     if regex.search(line):
                         return line
-            time.sleep(0.02)
+            time.sleep(0.02)  # polling interval
         raise AssertionError(f"{self.name}: no log line matching {pattern!r}:\n{self.log}")
 
 
