@@ -102,6 +102,21 @@ def test_since_serves_from_memory_or_says_it_cannot() -> None:
     assert seq.since(5) == []
 
 
+def test_since_never_serves_across_a_hole() -> None:
+    seq = live(keep=10)
+    seq.offer(e(1), 0)
+    seq.offer(e(3), 0)
+    seq.skip_gap(1)  # 2 is lost: memory starts again after it
+    assert [(x.epoch, x.offset, x.payload) for x in seq.since(2) or []] == [("a", 3, b"m3")]
+    assert seq.since(1) is None
+
+    # a stored tail with a hole: only what follows the hole is remembered
+    seq = RoomSequencer(10)
+    seq.start("a", 5, [e(1), e(2), e(4), e(5)])
+    assert offsets(seq.since(3) or []) == [4, 5]
+    assert seq.since(2) is None
+
+
 def test_skip_gap_gives_up_on_the_missing_offsets() -> None:
     seq = live()
     seq.offer(e(3), 0)

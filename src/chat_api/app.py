@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -199,6 +200,11 @@ async def serve(config: Config) -> None:
         await site.start()
         host, port = runner.addresses[0][:2]
         mode = "local-only (REDIS_URL is not set)" if config.local_only else "cluster (Redis)"
+        # Everything built so far (modules, app, config) lives as long as the
+        # process: out of the collector's sight, a full collection walks only
+        # what serving created (about half as long a pause, measured).
+        gc.collect()
+        gc.freeze()
         log.info(
             "chat-api listening on http://%s:%d pod=%s mode=%s", host, port, config.pod_id, mode
         )

@@ -86,7 +86,12 @@ class RoomSequencer:
         self.duplicates = 0
         self.lost = 0
         self._pending: dict[int, Entry] = {}
-        self._recent: deque[Entry] = deque(maxlen=max(keep, 1))
+        # The payloads of the last delivered entries, whose offsets run
+        # without a hole up to ``last``. Bytes, not ``Entry`` objects: a
+        # busy pod keeps tens of thousands of them, and bytes are invisible
+        # to the garbage collector (whose full passes would otherwise walk
+        # them all, tens of milliseconds at a time).
+        self._recent: deque[bytes] = deque(maxlen=max(keep, 1))
 
     # -- feeding ----------------------------------------------------------
 
@@ -113,9 +118,16 @@ class RoomSequencer:
         self.epoch = epoch
         self.last = min(last, held[0].offset - 1) if held else last
         self._recent.clear()
+        expected = None
         for entry in tail:
-            if entry.offset <= self.last:
-                self._recent.append(entry)
+            if entry.offset > self.last:
+                break
+            if entry.offset != expected:
+                self._recent.clear()  # a hole in the stored tail: keep what follows it
+            self._recent.append(entry.payload)
+            expected = entry.offset + 1
+        if expected != self.last + 1:
+            self._recent.clear()
         self.state = SequencerState.LIVE
         for entry in [*tail, *held]:
             if entry.offset > self.last:
@@ -192,12 +204,13 @@ class RoomSequencer:
                 step.skipped_at = len(step.deliver)
             step.skipped_to = offset
             self.last = offset
+            self._recent.clear()  # remembered entries run without a hole
         self._drain(now, step)
 
     def _drain(self, now: float, step: Step) -> None:
         while (entry := self._pending.pop(self.last + 1, None)) is not None:
             self.last = entry.offset
-            self._recent.append(entry)
+            self._recent.append(entry.payload)
             step.deliver.append(entry)
         if self._pending:
             self.state = SequencerState.HOLDING
@@ -228,6 +241,10 @@ class RoomSequencer:
         memory; None if memory does not reach back that far."""
         if after >= self.last:
             return []
-        if not self._recent or self._recent[0].offset > after + 1:
+        recent = self._recent
+        first = self.last - len(recent) + 1
+        if not recent or first > after + 1 or self.epoch is None:
             return None
-        return [e for e in self._recent if e.offset > after]
+        skip = after + 1 - first
+        epoch = self.epoch
+        return [Entry(epoch, first + i, payload) for i, payload in enumerate(recent) if i >= skip]
