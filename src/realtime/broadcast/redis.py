@@ -16,22 +16,18 @@ Two connections per pod:
   one supervised task that connects, resubscribes every needed channel in a
   batch, watches the heartbeat, and on any failure tears the connection down
   and reconnects with capped exponential backoff plus jitter;
-* the publisher (``pipe.py``), the same kind of protocol: one task drains a
-  bounded outbox and pipelines ``PUBLISH``/``EVALSHA`` batches in order on it,
-  one batch in flight at a time (``_send`` is the only place that publishes).
+* the publisher (``pipe.py``), the same kind of protocol, written by the
+  ``Publisher`` (``publisher.py``): one task drains a bounded outbox and
+  pipelines ``PUBLISH``/``EVALSHA`` batches in order on it; publishing never
+  raises and never blocks the sender.
 
 Reads and scripts off the hot path (history, presence) use redis-py.
 
-Publishing never raises and never blocks the sender: a message that cannot be
-published is delivered locally anyway, counted in ``publish_failures`` and
-logged once per outage.
-
 It is also the room log (``redis_log.py``): a room message is appended with one
 ``EVALSHA`` that stamps it with the room's next offset, stores it in the room's
-capped stream and publishes it, atomically. Appends share the outbox with plain
-publishes, so one pod's messages keep their order. Stamped messages arriving on
-a room channel go to the ``LogSink`` (the timeline) instead of straight to the
-hub; the appending pod gets its own from the script's reply.
+capped stream and publishes it, atomically. Stamped messages arriving on a room
+channel go to the ``LogSink`` (the timeline) instead of straight to the hub;
+the appending pod gets its own from the script's reply.
 """
 
 from __future__ import annotations
@@ -42,7 +38,6 @@ import hashlib
 import logging
 import random
 import time
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -50,15 +45,15 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
 from ..exceptions import BroadcastError, StateError
-from ..protocol import Message, stamp_body
+from ..protocol import Message
 from ..sequencer import Entry
 from .base import Deliver, LinkState, LogSink, Slice, Stamped
-from .pipe import CommandPipe, open_pipe
+from .publisher import LINK_ERRORS, Publisher, describe
 from .redis_log import APPEND, READ, RedisRoomLog, parse_stamp
-from .subscriber import RedisAddress, Subscriber, open_subscriber, pack_command
+from .subscriber import RedisAddress, Subscriber, open_subscriber
 
 __all__ = ["RedisBroadcaster", "RedisCounters"]
 
@@ -71,8 +66,6 @@ _ALLOWED = {
     LinkState.STOPPED: set(),
 }
 
-_LINK_ERRORS = (OSError, TimeoutError, RedisError, BroadcastError)
-_HEARTBEAT = b"hb"
 _STOP_TIMEOUT = 5.0
 
 
@@ -99,21 +92,6 @@ class RedisCounters:
     append_failures: int = 0
     """room messages that could not be stored (delivered locally, unstamped)"""
     history_reads: int = 0
-
-
-@dataclass(slots=True)
-class _Append:
-    """A room message waiting in the outbox to be stamped and published."""
-
-    message: Message
-    channel: bytes
-    done: Stamped
-    idempotency_key: str | None
-    body: bytes
-    """``message.body()``, encoded once for the script and the stamped copy."""
-
-
-_Outgoing = tuple[bytes, bytes] | _Append
 
 
 class RedisBroadcaster:
@@ -146,8 +124,6 @@ class RedisBroadcaster:
         self._heartbeat_timeout = heartbeat_timeout
         self._min_delay = reconnect_min_delay
         self._max_delay = reconnect_max_delay
-        self._publish_queue = publish_queue
-        self._publish_batch = publish_batch
 
         self._own = pod_id.encode() + b"\n"
         self._global_channel = f"{channel_prefix}:global".encode()
@@ -159,9 +135,7 @@ class RedisBroadcaster:
         self._state = LinkState.CONNECTING
         self._deliver: Deliver | None = None
         self._redis: aioredis.Redis | None = None
-        self._pipe: CommandPipe | None = None
         self._subscriber: Subscriber | None = None
-        self._outbox: deque[_Outgoing] = deque()
         self._sink: LogSink | None = None
         self._log = RedisRoomLog(
             channel_prefix,
@@ -169,14 +143,24 @@ class RedisBroadcaster:
             history_length=history_length,
             history_ttl=history_ttl,
         )
-        self._outbox_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._first_attempt: asyncio.Future[None] | None = None
 
         self._last_heartbeat: float | None = None
         self._down_since: float | None = None
-        self._publish_outage = False
         self.counters = RedisCounters()
+        self._publisher = Publisher(
+            self._address,
+            pod_id=pod_id,
+            room_log=self._log,
+            heartbeat_channel=self._pod_channel,
+            timeout=heartbeat_timeout,
+            queue=publish_queue,
+            batch=publish_batch,
+            counters=self.counters,
+            on_entry=self._stamped,
+            load_scripts=self._load_scripts,
+        )
 
     # -- Broadcaster ----------------------------------------------------------
 
@@ -207,7 +191,7 @@ class RedisBroadcaster:
         self._first_attempt = loop.create_future()
         self._tasks = [
             loop.create_task(self._supervise(), name=f"redis-subscriber-{self.pod_id}"),
-            loop.create_task(self._drain(), name=f"redis-publisher-{self.pod_id}"),
+            loop.create_task(self._publisher.run(), name=f"redis-publisher-{self.pod_id}"),
         ]
         for task in self._tasks:
             task.add_done_callback(self._task_done)
@@ -234,13 +218,10 @@ class RedisBroadcaster:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(subscriber.closed), 1.0)
             subscriber.abort()
-        if self._pipe is not None:
-            self._pipe.abort()
-            self._pipe = None
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
-        self._outbox.clear()
+        self._publisher.close()
         self._deliver = None
         log.info("redis link stopped (pod=%s)", self.pod_id)
 
@@ -252,7 +233,7 @@ class RedisBroadcaster:
         deliver(message.room, payload)
         room = message.room
         channel = self._global_channel if room is None else self._room_prefix + room.encode()
-        self._enqueue(channel, self._own + payload)
+        self._publisher.publish(channel, self._own + payload)
 
     # -- RoomLog ---------------------------------------------------------------
 
@@ -267,15 +248,7 @@ class RedisBroadcaster:
             raise ValueError("only room messages are appended to a room log")
         if self._deliver is None:
             raise StateError("broadcaster is not running")
-        channel = self._room_prefix + room.encode()
-        if len(self._outbox) >= self._publish_queue:
-            self._publish_failed(1, "the publish queue is full")
-            self.counters.append_failures += 1
-            done(None)
-            return
-        self._outbox.append(_Append(message, channel, done, idempotency_key, message.body()))
-        if not self._outbox_ready.is_set():
-            self._outbox_ready.set()
+        self._publisher.append(message, self._room_prefix + room.encode(), done, idempotency_key)
 
     async def read(self, room: str, after: int, limit: int, *, epoch: str | None = None) -> Slice:
         if self._redis is None:
@@ -288,8 +261,8 @@ class RedisBroadcaster:
             except NoScriptError:
                 await self._load_scripts()
                 reply = await self._redis.execute_command(*command)  # type: ignore[no-untyped-call]
-        except _LINK_ERRORS as exc:
-            raise BroadcastError(f"history read failed: {_describe(exc)}") from exc
+        except LINK_ERRORS as exc:
+            raise BroadcastError(f"history read failed: {describe(exc)}") from exc
         return self._log.parse_read(reply, after)
 
     async def run_script(self, script: str, keys: list[str], args: list[Any]) -> Any:
@@ -305,8 +278,8 @@ class RedisBroadcaster:
             except NoScriptError:
                 await self._redis.script_load(script)
                 return await self._redis.execute_command(*command)  # type: ignore[no-untyped-call]
-        except _LINK_ERRORS as exc:
-            raise BroadcastError(f"script failed: {_describe(exc)}") from exc
+        except LINK_ERRORS as exc:
+            raise BroadcastError(f"script failed: {describe(exc)}") from exc
 
     async def _load_scripts(self) -> None:
         assert self._redis is not None
@@ -346,7 +319,7 @@ class RedisBroadcaster:
             "skipped_own": self.counters.skipped_own,
             "malformed": self.counters.malformed,
             "publish_failures": self.counters.publish_failures,
-            "publish_queue": len(self._outbox),
+            "publish_queue": self._publisher.queued,
             "reconnects": self.counters.reconnects,
             "connect_failures": self.counters.connect_failures,
             "heartbeat_timeouts": self.counters.heartbeat_timeouts,
@@ -386,6 +359,11 @@ class RedisBroadcaster:
         except Exception:  # a bug below us must not cut the link for every room
             log.exception("delivering a message from redis failed (room=%s)", room)
 
+    def _stamped(self, room: str, entry: Entry) -> None:
+        """This pod's own append, stamped by the script: to the timeline."""
+        if self._sink is not None:
+            self._sink.entry(room, entry)
+
     def _on_subscribed(self, channel: bytes) -> None:
         """Redis confirmed a subscription: from now on the room's messages
         reach this pod, so the timeline may read where the room stands."""
@@ -409,7 +387,7 @@ class RedisBroadcaster:
                     client_name=f"chat-api:{self.pod_id}:sub",
                     timeout=self._heartbeat_timeout,
                 )
-            except _LINK_ERRORS as exc:
+            except LINK_ERRORS as exc:
                 self._connect_failed(exc, attempt)
                 await self._backoff(attempt)
                 attempt += 1
@@ -427,7 +405,7 @@ class RedisBroadcaster:
                 reason = await self._watch(subscriber)
             except Exception as exc:  # a bug: log it, rebuild the link, keep serving
                 log.exception("redis subscriber failed unexpectedly")
-                reason = _describe(exc)
+                reason = describe(exc)
             finally:
                 self._subscriber = None
                 if subscriber.open:  # not already closing gracefully (stop)
@@ -449,7 +427,7 @@ class RedisBroadcaster:
         closes or a heartbeat fails to come back in time; return why it ended."""
         self._last_heartbeat = time.monotonic()
         while True:
-            self._enqueue(self._pod_channel, _HEARTBEAT, heartbeat=True)
+            self._publisher.heartbeat()
             await asyncio.wait({subscriber.closed}, timeout=self._heartbeat_interval)
             if subscriber.closed.done():
                 return subscriber.lost_reason
@@ -502,129 +480,12 @@ class RedisBroadcaster:
             log.warning(
                 "redis unreachable (%s); serving local clients only, "
                 "reconnecting with backoff up to %.1fs (pod=%s)",
-                _describe(exc),
+                describe(exc),
                 self._max_delay,
                 self.pod_id,
             )
         else:
-            log.debug("redis reconnect attempt %d failed: %s", attempt + 1, _describe(exc))
-
-    # -- publishing --------------------------------------------------------
-
-    def _enqueue(self, channel: bytes, data: bytes, *, heartbeat: bool = False) -> None:
-        if len(self._outbox) >= self._publish_queue and not heartbeat:
-            self._publish_failed(1, "the publish queue is full")
-            return
-        self._outbox.append((channel, data))
-        if not self._outbox_ready.is_set():
-            self._outbox_ready.set()
-
-    async def _drain(self) -> None:
-        """Publish the outbox in order, a pipelined batch at a time."""
-        outbox = self._outbox
-        task = asyncio.current_task()
-        while True:
-            if not outbox:
-                self._outbox_ready.clear()
-                await self._outbox_ready.wait()
-            count = min(len(outbox), self._publish_batch)
-            batch = [outbox.popleft() for _ in range(count)]
-            await self._send(batch)
-            if task is not None and task.cancelling():
-                # redis-py can turn a cancellation into a connection error
-                raise asyncio.CancelledError
-
-    async def _publisher(self) -> CommandPipe:
-        pipe = self._pipe
-        if pipe is None or not pipe.open:
-            pipe = self._pipe = await open_pipe(
-                self._address,
-                client_name=f"chat-api:{self.pod_id}:pub",
-                timeout=self._heartbeat_timeout,
-            )
-        return pipe
-
-    async def _send(self, batch: list[_Outgoing]) -> None:
-        """The one place that writes messages to Redis: ``PUBLISH`` and
-        ``EVALSHA`` commands in one write, then their replies; each append's
-        stamp goes to the timeline, then to its ``done``, in outbox order."""
-        try:
-            replies = await self._roundtrip(batch)
-            if any(isinstance(r, NoScriptError) for r in replies):
-                # Redis lost its script cache (restart, SCRIPT FLUSH): load
-                # and run again what did not run.
-                await self._load_scripts()
-                again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-                retried = await self._roundtrip([batch[i] for i in again])
-                for i, reply in zip(again, retried, strict=True):
-                    replies[i] = reply
-        except _LINK_ERRORS as exc:
-            replies = [exc] * len(batch)
-        except Exception as exc:  # a bug: count and log it, keep the publisher alive
-            log.exception("publishing to redis failed unexpectedly")
-            replies = [exc] * len(batch)
-        failed = 0
-        reason = ""
-        for item, reply in zip(batch, replies, strict=True):
-            if isinstance(reply, BaseException):
-                reason = _describe(reply)
-                if isinstance(item, _Append) or item[0] != self._pod_channel:
-                    failed += 1
-                if isinstance(item, _Append):
-                    self.counters.append_failures += 1
-                    item.done(None)
-                continue
-            if not isinstance(item, _Append):
-                if item[0] != self._pod_channel:
-                    self.counters.published += 1
-                continue
-            stamp = self._log.parse_append(reply)
-            self.counters.appended += 1
-            self.counters.published += 1
-            if not stamp.duplicate and self._sink is not None:
-                room = item.message.room
-                assert room is not None
-                payload = stamp_body(item.body, stamp.epoch, stamp.offset)
-                self._sink.entry(room, Entry(stamp.epoch, stamp.offset, payload))
-            item.done(stamp)
-        if failed:
-            self._publish_failed(failed, reason)
-        elif self._publish_outage:
-            self._publish_outage = False
-            log.info("publishing to redis works again (pod=%s)", self.pod_id)
-
-    async def _roundtrip(self, batch: list[_Outgoing]) -> list[Any]:
-        """Write every command of ``batch`` at once; read one reply each
-        (a refused command's ``ResponseError`` in its place)."""
-        commands = []
-        for item in batch:
-            if isinstance(item, _Append):
-                args = self._log.append_command(
-                    item.message, item.channel, item.idempotency_key, item.body
-                )
-                commands.append(pack_command(*(_arg(a) for a in args)))
-            else:
-                commands.append(pack_command(b"PUBLISH", *item))
-        pipe = await self._publisher()
-        try:
-            async with asyncio.timeout(self._heartbeat_timeout):
-                return await pipe.call(b"".join(commands), len(batch))
-        except TimeoutError:
-            # Redis stalls: give up on what is in flight (the outcome is
-            # unknown) and start afresh with the next batch.
-            pipe.abort("no reply in time")
-            raise
-
-    def _publish_failed(self, count: int, reason: str) -> None:
-        self.counters.publish_failures += count
-        if not self._publish_outage:
-            self._publish_outage = True
-            log.warning(
-                "publishing to redis failed (%s); messages reach local clients only "
-                "until it recovers (pod=%s)",
-                reason,
-                self.pod_id,
-            )
+            log.debug("redis reconnect attempt %d failed: %s", attempt + 1, describe(exc))
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
@@ -632,16 +493,3 @@ class RedisBroadcaster:
         exc = task.exception()
         if exc is not None:
             log.error("redis broadcaster task %s crashed", task.get_name(), exc_info=exc)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    if not text and isinstance(exc, TimeoutError):
-        text = "no answer in time"
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _arg(value: object) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    return str(value).encode()
