@@ -8,6 +8,7 @@ time: every wait is on a condition with a deadline.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -216,6 +217,74 @@ def running_redis(**kwargs: Any) -> Any:
         yield server
     finally:
         server.close()
+
+
+class ReplyCutter:
+    """A TCP proxy in front of Redis that can lose a reply on purpose.
+
+    Armed with a marker, the next connection whose client sends it gets that
+    command through to Redis; Redis's answer is read and dropped, and the
+    client's connection is closed. The command ran; the client cannot know.
+    """
+
+    def __init__(self, redis_port: int) -> None:
+        self.redis_port = redis_port
+        self.port = 0
+        self.cut = 0
+        self._marker: bytes | None = None
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> ReplyCutter:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def arm(self, marker: bytes) -> None:
+        self._marker = marker
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.redis_port)
+        cutting = asyncio.Event()
+
+        async def upstream() -> None:
+            while data := await client_r.read(65536):
+                if self._marker is not None and self._marker in data:
+                    self._marker = None
+                    cutting.set()
+                server_w.write(data)
+            server_w.close()
+
+        async def downstream() -> None:
+            while data := await server_r.read(65536):
+                if cutting.is_set():  # the marked command's answer: lose it
+                    self.cut += 1
+                    break
+                client_w.write(data)
+            client_w.transport.abort()
+            server_w.transport.abort()
+
+        try:
+            await asyncio.gather(upstream(), downstream())
+        except (OSError, asyncio.CancelledError):
+            client_w.transport.abort()
+            server_w.transport.abort()
+        finally:
+            self._tasks.discard(task)
 
 
 def quick_broadcaster(

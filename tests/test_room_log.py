@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from realtime import Identity, MemoryBroadcaster, Message, OrderedBroadcaster, RedisBroadcaster
-from realtime.broadcast.base import Stamp
+from realtime.broadcast.base import Stamp, Unstored
 from realtime.broadcast.redis_log import parse_stamp
 from realtime.sequencer import Entry
 
@@ -68,11 +68,19 @@ async def started(broadcaster: OrderedBroadcaster) -> Sink:
     return sink
 
 
-async def append(log: OrderedBroadcaster, msg: Message, key: str | None = None) -> Stamp | None:
-    future: asyncio.Future[Stamp | None] = asyncio.get_running_loop().create_future()
+async def outcome(
+    log: OrderedBroadcaster, msg: Message, key: str | None = None
+) -> Stamp | Unstored:
+    future: asyncio.Future[Stamp | Unstored] = asyncio.get_running_loop().create_future()
     log.append(msg, future.set_result, idempotency_key=key)
     async with asyncio.timeout(5):
         return await future
+
+
+async def append(log: OrderedBroadcaster, msg: Message, key: str | None = None) -> Stamp:
+    got = await outcome(log, msg, key)
+    assert isinstance(got, Stamp), got
+    return got
 
 
 async def test_offsets_grow_by_one_and_entries_are_stamped(make: Factory) -> None:
@@ -169,7 +177,7 @@ async def test_another_pod_gets_the_same_entry_through_pub_sub(make: Factory) ->
 
     await eventually(arrived, timeout=5)
     assert sink_b.entries == sink_a.entries
-    assert stamp is not None
+    assert isinstance(stamp, Stamp)
     assert sink_b.entries[0][1].offset == stamp.offset
 
 
@@ -203,7 +211,7 @@ async def test_append_while_redis_is_down_reports_no_stamp(redis_server: RedisSe
     await log.start(lambda room, payload: 0)
     try:
         redis_server.kill()
-        assert await append(log, message("r", 1)) is None
+        assert await outcome(log, message("r", 1)) is Unstored.FAILED
         assert log.stats()["append_failures"] == 1
     finally:
         await log.stop()

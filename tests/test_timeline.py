@@ -23,9 +23,11 @@ from realtime import (
     TimelineSettings,
 )
 from realtime.broadcast.base import Stamp
+from realtime.broadcast.redis_log import RedisRoomLog
 from realtime.exceptions import BroadcastError
 from realtime.sequencer import Entry
 
+from .redis_support import RedisServer, ReplyCutter, quick_broadcaster
 from .support import eventually
 
 
@@ -233,3 +235,40 @@ async def test_a_confirmed_subscription_cuts_a_failed_reads_backoff_short() -> N
     finally:
         await timeline.stop()
         await log.stop()
+
+
+async def test_a_lost_script_reply_delivers_the_message_once_in_order(
+    redis_server: RedisServer, channel_prefix: str
+) -> None:
+    """The append script ran but its reply was lost with the connection: the
+    sender's pod must not show the message unstamped (it may be stored); it
+    reads the room again and shows it once, with its offset."""
+    cutter = await ReplyCutter(redis_server.port).start()
+    hub = LocalHub()
+    log = quick_broadcaster(cutter.url, "pod-a", channel_prefix)
+    timeline = Timeline(hub, log, log, TimelineSettings(gap_wait=0.05))
+    hub.watch(timeline)
+    await log.start(hub.broadcast)
+    try:
+        conn, sink = member(hub, 1)
+        await asyncio.wait_for(timeline.attach(conn, "r", Catchup()), 5)
+        assert isinstance(await asyncio.wait_for(publish(timeline, 1), 5), Stamp)
+
+        cutter.arm(RedisRoomLog.append_sha.encode())  # the next append's answer is lost
+        assert await asyncio.wait_for(publish(timeline, 2), 5) is None  # not confirmed
+        assert cutter.cut == 1
+
+        async def shown(offsets: list[int]) -> bool:
+            return sink.offsets() == offsets
+
+        await eventually(lambda: shown([1, 2]), timeout=5)
+        assert isinstance(await asyncio.wait_for(publish(timeline, 3), 5), Stamp)
+        await eventually(lambda: shown([1, 2, 3]), timeout=5)
+        messages = [f for f in sink.frames if f["type"] == "message"]
+        assert [f["data"] for f in messages] == [1, 2, 3]  # none unstamped, none twice
+        stats = timeline.stats()
+        assert (stats["unknown"], stats["unstamped"]) == (1, 0)
+    finally:
+        await timeline.stop()
+        await log.stop()
+        await cutter.stop()

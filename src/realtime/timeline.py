@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .broadcast.base import Broadcaster, LinkState, RoomLog, Stamp
+from .broadcast.base import Broadcaster, LinkState, RoomLog, Stamp, Unstored
 from .connection import Connection
 from .exceptions import BroadcastError
 from .hub import LocalHub
@@ -63,6 +63,7 @@ class TimelineCounters:
     history_reads: int = 0
     recovered: int = 0
     unstamped: int = 0
+    unknown: int = 0
 
 
 @dataclass(slots=True)
@@ -148,19 +149,31 @@ class Timeline:
         local_fallback: bool = True,
     ) -> None:
         """Send a room message: stamped, stored and published by the room
-        log, delivered here in offset order. If it cannot be stored (link
-        down), it is delivered to this pod's members only, without offset
-        (unless ``local_fallback`` is false: then it is not delivered)."""
+        log, delivered here in offset order; ``done`` gets the stamp, or None.
+
+        If it cannot be stored (link down), it is delivered to this pod's
+        members only, without offset (unless ``local_fallback`` is false).
+        If the answer was lost on the way (it may or may not have been
+        stored), it is not delivered here unstamped: the room is read again
+        from where this pod stands, so it arrives once, in order, if it was
+        stored."""
         room = message.room
         if room is None:
             raise ValueError("Timeline.publish takes room messages")
 
-        def stamped(stamp: Stamp | None) -> None:
-            if stamp is None and local_fallback:
+        def stamped(outcome: Stamp | Unstored) -> None:
+            if isinstance(outcome, Stamp):
+                if done is not None:
+                    done(outcome)
+                return
+            if outcome is Unstored.UNKNOWN:
+                self.counters.unknown += 1
+                self.ready(room)  # reads what the room has after our last offset
+            elif local_fallback:
                 self.counters.unstamped += 1
                 self._hub.broadcast(room, message.encode())
             if done is not None:
-                done(stamp)
+                done(None)
 
         self._log.append(message, stamped, idempotency_key=idempotency_key)
 
@@ -435,6 +448,7 @@ class Timeline:
             "history_reads": c.history_reads,
             "recovered": c.recovered,
             "unstamped": c.unstamped,
+            "unknown": c.unknown,
         }
 
 

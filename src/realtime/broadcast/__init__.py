@@ -12,6 +12,7 @@ from .base import (
     Slice,
     Stamp,
     Stamped,
+    Unstored,
 )
 from .memory import MemoryBroadcaster
 from .redis import RedisBroadcaster
@@ -28,4 +29,5 @@ __all__ = [
     "Slice",
     "Stamp",
     "Stamped",
+    "Unstored",
 ]

@@ -28,6 +28,7 @@ __all__ = [
     "Slice",
     "Stamp",
     "Stamped",
+    "Unstored",
 ]
 
 Deliver = Callable[[str | None, bytes], int]
@@ -88,9 +89,20 @@ class Stamp:
     duplicate: bool = False
 
 
-Stamped = Callable[[Stamp | None], None]
-"""Told the outcome of ``RoomLog.append``: the stamp, or None if the
-message could not be stored (link down); called exactly once."""
+class Unstored(enum.Enum):
+    """Why ``RoomLog.append`` has no stamp to give."""
+
+    FAILED = "failed"
+    """The message never reached the store (link down, queue full): it is
+    nowhere but on this pod."""
+    UNKNOWN = "unknown"
+    """It was sent, but the answer was lost with the connection: it may have
+    been stored and published, or not."""
+
+
+Stamped = Callable[[Stamp | Unstored], None]
+"""Told the outcome of ``RoomLog.append``: the stamp, or why there is none;
+called exactly once."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,8 +9,8 @@ time, through several coroutines each).
 
 Error replies come back in their place as ``ResponseError`` (``NoScriptError``
 for an unknown script), as redis-py would raise them. A connection that is
-lost fails every batch in flight with ``ConnectionError``; whether those
-commands ran is unknown.
+lost fails every batch in flight with ``InFlightLost``: whether those commands
+ran is unknown. A batch never written fails with a plain ``ConnectionError``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,11 @@ from redis.exceptions import NoScriptError, ResponseError
 from ..exceptions import BroadcastError
 from .subscriber import RedisAddress, pack_command
 
-__all__ = ["CommandPipe", "open_pipe"]
+__all__ = ["CommandPipe", "InFlightLost", "open_pipe"]
+
+
+class InFlightLost(ConnectionError):
+    """The connection went while commands were written and not answered."""
 
 
 class CommandPipe(asyncio.Protocol):
@@ -74,7 +78,7 @@ class CommandPipe(asyncio.Protocol):
         while self._waiting:
             _, future, _ = self._waiting.popleft()
             if not future.done():
-                future.set_exception(ConnectionError(self.lost_reason))
+                future.set_exception(InFlightLost(self.lost_reason))
 
     # -- commands ------------------------------------------------------------
 

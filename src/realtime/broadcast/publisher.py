@@ -32,8 +32,8 @@ from redis.exceptions import NoScriptError, RedisError
 from ..exceptions import BroadcastError
 from ..protocol import Message, stamp_body
 from ..sequencer import Entry
-from .base import Stamped
-from .pipe import CommandPipe, open_pipe
+from .base import Stamped, Unstored
+from .pipe import CommandPipe, InFlightLost, open_pipe
 from .redis_log import RedisRoomLog
 from .subscriber import RedisAddress, pack_command
 
@@ -124,7 +124,7 @@ class Publisher:
         if len(self._outbox) >= self._queue:
             self._publish_failed(1, "the publish queue is full")
             self._counters.append_failures += 1
-            done(None)
+            done(Unstored.FAILED)
             return
         self._push(_Append(message, channel, done, idempotency_key, message.body()))
 
@@ -169,21 +169,19 @@ class Publisher:
         """The one place that writes messages to Redis: ``PUBLISH`` and
         ``EVALSHA`` commands in one write, then their replies; each append's
         stamp goes to the timeline, then to its ``done``, in outbox order."""
-        try:
-            replies = await self._roundtrip(batch)
-            if any(isinstance(r, NoScriptError) for r in replies):
-                # Redis lost its script cache (restart, SCRIPT FLUSH): load
-                # and run again what did not run.
+        replies = await self._replies(batch)
+        again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if again:
+            # Redis lost its script cache (restart, SCRIPT FLUSH): load the
+            # scripts and run again what did not run.
+            try:
                 await self._load_scripts()
-                again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-                retried = await self._roundtrip([batch[i] for i in again])
-                for i, reply in zip(again, retried, strict=True):
-                    replies[i] = reply
-        except LINK_ERRORS as exc:
-            replies = [exc] * len(batch)
-        except Exception as exc:  # a bug: count and log it, keep the publisher alive
-            log.exception("publishing to redis failed unexpectedly")
-            replies = [exc] * len(batch)
+            except LINK_ERRORS as exc:
+                retried: list[Any] = [exc] * len(again)
+            else:
+                retried = await self._replies([batch[i] for i in again])
+            for i, reply in zip(again, retried, strict=True):
+                replies[i] = reply
         failed = 0
         reason = ""
         for item, reply in zip(batch, replies, strict=True):
@@ -193,7 +191,8 @@ class Publisher:
                     failed += 1
                 if isinstance(item, _Append):
                     self._counters.append_failures += 1
-                    item.done(None)
+                    lost = isinstance(reply, InFlightLost)
+                    item.done(Unstored.UNKNOWN if lost else Unstored.FAILED)
                 continue
             if not isinstance(item, _Append):
                 if item[0] != self._heartbeat_channel:
@@ -213,6 +212,16 @@ class Publisher:
         elif self._outage:
             self._outage = False
             log.info("publishing to redis works again (pod=%s)", self._pod_id)
+
+    async def _replies(self, batch: list[_Outgoing]) -> list[Any]:
+        """``_roundtrip``, with a failure of the whole batch in every place."""
+        try:
+            return await self._roundtrip(batch)
+        except LINK_ERRORS as exc:
+            return [exc] * len(batch)
+        except Exception as exc:  # a bug: count and log it, keep the publisher alive
+            log.exception("publishing to redis failed unexpectedly")
+            return [exc] * len(batch)
 
     async def _roundtrip(self, batch: list[_Outgoing]) -> list[Any]:
         """Write every command of ``batch`` at once; read one reply each
@@ -234,7 +243,7 @@ class Publisher:
             # Redis stalls: give up on what is in flight (the outcome is
             # unknown) and start afresh with the next batch.
             pipe.abort("no reply in time")
-            raise
+            raise InFlightLost("no reply in time") from None
 
     def _publish_failed(self, count: int, reason: str) -> None:
         self._counters.publish_failures += count
