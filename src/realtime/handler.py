@@ -9,6 +9,7 @@ buffer is the bounded send buffer (see ``connection.py``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -182,7 +183,6 @@ class Handler:
         self._closing: set[asyncio.Task[bool]] = set()
         self._draining = False
         self._live = 0
-        self._guards: dict[str, _Guard] = {}
         self.counters = HandlerCounters()
 
     # -- routes -----------------------------------------------------------
@@ -210,7 +210,13 @@ class Handler:
 
     async def handle_websocket(self, request: web.Request) -> web.StreamResponse:
         """Refuse with an HTTP error before accepting (shutting down, pod full,
-        bad room, or whatever ``identify`` refuses), else serve the socket."""
+        bad room, or whatever ``identify`` refuses), else serve the socket.
+
+        An idle connection keeps only this coroutine and the reader loop
+        (besides aiohttp's own objects): the set-up runs in ``_accept``, which
+        has returned by then, so its locals are not held for the connection's
+        lifetime.
+        """
         cap = self._settings.max_connections
         try:
             if self._draining:
@@ -221,14 +227,26 @@ class Handler:
                 )
             self._live += 1
             try:
-                return await self._accept(request)
+                accepted = await self._accept(request)
+                if isinstance(accepted, web.WebSocketResponse):  # vanished during the upgrade
+                    return accepted
+                ws, conn, guard = accepted
+                try:
+                    await self._read_loop(ws, conn, guard)
+                finally:
+                    self._release(conn, guard)
+                return ws
             finally:
                 self._live -= 1
         except web.HTTPException as exc:
             self.counters.refused[exc.status] = self.counters.refused.get(exc.status, 0) + 1
             raise
 
-    async def _accept(self, request: web.Request) -> web.StreamResponse:
+    async def _accept(
+        self, request: web.Request
+    ) -> tuple[web.WebSocketResponse, Connection, _Guard] | web.WebSocketResponse:
+        """Admit, upgrade, register, join the room and greet; the socket
+        alone if the client vanished during the upgrade."""
         room = request.match_info.get("room")
         catchup = NO_CATCHUP
         if room is not None:
@@ -242,7 +260,6 @@ class Handler:
         if not granted.allows(room):
             where = "the global channel" if room is None else f"room {room!r}"
             raise web.HTTPForbidden(text=f"not allowed in {where}")
-        identity = granted.identity
 
         ws = web.WebSocketResponse(
             # aiohttp refuses a message of exactly max_msg_size bytes.
@@ -257,50 +274,53 @@ class Handler:
             return ws
         conn = Connection(
             connection_id,
-            identity,
+            granted.identity,
             _TransportSink(self, ws, transport),
             max_buffered=self._settings.max_buffered_bytes,
             default_room=room,
         )
         self.counters.connections_accepted += 1
         self._hub.add(conn)
-        self._guards[conn.id] = self._guard(conn, granted)
-        if room is not None and self._timeline is None:
-            self._hub.join(conn, room)
-
-        def greet() -> None:
-            self._hub.send_to(
-                conn,
-                encode_event(
-                    "welcome",
-                    connection_id=conn.id,
-                    user=identity.as_json(),
-                    pod=self._settings.pod_id,
-                    room=room,
-                    rooms=sorted(conn.rooms | ({room} if room is not None else set())),
-                    limits={
-                        "max_message_bytes": self._settings.max_message_bytes,
-                        "max_rooms": self._settings.max_rooms,
-                    },
-                ),
-            )
-
-        if room is None or self._timeline is None:
-            greet()
+        guard = self._guard(conn, granted)
         try:
             if room is not None and self._timeline is not None:
                 # The welcome goes out once the room is live for this client.
-                await self._attach(conn, room, catchup, greet)
-            await self._read_loop(ws, conn)
-        finally:
-            guard = self._guards.pop(conn.id, None)
-            if guard is not None and guard.expiry is not None:
-                guard.expiry.cancel()
-            if self._presence is not None:
-                self._presence.drop(conn)
-            self._hub.remove(conn)
-            conn.closed()
-        return ws
+                await self._attach(conn, room, catchup, functools.partial(self._greet, conn))
+            else:
+                if room is not None:
+                    self._hub.join(conn, room)
+                self._greet(conn)
+        except BaseException:
+            self._release(conn, guard)
+            raise
+        return ws, conn, guard
+
+    def _greet(self, conn: Connection) -> None:
+        room = conn.default_room
+        self._hub.send_to(
+            conn,
+            encode_event(
+                "welcome",
+                connection_id=conn.id,
+                user=conn.identity.as_json(),
+                pod=self._settings.pod_id,
+                room=room,
+                rooms=sorted(conn.rooms | ({room} if room is not None else set())),
+                limits={
+                    "max_message_bytes": self._settings.max_message_bytes,
+                    "max_rooms": self._settings.max_rooms,
+                },
+            ),
+        )
+
+    def _release(self, conn: Connection, guard: _Guard) -> None:
+        """The socket is gone: forget the connection everywhere."""
+        if guard.expiry is not None:
+            guard.expiry.cancel()
+        if self._presence is not None:
+            self._presence.drop(conn)
+        self._hub.remove(conn)
+        conn.closed()
 
     def _guard(self, conn: Connection, granted: Admission) -> _Guard:
         guard = _Guard(may_join=granted.may_join)
@@ -319,12 +339,12 @@ class Handler:
             self.counters.closed_expired += 1
             conn.close(CloseCode.POLICY_VIOLATION, "token expired")
 
-    async def _read_loop(self, ws: web.WebSocketResponse, conn: Connection) -> None:
+    async def _read_loop(self, ws: web.WebSocketResponse, conn: Connection, guard: _Guard) -> None:
         while True:
             msg = await ws.receive()
             if msg.type is WSMsgType.TEXT:
                 if conn.state is ConnectionState.OPEN:
-                    pending = self._on_text(conn, msg.data)
+                    pending = self._on_text(conn, guard, msg.data)
                     if pending is not None:
                         # A join with catch-up: later frames of this client
                         # wait for it, so they keep their order.
@@ -337,12 +357,12 @@ class Handler:
             else:  # CLOSE, CLOSING, CLOSED or ERROR: the connection is over
                 return
 
-    def _on_text(self, conn: Connection, raw: str | bytes) -> Awaitable[None] | None:
-        if not self._within_rate(conn, raw):
+    def _on_text(self, conn: Connection, guard: _Guard, raw: str | bytes) -> Awaitable[None] | None:
+        if guard.limiter is not None and not self._within_rate(conn, guard.limiter, raw):
             return None
         try:
             frame = decode_client_frame(raw)
-            return self._dispatch(conn, frame)
+            return self._dispatch(conn, guard, frame)
         except ProtocolError as exc:
             self.counters.errors_sent += 1
             self._hub.send_to(conn, encode_error(exc.code, exc.message, exc.ref))
@@ -353,13 +373,9 @@ class Handler:
             conn.close(CloseCode.INTERNAL_ERROR, "internal error")
             return None
 
-    def _within_rate(self, conn: Connection, raw: str | bytes) -> bool:
+    def _within_rate(self, conn: Connection, limiter: RateLimiter, raw: str | bytes) -> bool:
         """Apply the rate limit: answer a frame over it with ``rate_limited``
         (dropping it), close a flood with 1008."""
-        guard = self._guards.get(conn.id)
-        limiter = None if guard is None else guard.limiter
-        if limiter is None:
-            return True
         verdict = limiter.check(time.monotonic())
         if verdict is Verdict.ALLOW:
             return True
@@ -377,14 +393,15 @@ class Handler:
         self._hub.send_to(conn, encode_error(ErrorCode.RATE_LIMITED, message, ref))
         return False
 
-    def _dispatch(self, conn: Connection, frame: ClientFrame) -> Awaitable[None] | None:
+    def _dispatch(
+        self, conn: Connection, guard: _Guard, frame: ClientFrame
+    ) -> Awaitable[None] | None:
         match frame:
             case SendMessage():
                 self._on_message(conn, frame)
             case Join(room=room, ref=ref):
                 if room not in conn.rooms:
-                    guard = self._guards.get(conn.id)
-                    if guard is not None and not guard.allows(room):
+                    if not guard.allows(room):
                         raise ProtocolError(
                             ErrorCode.FORBIDDEN_ROOM, f"not allowed in room {room!r}", ref=ref
                         )
