@@ -54,6 +54,7 @@ class Connection:
         "id",
         "identity",
         "max_buffered",
+        "quiet_ticks",
         "rooms",
         "state",
     )
@@ -75,6 +76,9 @@ class Connection:
         self.max_buffered = max_buffered
         self.state = ConnectionState.OPEN
         self.close_code: int | None = None
+        self.quiet_ticks = 0
+        """Keepalive ticks since the client last sent a frame; the I/O adapter
+        counts them, pings and closes (see ``realtime.handler``)."""
         self._sink = sink
 
     def _move(self, new: ConnectionState) -> None:

@@ -3,7 +3,9 @@
 This is the only module of ``realtime`` that knows aiohttp. Each connection
 costs one task (aiohttp's request handler, which runs the reader loop) and no
 writer task: frames go straight to the connection's transport, whose write
-buffer is the bounded send buffer (see ``connection.py``).
+buffer is the bounded send buffer (see ``connection.py``). Nor does it cost a
+timer: one pod-wide keepalive tick pings the clients that have gone quiet
+(aiohttp's own heartbeat would keep a timer per connection, about 0.6 KB).
 """
 
 from __future__ import annotations
@@ -123,6 +125,10 @@ class _Ids:
         return f"{self._prefix}-{next(self._next):x}"
 
 
+_PING = b"\x89\x00"
+"""A WebSocket ping frame without payload (FIN + opcode 0x9, length 0)."""
+
+
 class _TransportSink:
     """Writes frames straight to the aiohttp transport of one WebSocket."""
 
@@ -183,6 +189,7 @@ class Handler:
         self._closing: set[asyncio.Task[bool]] = set()
         self._draining = False
         self._live = 0
+        self._keepalive: asyncio.TimerHandle | None = None
         self.counters = HandlerCounters()
 
     # -- routes -----------------------------------------------------------
@@ -264,7 +271,9 @@ class Handler:
         ws = web.WebSocketResponse(
             # aiohttp refuses a message of exactly max_msg_size bytes.
             max_msg_size=self._settings.max_message_bytes + 1,
-            heartbeat=self._settings.ping_interval or None,
+            # Pings and pongs reach the reader loop: the keepalive tick pings,
+            # the reader loop answers the client's pings itself.
+            autoping=False,
             compress=False,
             timeout=self._settings.close_timeout,
         )
@@ -281,6 +290,7 @@ class Handler:
         )
         self.counters.connections_accepted += 1
         self._hub.add(conn)
+        self._arm_keepalive()
         guard = self._guard(conn, granted)
         try:
             if room is not None and self._timeline is not None:
@@ -342,6 +352,7 @@ class Handler:
     async def _read_loop(self, ws: web.WebSocketResponse, conn: Connection, guard: _Guard) -> None:
         while True:
             msg = await ws.receive()
+            conn.quiet_ticks = 0
             if msg.type is WSMsgType.TEXT:
                 if conn.state is ConnectionState.OPEN:
                     pending = self._on_text(conn, guard, msg.data)
@@ -354,8 +365,31 @@ class Handler:
                     CloseCode.UNSUPPORTED_DATA,
                     "binary frames are not supported; send JSON text frames",
                 )
-            else:  # CLOSE, CLOSING, CLOSED or ERROR: the connection is over
+            elif msg.type is WSMsgType.PING:
+                await ws.pong(msg.data)
+            elif msg.type is not WSMsgType.PONG:  # CLOSE, CLOSING, CLOSED or ERROR
                 return
+
+    # -- keepalive ------------------------------------------------------------
+
+    def _arm_keepalive(self) -> None:
+        if self._keepalive is None and self._settings.ping_interval > 0:
+            loop = asyncio.get_running_loop()
+            self._keepalive = loop.call_later(self._settings.ping_interval / 2, self._tick)
+
+    def _tick(self) -> None:
+        """Every half ping interval: ping each client that has sent nothing
+        for two ticks (half to one whole interval), and close each that has
+        not answered by the next tick (half an interval after the ping)."""
+        self._keepalive = None
+        for conn in self._hub.connections():
+            conn.quiet_ticks += 1
+            if conn.quiet_ticks == 2:
+                conn.send_frame(_PING)
+            elif conn.quiet_ticks > 2:
+                conn.close(CloseCode.GOING_AWAY, "no answer to ping")
+        if self._hub.connection_count:
+            self._arm_keepalive()
 
     def _on_text(self, conn: Connection, guard: _Guard, raw: str | bytes) -> Awaitable[None] | None:
         if guard.limiter is not None and not self._within_rate(conn, guard.limiter, raw):
@@ -540,6 +574,9 @@ class Handler:
         """Close every connection with ``code`` and wait (up to the close
         timeout) for the close frames to go out. Returns how many."""
         count = self._hub.close_all(code, reason or "server shutting down")
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
         if self._closing:
             await asyncio.wait(set(self._closing), timeout=self._settings.close_timeout)
         return count
