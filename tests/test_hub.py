@@ -100,7 +100,7 @@ def test_slow_member_is_closed_with_1013_and_removed_others_keep_receiving() -> 
     assert len(fast_sink.frames) == 10
     assert hub.counters.slow_client_disconnects == 1
     assert hub.room_sizes() == {"r": 1}
-    assert slow.rooms == set()
+    assert slow.rooms == ()
 
 
 def test_close_all_closes_open_connections_once() -> None:

@@ -315,7 +315,7 @@ class Handler:
                 user=conn.identity.as_json(),
                 pod=self._settings.pod_id,
                 room=room,
-                rooms=sorted(conn.rooms | ({room} if room is not None else set())),
+                rooms=sorted({*conn.rooms, room} if room is not None else conn.rooms),
                 limits={
                     "max_message_bytes": self._settings.max_message_bytes,
                     "max_rooms": self._settings.max_rooms,
@@ -334,11 +334,6 @@ class Handler:
 
     def _guard(self, conn: Connection, granted: Admission) -> _Guard:
         guard = _Guard(may_join=granted.may_join)
-        s = self._settings
-        if s.rate_per_second > 0:
-            guard.limiter = RateLimiter(
-                s.rate_per_second, s.rate_burst, s.rate_max_refused, now=time.monotonic()
-            )
         if granted.expires_at is not None:
             delay = max(0.0, granted.expires_at - time.time())
             guard.expiry = asyncio.get_running_loop().call_later(delay, self._expire, conn)
@@ -392,7 +387,7 @@ class Handler:
             self._arm_keepalive()
 
     def _on_text(self, conn: Connection, guard: _Guard, raw: str | bytes) -> Awaitable[None] | None:
-        if guard.limiter is not None and not self._within_rate(conn, guard.limiter, raw):
+        if self._settings.rate_per_second > 0 and not self._within_rate(conn, guard, raw):
             return None
         try:
             frame = decode_client_frame(raw)
@@ -407,10 +402,19 @@ class Handler:
             conn.close(CloseCode.INTERNAL_ERROR, "internal error")
             return None
 
-    def _within_rate(self, conn: Connection, limiter: RateLimiter, raw: str | bytes) -> bool:
+    def _within_rate(self, conn: Connection, guard: _Guard, raw: str | bytes) -> bool:
         """Apply the rate limit: answer a frame over it with ``rate_limited``
         (dropping it), close a flood with 1008."""
-        verdict = limiter.check(time.monotonic())
+        now = time.monotonic()
+        limiter = guard.limiter
+        if limiter is None:
+            # Made at the first frame rather than at accept: a bucket starts
+            # full either way, so the limit is the same, and an idle
+            # connection does not carry one (about 160 bytes).
+            s = self._settings
+            limiter = RateLimiter(s.rate_per_second, s.rate_burst, s.rate_max_refused, now=now)
+            guard.limiter = limiter
+        verdict = limiter.check(now)
         if verdict is Verdict.ALLOW:
             return True
         if verdict is Verdict.ABUSE:
