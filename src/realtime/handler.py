@@ -183,6 +183,9 @@ class Handler:
         self._presence = presence
         self._broadcaster = broadcaster
         self._settings = settings
+        # aiohttp refuses a message of exactly max_msg_size bytes. (Computed
+        # once: an int this large is a new object each time, kept per socket.)
+        self._max_msg_size = settings.max_message_bytes + 1
         self._identify = identify
         self._message_ids = _Ids()
         self._connection_ids = _Ids()
@@ -219,41 +222,65 @@ class Handler:
         """Refuse with an HTTP error before accepting (shutting down, pod full,
         bad room, or whatever ``identify`` refuses), else serve the socket.
 
-        An idle connection keeps only this coroutine and the reader loop
-        (besides aiohttp's own objects): the set-up runs in ``_accept``, which
-        has returned by then, so its locals are not held for the connection's
-        lifetime.
+        This coroutine is the connection's reader loop, and all that an idle
+        connection keeps of the handler's besides a ``Connection`` and a
+        ``_Guard`` (aiohttp keeps its own objects): the set-up runs in
+        ``_accept``, which has returned before the loop waits, so its locals
+        are not held for the connection's lifetime.
         """
         cap = self._settings.max_connections
-        try:
-            if self._draining:
-                raise web.HTTPServiceUnavailable(text="server is shutting down")
-            if cap and self._live >= cap:
-                raise web.HTTPServiceUnavailable(
+        if self._draining:
+            raise self._refused(web.HTTPServiceUnavailable(text="server is shutting down"))
+        if cap and self._live >= cap:
+            raise self._refused(
+                web.HTTPServiceUnavailable(
                     text="server is full; try again later", headers={"Retry-After": "1"}
                 )
-            self._live += 1
+            )
+        self._live += 1
+        try:
             try:
-                accepted = await self._accept(request)
-                if isinstance(accepted, web.WebSocketResponse):  # vanished during the upgrade
-                    return accepted
-                ws, conn, guard = accepted
-                try:
-                    await self._read_loop(ws, conn, guard)
-                finally:
-                    self._release(conn, guard)
+                ws, conn, guard = await self._accept(request)
+            except web.HTTPException as exc:
+                self._refused(exc)
+                raise
+            if conn is None or guard is None:  # vanished during the upgrade
                 return ws
+            try:
+                while True:
+                    msg = await ws.receive()
+                    conn.quiet_ticks = 0
+                    if msg.type is WSMsgType.TEXT:
+                        if conn.state is ConnectionState.OPEN:
+                            pending = self._on_text(conn, guard, msg.data)
+                            if pending is not None:
+                                # A join with catch-up: later frames of this
+                                # client wait for it, so they keep their order.
+                                await pending
+                    elif msg.type is WSMsgType.BINARY:
+                        conn.close(
+                            CloseCode.UNSUPPORTED_DATA,
+                            "binary frames are not supported; send JSON text frames",
+                        )
+                    elif msg.type is WSMsgType.PING:
+                        await ws.pong(msg.data)
+                    elif msg.type is not WSMsgType.PONG:  # CLOSE, CLOSING, CLOSED, ERROR
+                        return ws
             finally:
-                self._live -= 1
-        except web.HTTPException as exc:
-            self.counters.refused[exc.status] = self.counters.refused.get(exc.status, 0) + 1
-            raise
+                self._release(conn, guard)
+        finally:
+            self._live -= 1
+
+    def _refused(self, exc: web.HTTPException) -> web.HTTPException:
+        """Count a refusal by its HTTP status; returns ``exc``."""
+        self.counters.refused[exc.status] = self.counters.refused.get(exc.status, 0) + 1
+        return exc
 
     async def _accept(
         self, request: web.Request
-    ) -> tuple[web.WebSocketResponse, Connection, _Guard] | web.WebSocketResponse:
-        """Admit, upgrade, register, join the room and greet; the socket
-        alone if the client vanished during the upgrade."""
+    ) -> tuple[web.WebSocketResponse, Connection | None, _Guard | None]:
+        """Admit, upgrade, register, join the room and greet; no connection
+        if the client vanished during the upgrade."""
         room = request.match_info.get("room")
         catchup = NO_CATCHUP
         if room is not None:
@@ -269,8 +296,7 @@ class Handler:
             raise web.HTTPForbidden(text=f"not allowed in {where}")
 
         ws = web.WebSocketResponse(
-            # aiohttp refuses a message of exactly max_msg_size bytes.
-            max_msg_size=self._settings.max_message_bytes + 1,
+            max_msg_size=self._max_msg_size,
             # Pings and pongs reach the reader loop: the keepalive tick pings,
             # the reader loop answers the client's pings itself.
             autoping=False,
@@ -280,7 +306,7 @@ class Handler:
         await ws.prepare(request)
         transport = request.transport
         if transport is None or transport.is_closing():  # vanished during the upgrade
-            return ws
+            return ws, None, None
         conn = Connection(
             connection_id,
             granted.identity,
@@ -343,27 +369,6 @@ class Handler:
         if conn.state is ConnectionState.OPEN:
             self.counters.closed_expired += 1
             conn.close(CloseCode.POLICY_VIOLATION, "token expired")
-
-    async def _read_loop(self, ws: web.WebSocketResponse, conn: Connection, guard: _Guard) -> None:
-        while True:
-            msg = await ws.receive()
-            conn.quiet_ticks = 0
-            if msg.type is WSMsgType.TEXT:
-                if conn.state is ConnectionState.OPEN:
-                    pending = self._on_text(conn, guard, msg.data)
-                    if pending is not None:
-                        # A join with catch-up: later frames of this client
-                        # wait for it, so they keep their order.
-                        await pending
-            elif msg.type is WSMsgType.BINARY:
-                conn.close(
-                    CloseCode.UNSUPPORTED_DATA,
-                    "binary frames are not supported; send JSON text frames",
-                )
-            elif msg.type is WSMsgType.PING:
-                await ws.pong(msg.data)
-            elif msg.type is not WSMsgType.PONG:  # CLOSE, CLOSING, CLOSED or ERROR
-                return
 
     # -- keepalive ------------------------------------------------------------
 
