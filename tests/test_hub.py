@@ -119,3 +119,17 @@ def test_connection_state_machine_refuses_illegal_moves() -> None:
     assert not conn.send(b"{}")
     with pytest.raises(StateError):
         conn._move(ConnectionState.OPEN)
+
+
+def test_a_connections_rooms_follow_joins_and_leaves() -> None:
+    hub = LocalHub()
+    conn, _ = make(hub, "a", "r1", "r2")
+    hub.join(conn, "r1")  # again: no duplicate
+    assert conn.rooms == ("r1", "r2")
+    hub.leave(conn, "r1")
+    hub.leave(conn, "r3")  # not a member: nothing changes
+    assert conn.rooms == ("r2",)
+    assert hub.room_sizes() == {"r2": 1}
+    hub.remove(conn)
+    assert conn.rooms == ()
+    assert hub.room_sizes() == {}
