@@ -156,7 +156,9 @@ class Presence:
         self._local: dict[str, dict[str, _Local]] = {}
         self._by_connection: dict[str, tuple[str, ...]] = {}
         """Rooms each connection is present in (tuples, like ``_Local``)."""
-        self._written: dict[str, dict[str, Member]] = {}
+        self._written: dict[str, dict[str, None]] = {}
+        """Users this pod last wrote to the backend, per room: an ordered set
+        (keys only: a ``Member`` per user would cost 56 bytes more)."""
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -266,7 +268,7 @@ class Presence:
             self._recovered()
             now_written = self._written.setdefault(room, {})
             for member in joins:
-                now_written[member.id] = member
+                now_written[member.id] = None
             for uid in leaves:
                 now_written.pop(uid, None)
             if not now_written:
