@@ -391,8 +391,9 @@ async def test_a_client_ping_is_answered_with_its_payload(
     pod: Pod, session: aiohttp.ClientSession
 ) -> None:
     ws, _ = await connect(session, pod.ws_url("general"), autoping=False)
-    await ws.ping(b"are you there")
-    msg = await ws.receive(timeout=10)
-    assert msg.type is aiohttp.WSMsgType.PONG
-    assert msg.data == b"are you there"
+    for payload in (b"", b"are you there", bytes(range(125))):  # 125: the most allowed
+        await ws.ping(payload)
+        msg = await ws.receive(timeout=10)
+        assert msg.type is aiohttp.WSMsgType.PONG
+        assert msg.data == payload
     await ws.close()

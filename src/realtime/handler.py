@@ -129,6 +129,12 @@ _PING = b"\x89\x00"
 """A WebSocket ping frame without payload (FIN + opcode 0x9, length 0)."""
 
 
+def _pong(payload: bytes) -> bytes:
+    """The pong frame answering a ping (FIN + opcode 0xA); the frame reader
+    already refused control frames over 125 bytes, so one length byte fits."""
+    return bytes((0x8A, len(payload))) + payload
+
+
 class _TransportSink:
     """Writes frames straight to the aiohttp transport of one WebSocket."""
 
@@ -263,7 +269,7 @@ class Handler:
                             "binary frames are not supported; send JSON text frames",
                         )
                     elif msg.type is WSMsgType.PING:
-                        await ws.pong(msg.data)
+                        conn.send_frame(_pong(msg.data))
                     elif msg.type is not WSMsgType.PONG:  # CLOSE, CLOSING, CLOSED, ERROR
                         return ws
             finally:
