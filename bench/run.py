@@ -50,7 +50,7 @@ class Settings:
     fanout_seconds: float = 10.0
     rooms: int = 500
     room_members: int = 4
-    rooms_rates: tuple[int, ...] = (2_000, 20_000)  # deliveries/s
+    rooms_rates: tuple[int, ...] = (2_000, 6_000, 20_000)  # deliveries/s
     rooms_seconds: float = 8.0
     ladder: tuple[int, ...] = (
         2_500,

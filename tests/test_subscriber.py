@@ -156,14 +156,14 @@ def test_pack_command_is_what_redis_reads() -> None:
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
-        ("redis://localhost:6380/2", RedisAddress(host="localhost", port=6380)),
+        ("redis://localhost:6380/2", RedisAddress(host="localhost", port=6380, db=2)),
         (
             "redis://user:p%40ss@10.0.0.1:7000/0",
             RedisAddress(host="10.0.0.1", port=7000, username="user", password="p@ss"),
         ),
         (
             "unix:///tmp/redis.sock?password=pw&db=1",
-            RedisAddress(path="/tmp/redis.sock", password="pw"),
+            RedisAddress(path="/tmp/redis.sock", password="pw", db=1),
         ),
         ("rediss://:pw@cache.example", RedisAddress(host="cache.example", password="pw", tls=True)),
         (

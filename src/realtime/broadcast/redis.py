@@ -16,9 +16,11 @@ Two connections per pod:
   one supervised task that connects, resubscribes every needed channel in a
   batch, watches the heartbeat, and on any failure tears the connection down
   and reconnects with capped exponential backoff plus jitter;
-* redis-py for commands: one task drains a bounded outbox and pipelines
-  ``PUBLISH`` batches in order on one connection of redis-py's pool (``_send``
-  is the only place that publishes).
+* the publisher (``pipe.py``), the same kind of protocol: one task drains a
+  bounded outbox and pipelines ``PUBLISH``/``EVALSHA`` batches in order on it,
+  one batch in flight at a time (``_send`` is the only place that publishes).
+
+Reads and scripts off the hot path (history, presence) use redis-py.
 
 Publishing never raises and never blocks the sender: a message that cannot be
 published is delivered locally anyway, counted in ``publish_failures`` and
@@ -46,15 +48,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError
 
 from ..exceptions import BroadcastError, StateError
 from ..protocol import Message, stamp_body
 from ..sequencer import Entry
 from .base import Deliver, LinkState, LogSink, Slice, Stamped
+from .pipe import CommandPipe, open_pipe
 from .redis_log import APPEND, READ, RedisRoomLog, parse_stamp
 from .subscriber import RedisAddress, Subscriber, open_subscriber, pack_command
 
@@ -157,7 +159,7 @@ class RedisBroadcaster:
         self._state = LinkState.CONNECTING
         self._deliver: Deliver | None = None
         self._redis: aioredis.Redis | None = None
-        self._connection: AbstractConnection | None = None  # the publisher's, from the pool
+        self._pipe: CommandPipe | None = None
         self._subscriber: Subscriber | None = None
         self._outbox: deque[_Outgoing] = deque()
         self._sink: LogSink | None = None
@@ -232,10 +234,10 @@ class RedisBroadcaster:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(subscriber.closed), 1.0)
             subscriber.abort()
+        if self._pipe is not None:
+            self._pipe.abort()
+            self._pipe = None
         if self._redis is not None:
-            if self._connection is not None:
-                await self._redis.connection_pool.release(self._connection)
-                self._connection = None
             await self._redis.aclose()
             self._redis = None
         self._outbox.clear()
@@ -532,55 +534,20 @@ class RedisBroadcaster:
                 # redis-py can turn a cancellation into a connection error
                 raise asyncio.CancelledError
 
-    async def _send(self, batch: list[_Outgoing]) -> None:
-        """The one place that writes messages to Redis: the whole batch in one
-        write on the publisher's own redis-py connection, then its replies.
-
-        Skipping redis-py's command and pipeline layers (but keeping its
-        connection: TLS, AUTH, timeouts, reconnect) makes a publish about
-        2.5x cheaper alone and 2x in batches, measured."""
-        if any(isinstance(item, _Append) for item in batch):
-            await self._send_appends(batch)
-            return
-        plain: list[tuple[bytes, bytes]] = [i for i in batch if not isinstance(i, _Append)]
-        messages = sum(1 for channel, _ in plain if channel is not self._pod_channel)
-        try:
-            connection = await self._publisher()
-            await connection.send_packed_command(
-                b"".join([pack_command(b"PUBLISH", channel, data) for channel, data in plain]),
-                check_health=False,
+    async def _publisher(self) -> CommandPipe:
+        pipe = self._pipe
+        if pipe is None or not pipe.open:
+            pipe = self._pipe = await open_pipe(
+                self._address,
+                client_name=f"chat-api:{self.pod_id}:pub",
+                timeout=self._heartbeat_timeout,
             )
-            refused = 0
-            for _ in batch:
-                try:
-                    await connection.read_response()
-                except ResponseError:
-                    refused += 1
-            if refused:
-                raise BroadcastError(f"Redis refused {refused} of {len(batch)} publishes")
-        except _LINK_ERRORS as exc:
-            self._publish_failed(messages, _describe(exc))
-            return
-        except Exception as exc:  # a bug: count and log it, keep the publisher alive
-            log.exception("publishing to redis failed unexpectedly")
-            self._publish_failed(messages, _describe(exc))
-            return
-        self.counters.published += messages
-        if self._publish_outage:
-            self._publish_outage = False
-            log.info("publishing to redis works again (pod=%s)", self.pod_id)
+        return pipe
 
-    async def _publisher(self) -> AbstractConnection:
-        connection = self._connection
-        if connection is None:
-            assert self._redis is not None
-            connection = self._connection = await self._redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
-        return connection
-
-    async def _send_appends(self, batch: list[_Outgoing]) -> None:
-        """A batch with room messages: ``PUBLISH`` and ``EVALSHA`` commands in
-        one write, then their replies; each append's stamp goes to the
-        timeline, then to its ``done``, in outbox order."""
+    async def _send(self, batch: list[_Outgoing]) -> None:
+        """The one place that writes messages to Redis: ``PUBLISH`` and
+        ``EVALSHA`` commands in one write, then their replies; each append's
+        stamp goes to the timeline, then to its ``done``, in outbox order."""
         try:
             replies = await self._roundtrip(batch)
             if any(isinstance(r, NoScriptError) for r in replies):
@@ -593,12 +560,16 @@ class RedisBroadcaster:
                     replies[i] = reply
         except _LINK_ERRORS as exc:
             replies = [exc] * len(batch)
+        except Exception as exc:  # a bug: count and log it, keep the publisher alive
+            log.exception("publishing to redis failed unexpectedly")
+            replies = [exc] * len(batch)
         failed = 0
         reason = ""
         for item, reply in zip(batch, replies, strict=True):
             if isinstance(reply, BaseException):
-                failed += 1
                 reason = _describe(reply)
+                if isinstance(item, _Append) or item[0] != self._pod_channel:
+                    failed += 1
                 if isinstance(item, _Append):
                     self.counters.append_failures += 1
                     item.done(None)
@@ -634,15 +605,15 @@ class RedisBroadcaster:
                 commands.append(pack_command(*(_arg(a) for a in args)))
             else:
                 commands.append(pack_command(b"PUBLISH", *item))
-        connection = await self._publisher()
-        await connection.send_packed_command(b"".join(commands), check_health=False)
-        replies: list[Any] = []
-        for _ in batch:
-            try:
-                replies.append(await connection.read_response())
-            except ResponseError as exc:
-                replies.append(exc)
-        return replies
+        pipe = await self._publisher()
+        try:
+            async with asyncio.timeout(self._heartbeat_timeout):
+                return await pipe.call(b"".join(commands), len(batch))
+        except TimeoutError:
+            # Redis stalls: give up on what is in flight (the outcome is
+            # unknown) and start afresh with the next batch.
+            pipe.abort("no reply in time")
+            raise
 
     def _publish_failed(self, count: int, reason: str) -> None:
         self.counters.publish_failures += count

@@ -11,7 +11,8 @@ an unsubscribe of the same channel ends unsubscribed: the order of the calls
 is the order of the outcome, and no reconciliation is needed. The set of
 channels Redis has confirmed is kept in ``channels``.
 
-Everything else Redis is used for (``PUBLISH``, scripts) goes through redis-py.
+Publishing and appending go through ``pipe.py``, the same way; reads and
+scripts off the hot path go through redis-py.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class RedisAddress:
     tls: bool = False
     tls_verify: bool = True
     tls_ca_file: str | None = None
+    db: int = 0
+    """Database of the keys (history, presence); pub/sub ignores it."""
 
     @classmethod
     def from_url(cls, url: str) -> RedisAddress:
@@ -74,6 +77,33 @@ class RedisAddress:
             tls=url.startswith("rediss:"),
             tls_verify=cert_reqs not in ("none", "cert_none", "0"),
             tls_ca_file=kwargs.get("ssl_ca_certs"),
+            db=int(kwargs.get("db") or 0),
+        )
+
+    def hello(self, client_name: str) -> bytes:
+        """AUTH (if a password is set) and CLIENT SETNAME, packed."""
+        parts: list[bytes] = []
+        if self.password is not None:
+            if self.username:
+                parts.append(pack_command(b"AUTH", self.username.encode(), self.password.encode()))
+            else:
+                parts.append(pack_command(b"AUTH", self.password.encode()))
+        parts.append(pack_command(b"CLIENT", b"SETNAME", client_name.encode()))
+        return b"".join(parts)
+
+    async def connect(self, factory: Callable[[], asyncio.Protocol]) -> None:
+        """Open a connection (TCP, TLS or unix socket) to ``factory()``."""
+        loop = asyncio.get_running_loop()
+        if self.path is not None:
+            await loop.create_unix_connection(factory, self.path)
+            return
+        context = self.ssl_context()
+        await loop.create_connection(
+            factory,
+            self.host,
+            self.port,
+            ssl=context,
+            server_hostname=self.host if context is not None else None,
         )
 
     def ssl_context(self) -> ssl.SSLContext | None:
@@ -167,16 +197,7 @@ class Subscriber(asyncio.Protocol):
     ) -> None:
         """Authenticate, name the connection, subscribe, and PING so that
         ``ready`` resolves once every one of those has been answered."""
-        parts: list[bytes] = []
-        if address.password is not None:
-            if address.username:
-                parts.append(
-                    pack_command(b"AUTH", address.username.encode(), address.password.encode())
-                )
-            else:
-                parts.append(pack_command(b"AUTH", address.password.encode()))
-        parts.append(pack_command(b"CLIENT", b"SETNAME", client_name.encode()))
-        self._write(b"".join(parts))
+        self._write(address.hello(client_name))
         self.subscribe(channels)
         self._write(pack_command(b"PING"))
 
@@ -220,7 +241,6 @@ async def open_subscriber(
     Raises ``OSError``, ``TimeoutError`` or ``BroadcastError``; on failure the
     connection is already closed.
     """
-    loop = asyncio.get_running_loop()
     subscriber: Subscriber | None = None
 
     def factory() -> Subscriber:
@@ -230,17 +250,7 @@ async def open_subscriber(
 
     try:
         async with asyncio.timeout(timeout):
-            if address.path is not None:
-                await loop.create_unix_connection(factory, address.path)
-            else:
-                context = address.ssl_context()
-                await loop.create_connection(
-                    factory,
-                    address.host,
-                    address.port,
-                    ssl=context,
-                    server_hostname=address.host if context is not None else None,
-                )
+            await address.connect(factory)
             assert subscriber is not None
             subscriber.handshake(channels, address=address, client_name=client_name)
             await subscriber.ready
