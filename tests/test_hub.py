@@ -100,7 +100,7 @@ def test_slow_member_is_closed_with_1013_and_removed_others_keep_receiving() -> 
     assert len(fast_sink.frames) == 10
     assert hub.counters.slow_client_disconnects == 1
     assert hub.room_sizes() == {"r": 1}
-    assert slow.rooms == set()
+    assert slow.rooms == ()
 
 
 def test_close_all_closes_open_connections_once() -> None:
@@ -119,3 +119,17 @@ def test_connection_state_machine_refuses_illegal_moves() -> None:
     assert not conn.send(b"{}")
     with pytest.raises(StateError):
         conn._move(ConnectionState.OPEN)
+
+
+def test_a_connections_rooms_follow_joins_and_leaves() -> None:
+    hub = LocalHub()
+    conn, _ = make(hub, "a", "r1", "r2")
+    hub.join(conn, "r1")  # again: no duplicate
+    assert conn.rooms == ("r1", "r2")
+    hub.leave(conn, "r1")
+    hub.leave(conn, "r3")  # not a member: nothing changes
+    assert conn.rooms == ("r2",)
+    assert hub.room_sizes() == {"r2": 1}
+    hub.remove(conn)
+    assert conn.rooms == ()
+    assert hub.room_sizes() == {}

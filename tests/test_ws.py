@@ -365,3 +365,35 @@ async def test_client_that_ignores_pings_is_dropped(
         await asyncio.gather(reader, return_exceptions=True)
     await deaf.close()
     await alive.close()
+
+
+async def test_a_quiet_client_that_answers_pings_stays(
+    pod_factory: PodFactory, session: aiohttp.ClientSession
+) -> None:
+    pod = pod_factory({"WS_PING_INTERVAL": "0.4"})
+    ws, _ = await connect(session, pod.ws_url("general"), autoping=False)
+    # Several pings, each answered, and nothing else sent: the client is
+    # quiet but alive, and outlives many pong deadlines.
+    pings = 0
+    while pings < 4:
+        msg = await ws.receive(timeout=10)
+        assert msg.type in (aiohttp.WSMsgType.PING, aiohttp.WSMsgType.TEXT), msg
+        if msg.type is aiohttp.WSMsgType.PING:  # (TEXT: presence events)
+            pings += 1
+            await ws.pong(msg.data)
+    assert (await stats(session, pod))["connections"]["open"] == 1
+    await send(ws, {"type": "ping", "ref": 1})
+    assert await recv_type(ws, "pong") == {"type": "pong", "ref": 1}
+    await ws.close()
+
+
+async def test_a_client_ping_is_answered_with_its_payload(
+    pod: Pod, session: aiohttp.ClientSession
+) -> None:
+    ws, _ = await connect(session, pod.ws_url("general"), autoping=False)
+    for payload in (b"", b"are you there", bytes(range(125))):  # 125: the most allowed
+        await ws.ping(payload)
+        msg = await ws.receive(timeout=10)
+        assert msg.type is aiohttp.WSMsgType.PONG
+        assert msg.data == payload
+    await ws.close()

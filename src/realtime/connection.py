@@ -54,6 +54,7 @@ class Connection:
         "id",
         "identity",
         "max_buffered",
+        "quiet_ticks",
         "rooms",
         "state",
     )
@@ -71,10 +72,15 @@ class Connection:
         self.identity = identity
         self.default_room = default_room
         """Where a message without ``room`` goes; None means everyone."""
-        self.rooms: set[str] = set()
+        self.rooms: tuple[str, ...] = ()
+        """The rooms joined, in order (the hub keeps it). A tuple: it almost
+        always holds one room, and a set of one costs 216 bytes, this 48."""
         self.max_buffered = max_buffered
         self.state = ConnectionState.OPEN
         self.close_code: int | None = None
+        self.quiet_ticks = 0
+        """Keepalive ticks since the client last sent a frame; the I/O adapter
+        counts them, pings and closes (see ``realtime.handler``)."""
         self._sink = sink
 
     def _move(self, new: ConnectionState) -> None:

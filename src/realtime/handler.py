@@ -3,12 +3,15 @@
 This is the only module of ``realtime`` that knows aiohttp. Each connection
 costs one task (aiohttp's request handler, which runs the reader loop) and no
 writer task: frames go straight to the connection's transport, whose write
-buffer is the bounded send buffer (see ``connection.py``).
+buffer is the bounded send buffer (see ``connection.py``). Nor does it cost a
+timer: one pod-wide keepalive tick pings the clients that have gone quiet
+(aiohttp's own heartbeat would keep a timer per connection, about 0.6 KB).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -122,6 +125,16 @@ class _Ids:
         return f"{self._prefix}-{next(self._next):x}"
 
 
+_PING = b"\x89\x00"
+"""A WebSocket ping frame without payload (FIN + opcode 0x9, length 0)."""
+
+
+def _pong(payload: bytes) -> bytes:
+    """The pong frame answering a ping (FIN + opcode 0xA); the frame reader
+    already refused control frames over 125 bytes, so one length byte fits."""
+    return bytes((0x8A, len(payload))) + payload
+
+
 class _TransportSink:
     """Writes frames straight to the aiohttp transport of one WebSocket."""
 
@@ -176,13 +189,16 @@ class Handler:
         self._presence = presence
         self._broadcaster = broadcaster
         self._settings = settings
+        # aiohttp refuses a message of exactly max_msg_size bytes. (Computed
+        # once: an int this large is a new object each time, kept per socket.)
+        self._max_msg_size = settings.max_message_bytes + 1
         self._identify = identify
         self._message_ids = _Ids()
         self._connection_ids = _Ids()
         self._closing: set[asyncio.Task[bool]] = set()
         self._draining = False
         self._live = 0
-        self._guards: dict[str, _Guard] = {}
+        self._keepalive: asyncio.TimerHandle | None = None
         self.counters = HandlerCounters()
 
     # -- routes -----------------------------------------------------------
@@ -210,25 +226,67 @@ class Handler:
 
     async def handle_websocket(self, request: web.Request) -> web.StreamResponse:
         """Refuse with an HTTP error before accepting (shutting down, pod full,
-        bad room, or whatever ``identify`` refuses), else serve the socket."""
+        bad room, or whatever ``identify`` refuses), else serve the socket.
+
+        This coroutine is the connection's reader loop, and all that an idle
+        connection keeps of the handler's besides a ``Connection`` and a
+        ``_Guard`` (aiohttp keeps its own objects): the set-up runs in
+        ``_accept``, which has returned before the loop waits, so its locals
+        are not held for the connection's lifetime.
+        """
         cap = self._settings.max_connections
-        try:
-            if self._draining:
-                raise web.HTTPServiceUnavailable(text="server is shutting down")
-            if cap and self._live >= cap:
-                raise web.HTTPServiceUnavailable(
+        if self._draining:
+            raise self._refused(web.HTTPServiceUnavailable(text="server is shutting down"))
+        if cap and self._live >= cap:
+            raise self._refused(
+                web.HTTPServiceUnavailable(
                     text="server is full; try again later", headers={"Retry-After": "1"}
                 )
-            self._live += 1
+            )
+        self._live += 1
+        try:
             try:
-                return await self._accept(request)
+                ws, conn, guard = await self._accept(request)
+            except web.HTTPException as exc:
+                self._refused(exc)
+                raise
+            if conn is None or guard is None:  # vanished during the upgrade
+                return ws
+            try:
+                while True:
+                    msg = await ws.receive()
+                    conn.quiet_ticks = 0
+                    if msg.type is WSMsgType.TEXT:
+                        if conn.state is ConnectionState.OPEN:
+                            pending = self._on_text(conn, guard, msg.data)
+                            if pending is not None:
+                                # A join with catch-up: later frames of this
+                                # client wait for it, so they keep their order.
+                                await pending
+                    elif msg.type is WSMsgType.BINARY:
+                        conn.close(
+                            CloseCode.UNSUPPORTED_DATA,
+                            "binary frames are not supported; send JSON text frames",
+                        )
+                    elif msg.type is WSMsgType.PING:
+                        conn.send_frame(_pong(msg.data))
+                    elif msg.type is not WSMsgType.PONG:  # CLOSE, CLOSING, CLOSED, ERROR
+                        return ws
             finally:
-                self._live -= 1
-        except web.HTTPException as exc:
-            self.counters.refused[exc.status] = self.counters.refused.get(exc.status, 0) + 1
-            raise
+                self._release(conn, guard)
+        finally:
+            self._live -= 1
 
-    async def _accept(self, request: web.Request) -> web.StreamResponse:
+    def _refused(self, exc: web.HTTPException) -> web.HTTPException:
+        """Count a refusal by its HTTP status; returns ``exc``."""
+        self.counters.refused[exc.status] = self.counters.refused.get(exc.status, 0) + 1
+        return exc
+
+    async def _accept(
+        self, request: web.Request
+    ) -> tuple[web.WebSocketResponse, Connection | None, _Guard | None]:
+        """Admit, upgrade, register, join the room and greet; no connection
+        if the client vanished during the upgrade."""
         room = request.match_info.get("room")
         catchup = NO_CATCHUP
         if room is not None:
@@ -242,73 +300,72 @@ class Handler:
         if not granted.allows(room):
             where = "the global channel" if room is None else f"room {room!r}"
             raise web.HTTPForbidden(text=f"not allowed in {where}")
-        identity = granted.identity
 
         ws = web.WebSocketResponse(
-            # aiohttp refuses a message of exactly max_msg_size bytes.
-            max_msg_size=self._settings.max_message_bytes + 1,
-            heartbeat=self._settings.ping_interval or None,
+            max_msg_size=self._max_msg_size,
+            # Pings and pongs reach the reader loop: the keepalive tick pings,
+            # the reader loop answers the client's pings itself.
+            autoping=False,
             compress=False,
             timeout=self._settings.close_timeout,
         )
         await ws.prepare(request)
         transport = request.transport
         if transport is None or transport.is_closing():  # vanished during the upgrade
-            return ws
+            return ws, None, None
         conn = Connection(
             connection_id,
-            identity,
+            granted.identity,
             _TransportSink(self, ws, transport),
             max_buffered=self._settings.max_buffered_bytes,
             default_room=room,
         )
         self.counters.connections_accepted += 1
         self._hub.add(conn)
-        self._guards[conn.id] = self._guard(conn, granted)
-        if room is not None and self._timeline is None:
-            self._hub.join(conn, room)
-
-        def greet() -> None:
-            self._hub.send_to(
-                conn,
-                encode_event(
-                    "welcome",
-                    connection_id=conn.id,
-                    user=identity.as_json(),
-                    pod=self._settings.pod_id,
-                    room=room,
-                    rooms=sorted(conn.rooms | ({room} if room is not None else set())),
-                    limits={
-                        "max_message_bytes": self._settings.max_message_bytes,
-                        "max_rooms": self._settings.max_rooms,
-                    },
-                ),
-            )
-
-        if room is None or self._timeline is None:
-            greet()
+        self._arm_keepalive()
+        guard = self._guard(conn, granted)
         try:
             if room is not None and self._timeline is not None:
                 # The welcome goes out once the room is live for this client.
-                await self._attach(conn, room, catchup, greet)
-            await self._read_loop(ws, conn)
-        finally:
-            guard = self._guards.pop(conn.id, None)
-            if guard is not None and guard.expiry is not None:
-                guard.expiry.cancel()
-            if self._presence is not None:
-                self._presence.drop(conn)
-            self._hub.remove(conn)
-            conn.closed()
-        return ws
+                await self._attach(conn, room, catchup, functools.partial(self._greet, conn))
+            else:
+                if room is not None:
+                    self._hub.join(conn, room)
+                self._greet(conn)
+        except BaseException:
+            self._release(conn, guard)
+            raise
+        return ws, conn, guard
+
+    def _greet(self, conn: Connection) -> None:
+        room = conn.default_room
+        self._hub.send_to(
+            conn,
+            encode_event(
+                "welcome",
+                connection_id=conn.id,
+                user=conn.identity.as_json(),
+                pod=self._settings.pod_id,
+                room=room,
+                rooms=sorted({*conn.rooms, room} if room is not None else conn.rooms),
+                limits={
+                    "max_message_bytes": self._settings.max_message_bytes,
+                    "max_rooms": self._settings.max_rooms,
+                },
+            ),
+        )
+
+    def _release(self, conn: Connection, guard: _Guard) -> None:
+        """The socket is gone: forget the connection everywhere."""
+        if guard.expiry is not None:
+            guard.expiry.cancel()
+        if self._presence is not None:
+            self._presence.drop(conn)
+        self._hub.remove(conn)
+        conn.closed()
 
     def _guard(self, conn: Connection, granted: Admission) -> _Guard:
         guard = _Guard(may_join=granted.may_join)
-        s = self._settings
-        if s.rate_per_second > 0:
-            guard.limiter = RateLimiter(
-                s.rate_per_second, s.rate_burst, s.rate_max_refused, now=time.monotonic()
-            )
         if granted.expires_at is not None:
             delay = max(0.0, granted.expires_at - time.time())
             guard.expiry = asyncio.get_running_loop().call_later(delay, self._expire, conn)
@@ -319,30 +376,33 @@ class Handler:
             self.counters.closed_expired += 1
             conn.close(CloseCode.POLICY_VIOLATION, "token expired")
 
-    async def _read_loop(self, ws: web.WebSocketResponse, conn: Connection) -> None:
-        while True:
-            msg = await ws.receive()
-            if msg.type is WSMsgType.TEXT:
-                if conn.state is ConnectionState.OPEN:
-                    pending = self._on_text(conn, msg.data)
-                    if pending is not None:
-                        # A join with catch-up: later frames of this client
-                        # wait for it, so they keep their order.
-                        await pending
-            elif msg.type is WSMsgType.BINARY:
-                conn.close(
-                    CloseCode.UNSUPPORTED_DATA,
-                    "binary frames are not supported; send JSON text frames",
-                )
-            else:  # CLOSE, CLOSING, CLOSED or ERROR: the connection is over
-                return
+    # -- keepalive ------------------------------------------------------------
 
-    def _on_text(self, conn: Connection, raw: str | bytes) -> Awaitable[None] | None:
-        if not self._within_rate(conn, raw):
+    def _arm_keepalive(self) -> None:
+        if self._keepalive is None and self._settings.ping_interval > 0:
+            loop = asyncio.get_running_loop()
+            self._keepalive = loop.call_later(self._settings.ping_interval / 2, self._tick)
+
+    def _tick(self) -> None:
+        """Every half ping interval: ping each client that has sent nothing
+        for two ticks (half to one whole interval), and close each that has
+        not answered by the next tick (half an interval after the ping)."""
+        self._keepalive = None
+        for conn in self._hub.connections():
+            conn.quiet_ticks += 1
+            if conn.quiet_ticks == 2:
+                conn.send_frame(_PING)
+            elif conn.quiet_ticks > 2:
+                conn.close(CloseCode.GOING_AWAY, "no answer to ping")
+        if self._hub.connection_count:
+            self._arm_keepalive()
+
+    def _on_text(self, conn: Connection, guard: _Guard, raw: str | bytes) -> Awaitable[None] | None:
+        if self._settings.rate_per_second > 0 and not self._within_rate(conn, guard, raw):
             return None
         try:
             frame = decode_client_frame(raw)
-            return self._dispatch(conn, frame)
+            return self._dispatch(conn, guard, frame)
         except ProtocolError as exc:
             self.counters.errors_sent += 1
             self._hub.send_to(conn, encode_error(exc.code, exc.message, exc.ref))
@@ -353,14 +413,19 @@ class Handler:
             conn.close(CloseCode.INTERNAL_ERROR, "internal error")
             return None
 
-    def _within_rate(self, conn: Connection, raw: str | bytes) -> bool:
+    def _within_rate(self, conn: Connection, guard: _Guard, raw: str | bytes) -> bool:
         """Apply the rate limit: answer a frame over it with ``rate_limited``
         (dropping it), close a flood with 1008."""
-        guard = self._guards.get(conn.id)
-        limiter = None if guard is None else guard.limiter
+        now = time.monotonic()
+        limiter = guard.limiter
         if limiter is None:
-            return True
-        verdict = limiter.check(time.monotonic())
+            # Made at the first frame rather than at accept: a bucket starts
+            # full either way, so the limit is the same, and an idle
+            # connection does not carry one (about 160 bytes).
+            s = self._settings
+            limiter = RateLimiter(s.rate_per_second, s.rate_burst, s.rate_max_refused, now=now)
+            guard.limiter = limiter
+        verdict = limiter.check(now)
         if verdict is Verdict.ALLOW:
             return True
         if verdict is Verdict.ABUSE:
@@ -377,14 +442,15 @@ class Handler:
         self._hub.send_to(conn, encode_error(ErrorCode.RATE_LIMITED, message, ref))
         return False
 
-    def _dispatch(self, conn: Connection, frame: ClientFrame) -> Awaitable[None] | None:
+    def _dispatch(
+        self, conn: Connection, guard: _Guard, frame: ClientFrame
+    ) -> Awaitable[None] | None:
         match frame:
             case SendMessage():
                 self._on_message(conn, frame)
             case Join(room=room, ref=ref):
                 if room not in conn.rooms:
-                    guard = self._guards.get(conn.id)
-                    if guard is not None and not guard.allows(room):
+                    if not guard.allows(room):
                         raise ProtocolError(
                             ErrorCode.FORBIDDEN_ROOM, f"not allowed in room {room!r}", ref=ref
                         )
@@ -523,6 +589,9 @@ class Handler:
         """Close every connection with ``code`` and wait (up to the close
         timeout) for the close frames to go out. Returns how many."""
         count = self._hub.close_all(code, reason or "server shutting down")
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
         if self._closing:
             await asyncio.wait(set(self._closing), timeout=self._settings.close_timeout)
         return count

@@ -59,7 +59,7 @@ class LocalHub:
         """Forget a connection and leave all its rooms (idempotent)."""
         if self._connections.pop(conn.id, None) is None:
             return
-        for room in list(conn.rooms):
+        for room in conn.rooms:
             self.leave(conn, room)
 
     def join(self, conn: Connection, room: str, *, live: bool = True) -> None:
@@ -72,7 +72,8 @@ class LocalHub:
             self._rooms.setdefault(room, {})[conn.id] = conn
         else:
             self._waiting.setdefault(room, {})[conn.id] = conn
-        conn.rooms.add(room)
+        if room not in conn.rooms:
+            conn.rooms = (*conn.rooms, room)
 
     def is_waiting(self, conn: Connection, room: str) -> bool:
         return conn.id in self._waiting.get(room, ())
@@ -88,7 +89,8 @@ class LocalHub:
         return True
 
     def leave(self, conn: Connection, room: str) -> None:
-        conn.rooms.discard(room)
+        if room in conn.rooms:
+            conn.rooms = tuple(r for r in conn.rooms if r != room)
         removed = False
         for table in (self._rooms, self._waiting):
             members = table.get(room)
