@@ -206,8 +206,8 @@ class Config:
     ws_ping_interval: float = _setting(
         "WS_PING_INTERVAL",
         20.0,
-        "Seconds between keepalive pings; a client silent for half of it after a ping is "
-        "dropped (0: off).",
+        "Keepalive: a client silent for half to all of this many seconds is pinged, and "
+        "closed (1001) if it does not answer within half of it (0: off).",
         minimum=0,
     )
     ws_close_timeout: float = _setting(
