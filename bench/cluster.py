@@ -124,6 +124,10 @@ def node_peer_ready() -> bool:
     return shutil.which("node") is not None and (NODE_PEER / "node_modules").is_dir()
 
 
+RUNNING: list[Cluster] = []
+"""Every cluster started and not yet stopped (all systems of a workload)."""
+
+
 @dataclass
 class Cluster:
     """Redis plus ``pods`` server processes of one system."""
@@ -136,6 +140,7 @@ class Cluster:
 
     def start(self) -> Cluster:
         """Start Redis (if needed) and the pods; on failure, stop what started."""
+        RUNNING.append(self)
         try:
             return self._start()
         except BaseException:
@@ -219,6 +224,8 @@ class Cluster:
         return all(s.popen.poll() is None for s in self.servers)
 
     def stop(self) -> None:
+        if self in RUNNING:
+            RUNNING.remove(self)
         for srv in self.servers:
             srv.stop()
         if self.redis is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import loadgen
-from .cluster import HOST, Cluster, cpu_seconds
+from .cluster import HOST, RUNNING, Cluster, cpu_seconds
 
 
 @dataclass(frozen=True)
@@ -83,14 +83,21 @@ def percentile(sorted_values: array[int] | list[int], q: float) -> float:
 
 
 def settle(cluster: Cluster, timeout: float = 15.0) -> None:
-    """Wait (bounded) until the servers are idle: a system still working off
-    the last run's backlog would bill it to the next one."""
+    """Wait (bounded) until the servers of ``cluster`` and of every other
+    system's running cluster are idle: a system still working off its last
+    run's backlog would bill it to the next run, its own or another's (they
+    share the machine)."""
+    clusters = [cluster, *(c for c in RUNNING if c is not cluster)]
+
+    def busy() -> float:
+        return sum(c.cpu() for c in clusters if c.alive())
+
     deadline = time.monotonic() + timeout
-    last = cluster.cpu()
+    last = busy()
     while time.monotonic() < deadline:
         time.sleep(0.25)
-        now = cluster.cpu()
-        if now - last < 0.02:
+        now = busy()
+        if now - last < 0.02 * len(clusters):
             return
         last = now
 
