@@ -21,8 +21,8 @@ import orjson
 from aiohttp import web
 
 from realtime import Handler, Identity, Message, ProtocolError, Stamp, Timeline
-from realtime.handler import clean_name
 from realtime.protocol import validate_room
+from realtime.wsio import clean_name
 
 __all__ = ["publish_handler"]
 
