@@ -80,7 +80,7 @@ class Connection:
         self.close_code: int | None = None
         self.quiet_ticks = 0
         """Keepalive ticks since the client last sent a frame; the I/O adapter
-        counts them, pings and closes (see ``realtime.handler``)."""
+        counts them, pings and closes (see ``realtime.guard``)."""
         self._sink = sink
 
     def _move(self, new: ConnectionState) -> None:
