@@ -22,6 +22,7 @@ from playwright.sync_api import Browser, Dialog, Locator, Page, expect, sync_pla
 from websockets.sync.client import connect as ws_connect
 
 from .conftest import PodFactory, redis_pod_env
+from .redis_support import RedisServer
 from .support import Pod
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -385,3 +386,29 @@ def test_error_frames_are_shown_in_words(pod_factory: PodFactory, open_page: Ope
     )
     expect(refused.get_by_role("button", name="Send again")).to_be_visible()
     expect(page.locator("#status")).to_have_attribute("data-state", "live")
+
+
+def test_a_message_the_server_could_not_store_is_marked_and_can_be_sent_again(
+    pod_factory: PodFactory, redis_server: RedisServer, channel_prefix: str, open_page: OpenPage
+) -> None:
+    pod = pod_factory(redis_pod_env(redis_server.url, channel_prefix))
+    alice = chat(open_page("alice"), pod, "alice")
+    bob = chat(open_page("bob"), pod, "bob")
+
+    redis_server.kill()
+    pod.wait_for_log("redis link lost")
+    say(alice, "while redis is down")
+    # The pod cannot store it: Bob (same pod) gets it, Alice is told it may
+    # not reach everyone, once, with a way to send it again.
+    expect(message(bob, "while redis is down", own=False)).to_have_count(1)
+    unsure = alice.locator("#log li.msg.own", has_text="while redis is down")
+    expect(unsure).to_have_count(1)
+    expect(unsure).to_have_attribute("data-status", "unconfirmed")
+    expect(unsure.locator(".note")).to_have_text(re.compile("could not store it"))
+
+    redis_server.restart()
+    pod.wait_for_log("redis link resubscribed")
+    unsure.get_by_role("button", name="Send again").click()
+    expect(alice.locator("#log li.msg[data-status]")).to_have_count(0)
+    expect(message(alice, "while redis is down", own=True)).to_have_count(1)
+    expect(message(bob, "while redis is down", own=False)).to_have_count(2)

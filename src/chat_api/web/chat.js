@@ -19,6 +19,7 @@ const BACKOFF_CAP_MS = 15000;
 const MAX_QUEUED = 50; // messages kept while not connected; more are refused
 const MAX_LOG_ITEMS = 500; // older lines are dropped from the page
 const HISTORY_ON_JOIN = 50; // recent messages asked for when entering a room
+const NOT_STORED = "Not confirmed: the server could not store it, so it may not reach everyone.";
 const WAIT_OFFLINE = "Waiting for the connection; it is sent when the page is back online.";
 const WAIT_REFUSED = "Waiting: the server refused the connection; it is sent once you join again.";
 
@@ -97,6 +98,7 @@ const state = {
   nextRef: 1,
   outbox: [], // own messages waiting for a live connection
   inflight: new Map(), // ref -> own message sent but not yet acknowledged
+  unstored: new Map(), // id -> own message acknowledged without an offset
   seen: new Map(), // message id -> its element (a message is shown once)
   members: new Map(), // user id -> {id, name}
   presenceRef: null,
@@ -246,7 +248,13 @@ function messageElement(fromName, ts, data, own) {
 }
 
 function renderMessage(frame) {
-  if (typeof frame.id === "string" && state.seen.has(frame.id)) return;
+  if (typeof frame.id === "string" && state.seen.has(frame.id)) {
+    const entry = state.unstored.get(frame.id);
+    if (entry !== undefined && typeof frame.offset === "number") {
+      confirmEntry(entry, frame.id); // stored after all: everyone has it
+    }
+    return;
+  }
   const sender = frame.from && typeof frame.from === "object" ? frame.from : {};
   const own = state.me !== null && sender.id === state.me.id;
   const item = messageElement(String(sender.name ?? ""), frame.ts, frame.data, own);
@@ -332,16 +340,34 @@ function onAck(frame) {
   if (entry === undefined) return;
   state.inflight.delete(frame.ref);
   const shown = state.seen.get(frame.id);
+  if (frame.room !== null && frame.offset === null) {
+    // A room message the server could not store (Redis unreachable, or its
+    // answer lost): it may not reach everyone. Keep our copy, say so, and
+    // confirm it if the room's copy arrives after all (renderMessage).
+    if (shown !== undefined && shown !== entry.el) shown.remove();
+    entry.el.dataset.id = frame.id;
+    state.seen.set(frame.id, entry.el);
+    state.unstored.set(frame.id, entry);
+    setEntryStatus(entry, "unconfirmed", NOT_STORED, true);
+    return;
+  }
   if (shown !== undefined && shown !== entry.el) {
     entry.el.remove(); // the room's copy of the message is already on the page
     return;
   }
+  confirmEntry(entry, frame.id);
+}
+
+function confirmEntry(entry, id) {
+  for (const [key, value] of state.unstored) {
+    if (value === entry) state.unstored.delete(key);
+  }
   entry.el.classList.remove("pending");
-  entry.el.dataset.id = frame.id;
+  entry.el.dataset.id = id;
   delete entry.el.dataset.status;
   entry.note.remove();
   entry.retry.remove();
-  state.seen.set(frame.id, entry.el);
+  state.seen.set(id, entry.el);
 }
 
 function submitMessage() {
@@ -662,6 +688,7 @@ function join(room, name, token) {
     state.inflight.clear();
     ui.log.replaceChildren();
     state.seen.clear();
+    state.unstored.clear();
     state.members.clear();
     ui.members.hidden = true;
     state.me = null;
