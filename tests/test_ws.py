@@ -338,8 +338,8 @@ async def test_client_that_ignores_pings_is_dropped(
     pod_factory: PodFactory, session: aiohttp.ClientSession
 ) -> None:
     pod = pod_factory({"WS_PING_INTERVAL": "0.4"})
-    # aiohttp answers pings inside receive(): a client that never calls it is deaf.
-    deaf = await session.ws_connect(pod.ws_url("general"))
+    # A client that never reads is deaf (and this one would not answer anyway).
+    deaf = await session.ws_connect(pod.ws_url("general"), autoping=False)
     alive, _ = await connect(session, pod.ws_url("general"))
     frames: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -355,6 +355,11 @@ async def test_client_that_ignores_pings_is_dropped(
             return s["connections"]["open"] == 1 and s["rooms"] == {"general": 1}
 
         await eventually(only_alive_left, timeout=10)
+        # What the deaf client was sent is still in its buffer: the close says why.
+        async with asyncio.timeout(10):
+            while (msg := await deaf.receive()).type is not aiohttp.WSMsgType.CLOSE:
+                assert msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.PING), msg
+        assert (msg.data, msg.extra) == (1001, "no answer to ping")
         await send(alive, {"type": "message", "data": "still alive"})
         async with asyncio.timeout(10):
             while (frame := await frames.get())["type"] != "message":

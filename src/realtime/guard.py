@@ -26,10 +26,10 @@ from .access import Admission, RoomCheck
 from .connection import Connection, ConnectionState
 from .exceptions import ProtocolError
 from .hub import LocalHub
-from .protocol import CloseCode, ErrorCode, decode_client_frame, encode_error
+from .protocol import PING_FRAME, CloseCode, ErrorCode, decode_client_frame, encode_error
 from .ratelimit import RateLimiter, Verdict
 
-__all__ = ["PING", "Guard", "GuardCounters", "Keepalive", "Warden", "pong"]
+__all__ = ["Guard", "GuardCounters", "Keepalive", "Warden"]
 
 
 @dataclass(slots=True)
@@ -129,16 +129,6 @@ class Warden:
         return False
 
 
-PING = b"\x89\x00"
-"""A WebSocket ping frame without payload (FIN + opcode 0x9, length 0)."""
-
-
-def pong(payload: bytes) -> bytes:
-    """The pong frame answering a ping (FIN + opcode 0xA); the frame reader
-    already refused control frames over 125 bytes, so one length byte fits."""
-    return bytes((0x8A, len(payload))) + payload
-
-
 class Keepalive:
     """One tick for the whole pod, every half ``interval`` while it has
     connections; the reader loop resets ``Connection.quiet_ticks`` at each
@@ -169,7 +159,7 @@ class Keepalive:
         for conn in self._hub.connections():
             conn.quiet_ticks += 1
             if conn.quiet_ticks == 2:
-                conn.send_frame(PING)
+                conn.send_frame(PING_FRAME)
             elif conn.quiet_ticks > 2:
                 conn.close(CloseCode.GOING_AWAY, "no answer to ping")
         if self._hub.connection_count:

@@ -23,7 +23,7 @@ from .access import admission
 from .broadcast.base import Broadcaster, Stamp
 from .connection import Connection, ConnectionState
 from .exceptions import BroadcastError, ProtocolError
-from .guard import Guard, Keepalive, Warden, pong
+from .guard import Guard, Keepalive, Warden
 from .hub import LocalHub
 from .presence import Presence
 from .protocol import (
@@ -41,6 +41,7 @@ from .protocol import (
     encode_ack,
     encode_error,
     encode_event,
+    pong_frame,
 )
 from .timeline import Timeline
 from .wsio import Closer, Identify, Ids, TransportSink, guest_identity, requested_room, upgrade
@@ -183,7 +184,7 @@ class Handler:
                             "binary frames are not supported; send JSON text frames",
                         )
                     elif msg.type is WSMsgType.PING:
-                        conn.send_frame(pong(msg.data))
+                        conn.send_frame(pong_frame(msg.data))
                     elif msg.type is not WSMsgType.PONG:  # CLOSE, CLOSING, CLOSED, ERROR
                         return ws
             finally:

@@ -22,6 +22,7 @@ __all__ = [
     "MAX_REF_LENGTH",
     "MESSAGE_PREFIX",
     "NO_CATCHUP",
+    "PING_FRAME",
     "ROOM_PATTERN",
     "Catchup",
     "ClientFrame",
@@ -40,6 +41,7 @@ __all__ = [
     "encode_error",
     "encode_event",
     "parse_catchup",
+    "pong_frame",
     "stamp_body",
     "text_frame",
     "validate_room",
@@ -384,6 +386,8 @@ def encode_error(code: str, message: str, ref: str | int | None = None) -> bytes
 
 _TEXT: Final = 0x81  # FIN + text opcode
 _CLOSE: Final = 0x88  # FIN + close opcode
+_PING: Final = 0x89  # FIN + ping opcode
+_PONG: Final = 0x8A  # FIN + pong opcode
 
 
 def _frame(first: int, payload: bytes) -> bytes:
@@ -408,3 +412,13 @@ def text_frame(payload: bytes) -> bytes:
 def close_frame(code: int, reason: str) -> bytes:
     """A server-to-client close frame; the reason is cut to fit 123 bytes."""
     return _frame(_CLOSE, struct.pack("!H", code) + reason.encode()[:123])
+
+
+def pong_frame(payload: bytes) -> bytes:
+    """The pong answering a client's ping: the same payload (at most 125
+    bytes: the frame reader refuses longer control frames)."""
+    return _frame(_PONG, payload)
+
+
+PING_FRAME: Final = _frame(_PING, b"")
+"""A server ping without payload (the keepalive's)."""
