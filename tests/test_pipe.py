@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import redis
 from redis.exceptions import NoScriptError, ResponseError
@@ -37,7 +35,6 @@ async def test_each_batch_gets_its_own_replies_in_order_however_they_are_split()
             assert not first.done()
     assert await first == [1, 0]
     assert await second == [5]
-    assert pipe.stalled_for(0.0) == 0.0
 
 
 async def test_error_replies_come_back_in_their_place() -> None:
@@ -74,12 +71,6 @@ async def test_junk_or_an_unasked_reply_drops_the_connection() -> None:
     pipe.data_received(b"?junk\r\n")
     assert transport.aborted
     assert "unreadable" in pipe.lost_reason
-
-
-async def test_stalled_for_is_the_age_of_the_oldest_batch() -> None:
-    pipe, _ = connected()
-    pipe.call(b"", 1)
-    assert pipe.stalled_for(time.monotonic() + 10) > 5
 
 
 @pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not on PATH")

@@ -16,7 +16,6 @@ ran is unknown. A batch never written fails with a plain ``ConnectionError``.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from typing import Any, cast
 
@@ -39,8 +38,8 @@ class CommandPipe(asyncio.Protocol):
     def __init__(self) -> None:
         self._reader = hiredis.Reader()
         self._transport: asyncio.Transport | None = None
-        # Batches in flight, oldest first: (replies expected, future, sent at).
-        self._waiting: deque[tuple[int, asyncio.Future[list[Any]], float]] = deque()
+        # Batches in flight, oldest first: (replies expected, future).
+        self._waiting: deque[tuple[int, asyncio.Future[list[Any]]]] = deque()
         self._replies: list[Any] = []
         self.lost_reason = "Redis closed the connection"
 
@@ -59,9 +58,9 @@ class CommandPipe(asyncio.Protocol):
                     reply = _error(str(reply))
                 replies.append(reply)
                 if not self._waiting:
-                    self._fail("a reply nobody asked for")
+                    self.abort("a reply nobody asked for")
                     return
-                count, future, _ = self._waiting[0]
+                count, future = self._waiting[0]
                 if len(replies) == count:
                     self._waiting.popleft()
                     self._replies = []
@@ -69,14 +68,14 @@ class CommandPipe(asyncio.Protocol):
                         future.set_result(replies)
                     replies = self._replies
         except hiredis.ProtocolError as exc:
-            self._fail(f"unreadable reply from Redis: {exc}")
+            self.abort(f"unreadable reply from Redis: {exc}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:
             self.lost_reason = f"connection lost: {exc!r}"
         self._transport = None
         while self._waiting:
-            _, future, _ = self._waiting.popleft()
+            _, future = self._waiting.popleft()
             if not future.done():
                 future.set_exception(InFlightLost(self.lost_reason))
 
@@ -93,17 +92,9 @@ class CommandPipe(asyncio.Protocol):
         if transport is None or transport.is_closing():
             future.set_exception(ConnectionError(self.lost_reason))
             return future
-        self._waiting.append((count, future, time.monotonic()))
+        self._waiting.append((count, future))
         transport.write(commands)
         return future
-
-    def stalled_for(self, now: float) -> float:
-        """Seconds the oldest batch in flight has waited for its replies."""
-        return now - self._waiting[0][2] if self._waiting else 0.0
-
-    def _fail(self, reason: str) -> None:
-        self.lost_reason = reason
-        self.abort()
 
     def abort(self, reason: str | None = None) -> None:
         """Drop the connection now; batches in flight fail."""

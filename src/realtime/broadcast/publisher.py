@@ -12,10 +12,12 @@ replaced with the next batch, without touching the subscriber.
 Publishing never raises and never blocks the sender: a message that cannot be
 published has reached local clients anyway (the broadcaster delivers before it
 queues), and is counted in ``publish_failures`` and logged once per outage. An
-append that cannot be stored is told so (its ``done`` gets None); one that is
-stored gets its stamp from the script's reply, which goes to the timeline
-first, then to its ``done``, in outbox order. If Redis lost its script cache,
-the scripts are loaded again and what did not run is run again.
+append that cannot be stored is told why (its ``done`` gets ``Unstored.FAILED``
+if it never reached Redis, ``Unstored.UNKNOWN`` if the connection went before
+the answer came); one that is stored gets its stamp from the script's reply,
+which goes to the timeline first, then to its ``done``, in outbox order. If
+Redis lost its script cache, the scripts are loaded again and what did not
+run is run again.
 """
 
 from __future__ import annotations
@@ -152,7 +154,7 @@ class Publisher:
             batch = [outbox.popleft() for _ in range(count)]
             await self._send(batch)
             if task is not None and task.cancelling():
-                # redis-py can turn a cancellation into a connection error
+                # redis-py (loading scripts) can turn a cancellation into a connection error
                 raise asyncio.CancelledError
 
     async def _open(self) -> CommandPipe:
