@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -67,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--count", type=int, default=3000, help="frames per case")
     parser.add_argument("--pause", type=float, default=0.0015, help="seconds between frames")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the pod started here is stopped by its PID
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cluster = Cluster("chat-api", 1, Path(__file__).parent / "results" / "logs" / "wakeups")
     try:
         cluster.start()

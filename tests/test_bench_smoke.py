@@ -52,3 +52,20 @@ def test_bench_quick_runs_clean(tmp_path: Path) -> None:
     assert ordering["fifo_violations"] == 0
     assert ordering["distinct_orders"] == 1  # one pod: everyone sees the same order
     assert (tmp_path / "smoke.md").read_text().startswith("| metric |")
+
+
+@pytest.mark.slow
+def test_bench_wakeups_runs() -> None:
+    cmd = [sys.executable, "-m", "bench.wakeups", "--count", "50", "--pause", "0.001"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+        pytest.fail(f"bench.wakeups took too long:\n{out.decode(errors='replace')}")
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "µs" not in line]
+    assert len(rows) == 6, text  # 3 frames, back to back and paced
+    assert all(float(row.rsplit("|", 2)[1]) >= 0 for row in rows), text
