@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from realtime.connection import Connection, ConnectionState
-from realtime.exceptions import StateError
-from realtime.hub import LocalHub
-from realtime.protocol import CloseCode, Identity, text_frame
+from realtime.core.connection import Connection, ConnectionState
+from realtime.core.exceptions import StateError
+from realtime.core.hub import LocalHub
+from realtime.core.protocol import CloseCode, Identity, text_frame
 
 
 class Sink:

@@ -10,8 +10,8 @@ import orjson
 import pytest
 
 from realtime import Member, MemoryPresence, PresenceBackend, RedisBroadcaster
-from realtime.broadcast.redis_presence import RedisPresence
-from realtime.presence import PRESENCE_BURST
+from realtime.backends.redis.presence import RedisPresence
+from realtime.rooms.presence import PRESENCE_BURST
 
 from .support import eventually
 

@@ -4,9 +4,9 @@ backend, ``flush()`` called directly (no background tasks)."""
 from __future__ import annotations
 
 from realtime import MemoryPresence, Presence
-from realtime.connection import Connection
-from realtime.hub import LocalHub
-from realtime.protocol import Identity
+from realtime.core.connection import Connection
+from realtime.core.hub import LocalHub
+from realtime.core.protocol import Identity
 
 from .test_hub import Sink
 

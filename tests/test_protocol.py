@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from realtime.exceptions import ProtocolError
-from realtime.protocol import (
+from realtime.core.exceptions import ProtocolError
+from realtime.core.protocol import (
     ErrorCode,
     Identity,
     Join,
@@ -138,7 +138,7 @@ def test_close_frame() -> None:
 
 
 def test_data_nesting_is_limited_below_the_encoders_recursion_limit() -> None:
-    from realtime.protocol import MAX_DATA_DEPTH
+    from realtime.core.protocol import MAX_DATA_DEPTH
 
     ok = "[" * MAX_DATA_DEPTH + "]" * MAX_DATA_DEPTH
     frame = decode_client_frame('{"type": "message", "data": ' + ok + "}")
@@ -173,6 +173,6 @@ _tricky_text = st.text(alphabet='ab[]{}"\\\n', max_size=8)
     limit=st.integers(1, 40),
 )
 def test_nesting_check_agrees_with_a_tree_walk(value: object, limit: int) -> None:
-    from realtime.protocol import _nested_deeper_than
+    from realtime.core.protocol import _nested_deeper_than
 
     assert _nested_deeper_than(value, limit) is (_depth(value) > limit)

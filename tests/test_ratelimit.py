@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from realtime.ratelimit import RateLimiter, Verdict
+from realtime.core.ratelimit import RateLimiter, Verdict
 
 
 def test_burst_then_rate() -> None:

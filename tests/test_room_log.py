@@ -11,9 +11,9 @@ import orjson
 import pytest
 
 from realtime import Identity, MemoryBroadcaster, Message, OrderedBroadcaster, RedisBroadcaster
-from realtime.broadcast.base import Stamp, Unstored
-from realtime.broadcast.redis_log import parse_stamp
-from realtime.sequencer import Entry
+from realtime.backends.base import Stamp, Unstored
+from realtime.backends.redis.log import parse_stamp
+from realtime.core.sequencer import Entry
 
 from .redis_support import RedisServer, quick_broadcaster
 from .support import eventually

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from realtime.sequencer import Entry, RoomSequencer, SequencerState
+from realtime.core.sequencer import Entry, RoomSequencer, SequencerState
 
 
 def e(offset: int, epoch: str = "a") -> Entry:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from realtime import BroadcastError
-from realtime.broadcast.subscriber import RedisAddress, Subscriber, pack_command
+from realtime.backends.redis.subscriber import RedisAddress, Subscriber, pack_command
 
 
 class RecordingTransport(asyncio.Transport):

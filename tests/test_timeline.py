@@ -22,10 +22,10 @@ from realtime import (
     Timeline,
     TimelineSettings,
 )
-from realtime.broadcast.base import Stamp
-from realtime.broadcast.redis_log import RedisRoomLog
-from realtime.exceptions import BroadcastError
-from realtime.sequencer import Entry
+from realtime.backends.base import Stamp
+from realtime.backends.redis.log import RedisRoomLog
+from realtime.core.exceptions import BroadcastError
+from realtime.core.sequencer import Entry
 
 from .redis_support import RedisServer, ReplyCutter, quick_broadcaster
 from .support import eventually

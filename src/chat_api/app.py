@@ -26,7 +26,7 @@ from realtime import (
     Timeline,
     TimelineSettings,
 )
-from realtime.broadcast.redis_presence import RedisPresence
+from realtime.backends.redis.presence import RedisPresence
 
 from . import logfilter
 from .api.routes import register_routes

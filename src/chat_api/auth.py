@@ -30,8 +30,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from realtime import Admission, Identify, Identity, guest_identity
-from realtime.protocol import ROOM_PATTERN
-from realtime.wsio import clean_name
+from realtime.core.protocol import ROOM_PATTERN
+from realtime.transports.wsio import clean_name
 
 from .config import Config, ConfigError, redact_url
 from .jwks import JwksCache, JwksError

@@ -7,8 +7,7 @@ This package imports nothing from ``chat_api``.
 
 from __future__ import annotations
 
-from .access import Admission, RoomCheck, admission
-from .broadcast import (
+from .backends import (
     Broadcaster,
     Deliver,
     LinkState,
@@ -18,15 +17,16 @@ from .broadcast import (
     RoomLog,
     Stamp,
 )
-from .connection import Connection, ConnectionState, FrameSink
-from .exceptions import BroadcastError, ProtocolError, RealtimeError, StateError
-from .handler import Handler, HandlerSettings, Identify, guest_identity
-from .hub import LocalHub, RoomWatcher
-from .presence import Member, MemoryPresence, Presence, PresenceBackend
-from .protocol import Catchup, CloseCode, ErrorCode, Identity, Message
-from .ratelimit import RateLimiter, Verdict
-from .sequencer import Entry, RoomSequencer
-from .timeline import Timeline, TimelineSettings
+from .core.access import Admission, RoomCheck, admission
+from .core.connection import Connection, ConnectionState, FrameSink
+from .core.exceptions import BroadcastError, ProtocolError, RealtimeError, StateError
+from .core.hub import LocalHub, RoomWatcher
+from .core.protocol import Catchup, CloseCode, ErrorCode, Identity, Message
+from .core.ratelimit import RateLimiter, Verdict
+from .core.sequencer import Entry, RoomSequencer
+from .rooms.presence import Member, MemoryPresence, Presence, PresenceBackend
+from .rooms.timeline import Timeline, TimelineSettings
+from .transports.aiohttp import Handler, HandlerSettings, Identify, guest_identity
 
 __all__ = [
     "Admission",

@@ -9,7 +9,7 @@ import orjson
 from aiohttp import web
 
 from realtime import Broadcaster, BroadcastError, Handler, LinkState, Presence, Timeline
-from realtime.protocol import validate_room
+from realtime.core.protocol import validate_room
 
 from ..auth import StatsGuard
 from .handlers.publish import publish_handler

@@ -21,8 +21,8 @@ import orjson
 from aiohttp import web
 
 from realtime import Handler, Identity, Message, ProtocolError, Stamp, Timeline
-from realtime.protocol import validate_room
-from realtime.wsio import clean_name
+from realtime.core.protocol import validate_room
+from realtime.transports.wsio import clean_name
 
 __all__ = ["publish_handler"]
 

@@ -19,14 +19,12 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from .access import admission
-from .broadcast.base import Broadcaster, Stamp
-from .connection import Connection, ConnectionState
-from .exceptions import BroadcastError, ProtocolError
-from .guard import Guard, Keepalive, Warden
-from .hub import LocalHub
-from .presence import Presence
-from .protocol import (
+from ..backends.base import Broadcaster, Stamp
+from ..core.access import admission
+from ..core.connection import Connection, ConnectionState
+from ..core.exceptions import BroadcastError, ProtocolError
+from ..core.hub import LocalHub
+from ..core.protocol import (
     Catchup,
     ClientFrame,
     CloseCode,
@@ -43,7 +41,9 @@ from .protocol import (
     encode_event,
     pong_frame,
 )
-from .timeline import Timeline
+from ..rooms.presence import Presence
+from ..rooms.timeline import Timeline
+from .guard import Guard, Keepalive, Warden
 from .wsio import Closer, Identify, Ids, TransportSink, guest_identity, requested_room, upgrade
 
 __all__ = ["Handler", "HandlerSettings", "Identify", "guest_identity"]

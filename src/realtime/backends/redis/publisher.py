@@ -31,16 +31,16 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import NoScriptError, RedisError
 
-from ..exceptions import BroadcastError
-from ..protocol import Message, stamp_body
-from ..sequencer import Entry
-from .base import Stamped, Unstored
+from ...core.exceptions import BroadcastError
+from ...core.protocol import Message, stamp_body
+from ...core.sequencer import Entry
+from ..base import Stamped, Unstored
+from .log import RedisRoomLog
 from .pipe import CommandPipe, InFlightLost, open_pipe
-from .redis_log import RedisRoomLog
 from .subscriber import RedisAddress, pack_command
 
 if TYPE_CHECKING:
-    from .redis import RedisCounters
+    from .backend import RedisCounters
 
 __all__ = ["LINK_ERRORS", "OnEntry", "Publisher", "describe"]
 

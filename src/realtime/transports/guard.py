@@ -22,12 +22,12 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from .access import Admission, RoomCheck
-from .connection import Connection, ConnectionState
-from .exceptions import ProtocolError
-from .hub import LocalHub
-from .protocol import PING_FRAME, CloseCode, ErrorCode, decode_client_frame, encode_error
-from .ratelimit import RateLimiter, Verdict
+from ..core.access import Admission, RoomCheck
+from ..core.connection import Connection, ConnectionState
+from ..core.exceptions import ProtocolError
+from ..core.hub import LocalHub
+from ..core.protocol import PING_FRAME, CloseCode, ErrorCode, decode_client_frame, encode_error
+from ..core.ratelimit import RateLimiter, Verdict
 
 __all__ = ["Guard", "GuardCounters", "Keepalive", "Warden"]
 

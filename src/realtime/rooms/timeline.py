@@ -28,12 +28,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .broadcast.base import Broadcaster, LinkState, RoomLog, Stamp, Unstored
-from .connection import Connection
-from .exceptions import BroadcastError
-from .hub import LocalHub
-from .protocol import Catchup, Message, encode_event
-from .sequencer import Entry, RoomSequencer, Step
+from ..backends.base import Broadcaster, LinkState, RoomLog, Stamp, Unstored
+from ..core.connection import Connection
+from ..core.exceptions import BroadcastError
+from ..core.hub import LocalHub
+from ..core.protocol import Catchup, Message, encode_event
+from ..core.sequencer import Entry, RoomSequencer, Step
 
 __all__ = ["Timeline", "TimelineSettings"]
 

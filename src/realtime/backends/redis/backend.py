@@ -47,12 +47,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 
-from ..exceptions import BroadcastError, StateError
-from ..protocol import Message
-from ..sequencer import Entry
-from .base import Deliver, LinkState, LogSink, Slice, Stamped
+from ...core.exceptions import BroadcastError, StateError
+from ...core.protocol import Message
+from ...core.sequencer import Entry
+from ..base import Deliver, LinkState, LogSink, Slice, Stamped
+from .log import APPEND, READ, RedisRoomLog, parse_stamp
 from .publisher import LINK_ERRORS, Publisher, describe
-from .redis_log import APPEND, READ, RedisRoomLog, parse_stamp
 from .subscriber import RedisAddress, Subscriber, open_subscriber
 
 __all__ = ["RedisBroadcaster", "RedisCounters"]

@@ -21,9 +21,9 @@ from typing import Any
 
 from aiohttp import web
 
-from .access import Admission
-from .exceptions import ProtocolError
-from .protocol import (
+from ..core.access import Admission
+from ..core.exceptions import ProtocolError
+from ..core.protocol import (
     NO_CATCHUP,
     Catchup,
     CloseCode,

@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from ..protocol import Message
-from ..sequencer import Entry
+from ..core.protocol import Message
+from ..core.sequencer import Entry
 
 __all__ = [
     "Broadcaster",

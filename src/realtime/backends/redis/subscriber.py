@@ -26,7 +26,7 @@ from typing import Any, cast
 import hiredis
 from redis.asyncio.connection import parse_url
 
-from ..exceptions import BroadcastError
+from ...core.exceptions import BroadcastError
 
 __all__ = ["OnMessage", "RedisAddress", "Subscriber", "open_subscriber", "pack_command"]
 

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
-from ..presence import PRESENCE_BURST, Member
+from ...rooms.presence import PRESENCE_BURST, Member
 
 if TYPE_CHECKING:
-    from .redis import RedisBroadcaster
+    from .backend import RedisBroadcaster
 
 __all__ = ["RedisPresence"]
 

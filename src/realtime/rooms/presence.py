@@ -28,9 +28,9 @@ from typing import Any, Protocol
 
 import orjson
 
-from .connection import Connection
-from .exceptions import BroadcastError
-from .hub import LocalHub
+from ..core.connection import Connection
+from ..core.exceptions import BroadcastError
+from ..core.hub import LocalHub
 
 __all__ = [
     "PRESENCE_BURST",

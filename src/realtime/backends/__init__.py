@@ -15,7 +15,7 @@ from .base import (
     Unstored,
 )
 from .memory import MemoryBroadcaster
-from .redis import RedisBroadcaster
+from .redis.backend import RedisBroadcaster
 
 __all__ = [
     "Broadcaster",

@@ -22,7 +22,7 @@ from typing import Any, cast
 import hiredis
 from redis.exceptions import NoScriptError, ResponseError
 
-from ..exceptions import BroadcastError
+from ...core.exceptions import BroadcastError
 from .subscriber import RedisAddress, pack_command
 
 __all__ = ["CommandPipe", "InFlightLost", "open_pipe"]

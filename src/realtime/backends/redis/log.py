@@ -20,10 +20,10 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Final
 
-from ..protocol import MESSAGE_PREFIX, Message
-from ..sequencer import Entry
-from .base import Slice, Stamp
-from .memory import new_epoch
+from ...core.protocol import MESSAGE_PREFIX, Message
+from ...core.sequencer import Entry
+from ..base import Slice, Stamp
+from ..memory import new_epoch
 
 __all__ = ["APPEND", "READ", "RedisRoomLog", "parse_stamp"]
 

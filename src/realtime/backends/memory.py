@@ -14,9 +14,9 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from ..exceptions import StateError
-from ..protocol import Message
-from ..sequencer import Entry
+from ..core.exceptions import StateError
+from ..core.protocol import Message
+from ..core.sequencer import Entry
 from .base import Deliver, LinkState, LogSink, Slice, Stamp, Stamped
 
 __all__ = ["MemoryBroadcaster", "new_epoch"]

@@ -1,0 +1,1 @@
+"""The Redis backend: pub/sub between pods, room offsets and history in Redis."""

@@ -1,0 +1,2 @@
+"""The pure core: no asyncio, no I/O (wire format, errors, connection state, hub,
+sequencer, rate limit, access)."""

@@ -1,0 +1,1 @@
+"""Room timelines (offset order, gap repair, catch-up) and presence."""

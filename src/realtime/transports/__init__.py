@@ -1,0 +1,1 @@
+"""Transports: adapters from a web server to the framework-free core."""
