@@ -8,7 +8,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from realtime import BroadcastError
 from realtime.backends.redis.pipe import CommandPipe, open_pipe
-from realtime.backends.redis.subscriber import RedisAddress, pack_command
+from realtime.backends.redis.resp import RedisAddress, pack_command
 
 from .redis_support import REDIS_SERVER, running_redis
 from .test_subscriber import RecordingTransport, parse_commands

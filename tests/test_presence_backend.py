@@ -32,7 +32,9 @@ async def make(request: pytest.FixtureRequest, channel_prefix: str) -> AsyncIter
         )
         await broadcaster.start(lambda room, payload: 0)
         started.append(broadcaster)
-        return RedisPresence(broadcaster, ttl=ttl)
+        return RedisPresence(
+            broadcaster.run_script, broadcaster.names, pod_id=broadcaster.pod_id, ttl=ttl
+        )
 
     yield factory  # type: ignore[misc]
     for broadcaster in started:

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from realtime import BroadcastError
-from realtime.backends.redis.subscriber import RedisAddress, Subscriber, pack_command
+from realtime.backends.redis.resp import RedisAddress, pack_command
+from realtime.backends.redis.subscriber import Subscriber
 
 
 class RecordingTransport(asyncio.Transport):

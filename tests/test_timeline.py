@@ -23,7 +23,7 @@ from realtime import (
     TimelineSettings,
 )
 from realtime.backends.base import Stamp
-from realtime.backends.redis.log import RedisRoomLog
+from realtime.backends.redis.scripts import APPEND
 from realtime.core.exceptions import BroadcastError
 from realtime.core.sequencer import Entry
 
@@ -254,7 +254,7 @@ async def test_a_lost_script_reply_delivers_the_message_once_in_order(
         await asyncio.wait_for(timeline.attach(conn, "r", Catchup()), 5)
         assert isinstance(await asyncio.wait_for(publish(timeline, 1), 5), Stamp)
 
-        cutter.arm(RedisRoomLog.append_sha.encode())  # the next append's answer is lost
+        cutter.arm(APPEND.sha.encode())  # the next append's answer is lost
         assert await asyncio.wait_for(publish(timeline, 2), 5) is None  # not confirmed
         assert cutter.cut == 1
 

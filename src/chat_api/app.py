@@ -69,6 +69,7 @@ def make_broadcaster(config: Config) -> OrderedBroadcaster:
         return RedisBroadcaster(
             config.redis_url,
             pod_id=config.pod_id,
+            name="chat-api",
             channel_prefix=config.redis_channel_prefix,
             heartbeat_interval=config.redis_heartbeat_interval,
             heartbeat_timeout=config.redis_heartbeat_timeout,
@@ -95,7 +96,12 @@ def create_app(config: Config) -> web.Application:
     hub.watch(timeline)
     backend: PresenceBackend
     if isinstance(broadcaster, RedisBroadcaster):
-        backend = RedisPresence(broadcaster, ttl=config.presence_ttl)
+        backend = RedisPresence(
+            broadcaster.run_script,
+            broadcaster.names,
+            pod_id=broadcaster.pod_id,
+            ttl=config.presence_ttl,
+        )
     else:
         backend = MemoryPresence()
     presence = Presence(hub, backend, ttl=config.presence_ttl)

@@ -11,6 +11,7 @@ which implementation is in use.
 from __future__ import annotations
 
 import enum
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -29,6 +30,7 @@ __all__ = [
     "Stamp",
     "Stamped",
     "Unstored",
+    "new_epoch",
 ]
 
 Deliver = Callable[[str | None, bytes], int]
@@ -74,6 +76,12 @@ class Broadcaster(Protocol):
 
 
 # -- room log: offsets, history -------------------------------------------------
+
+
+def new_epoch() -> str:
+    """A fresh random epoch: 16 hex digits (what a room's stored state is
+    called until it is lost; see ``Slice.epoch``)."""
+    return os.urandom(8).hex()
 
 
 @dataclass(frozen=True, slots=True)

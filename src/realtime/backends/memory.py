@@ -8,7 +8,6 @@ in both modes. A restart loses them: the next message starts a new epoch.
 
 from __future__ import annotations
 
-import os
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
@@ -17,16 +16,11 @@ from dataclasses import dataclass
 from ..core.exceptions import StateError
 from ..core.protocol import Message
 from ..core.sequencer import Entry
-from .base import Deliver, LinkState, LogSink, Slice, Stamp, Stamped
+from .base import Deliver, LinkState, LogSink, Slice, Stamp, Stamped, new_epoch
 
-__all__ = ["MemoryBroadcaster", "new_epoch"]
+__all__ = ["MemoryBroadcaster"]
 
 MAX_IDEMPOTENCY_KEYS = 100_000
-
-
-def new_epoch() -> str:
-    """A fresh random epoch: 16 hex digits."""
-    return os.urandom(8).hex()
 
 
 @dataclass(slots=True)

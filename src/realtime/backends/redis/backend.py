@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import random
 import time
@@ -51,9 +50,12 @@ from ...core.exceptions import BroadcastError, StateError
 from ...core.protocol import Message
 from ...core.sequencer import Entry
 from ..base import Deliver, LinkState, LogSink, Slice, Stamped
-from .log import APPEND, READ, RedisRoomLog, parse_stamp
-from .publisher import LINK_ERRORS, Publisher, describe
-from .subscriber import RedisAddress, Subscriber, open_subscriber
+from .log import RedisRoomLog, parse_stamp
+from .names import Names
+from .publisher import Publisher
+from .resp import LINK_ERRORS, RedisAddress, describe
+from .scripts import APPEND, READ, Script
+from .subscriber import Subscriber, open_subscriber
 
 __all__ = ["RedisBroadcaster", "RedisCounters"]
 
@@ -73,24 +75,16 @@ _STOP_TIMEOUT = 5.0
 class RedisCounters:
     """What went over the link; shown in stats."""
 
-    published: int = 0
-    """messages this pod published to Redis"""
     received: int = 0
     """messages from other pods handed to local members"""
     skipped_own: int = 0
     """this pod's own messages echoed back by Redis"""
     malformed: int = 0
     """envelopes on our channels not from a chat-api pod"""
-    publish_failures: int = 0
-    """messages that reached local members only"""
     reconnects: int = 0
     """subscriptions rebuilt after a loss"""
     connect_failures: int = 0
     heartbeat_timeouts: int = 0
-    appended: int = 0
-    """room messages stamped, stored and published by the room log script"""
-    append_failures: int = 0
-    """room messages that could not be stored (delivered locally, unstamped)"""
     history_reads: int = 0
 
 
@@ -102,6 +96,7 @@ class RedisBroadcaster:
         url: str,
         *,
         pod_id: str,
+        name: str = "realtime",
         channel_prefix: str = "realtime",
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float = 5.0,
@@ -119,18 +114,19 @@ class RedisBroadcaster:
         self._url = url
         self._address = RedisAddress.from_url(url)
         self.pod_id = pod_id
+        self._client_name = f"{name}:{pod_id}"
+        """Names the Redis connections (``CLIENT LIST``): service and pod."""
         self.channel_prefix = channel_prefix
         self._heartbeat_interval = heartbeat_interval
         self._heartbeat_timeout = heartbeat_timeout
         self._min_delay = reconnect_min_delay
         self._max_delay = reconnect_max_delay
 
-        self._own = pod_id.encode() + b"\n"
-        self._global_channel = f"{channel_prefix}:global".encode()
-        self._room_prefix = f"{channel_prefix}:room:".encode()
-        self._pod_channel = f"{channel_prefix}:pod:{pod_id}".encode()
+        self.names = Names(channel_prefix, pod_id)
+        self._own = self.names.envelope
+        self._pod_channel = self.names.pod_channel
         # channel -> room (None: global) for every channel this pod needs
-        self._rooms: dict[bytes, str | None] = {self._global_channel: None}
+        self._rooms: dict[bytes, str | None] = {self.names.global_channel: None}
 
         self._state = LinkState.CONNECTING
         self._deliver: Deliver | None = None
@@ -138,8 +134,7 @@ class RedisBroadcaster:
         self._subscriber: Subscriber | None = None
         self._sink: LogSink | None = None
         self._log = RedisRoomLog(
-            channel_prefix,
-            pod_id=pod_id,
+            self.names,
             history_length=history_length,
             history_ttl=history_ttl,
         )
@@ -152,12 +147,12 @@ class RedisBroadcaster:
         self._publisher = Publisher(
             self._address,
             pod_id=pod_id,
+            client_name=f"{self._client_name}:pub",
             room_log=self._log,
             heartbeat_channel=self._pod_channel,
             timeout=heartbeat_timeout,
             queue=publish_queue,
             batch=publish_batch,
-            counters=self.counters,
             on_entry=self._stamped,
             load_scripts=self._load_scripts,
         )
@@ -185,7 +180,7 @@ class RedisBroadcaster:
             socket_timeout=self._heartbeat_timeout,
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
-            client_name=f"chat-api:{self.pod_id}:pub",
+            client_name=f"{self._client_name}:cmd",
         )
         loop = asyncio.get_running_loop()
         self._first_attempt = loop.create_future()
@@ -231,9 +226,7 @@ class RedisBroadcaster:
             raise StateError("broadcaster is not running")
         payload = message.encode()
         deliver(message.room, payload)
-        room = message.room
-        channel = self._global_channel if room is None else self._room_prefix + room.encode()
-        self._publisher.publish(channel, self._own + payload)
+        self._publisher.publish(self.names.channel(message.room), self._own + payload)
 
     # -- RoomLog ---------------------------------------------------------------
 
@@ -248,7 +241,7 @@ class RedisBroadcaster:
             raise ValueError("only room messages are appended to a room log")
         if self._deliver is None:
             raise StateError("broadcaster is not running")
-        self._publisher.append(message, self._room_prefix + room.encode(), done, idempotency_key)
+        self._publisher.append(message, self.names.channel(room), done, idempotency_key)
 
     async def read(self, room: str, after: int, limit: int, *, epoch: str | None = None) -> Slice:
         if self._redis is None:
@@ -265,29 +258,28 @@ class RedisBroadcaster:
             raise BroadcastError(f"history read failed: {describe(exc)}") from exc
         return self._log.parse_read(reply, after)
 
-    async def run_script(self, script: str, keys: list[str], args: list[Any]) -> Any:
+    async def run_script(self, script: Script, keys: list[str], args: list[Any]) -> Any:
         """``EVALSHA`` one of our scripts on the command connection, loading it
         if Redis does not know it; raises ``BroadcastError`` on link trouble."""
         if self._redis is None:
             raise BroadcastError("broadcaster is not running")
-        sha = hashlib.sha1(script.encode()).hexdigest()
-        command = ["EVALSHA", sha, len(keys), *keys, *args]
+        command = ["EVALSHA", script.sha, len(keys), *keys, *args]
         try:
             try:
                 return await self._redis.execute_command(*command)  # type: ignore[no-untyped-call]
             except NoScriptError:
-                await self._redis.script_load(script)
+                await self._redis.script_load(script.source)
                 return await self._redis.execute_command(*command)  # type: ignore[no-untyped-call]
         except LINK_ERRORS as exc:
             raise BroadcastError(f"script failed: {describe(exc)}") from exc
 
     async def _load_scripts(self) -> None:
         assert self._redis is not None
-        await self._redis.script_load(APPEND)
-        await self._redis.script_load(READ)
+        await self._redis.script_load(APPEND.source)
+        await self._redis.script_load(READ.source)
 
     def subscribe(self, room: str) -> None:
-        channel = self._room_prefix + room.encode()
+        channel = self.names.channel(room)
         if channel in self._rooms:
             return
         self._rooms[channel] = room
@@ -296,7 +288,7 @@ class RedisBroadcaster:
             subscriber.subscribe((channel,))
 
     def unsubscribe(self, room: str) -> None:
-        channel = self._room_prefix + room.encode()
+        channel = self.names.channel(room)
         if channel not in self._rooms:
             return
         del self._rooms[channel]
@@ -314,19 +306,19 @@ class RedisBroadcaster:
             "state": self._state.value,
             "pod": self.pod_id,
             "channel_prefix": self.channel_prefix,
-            "published": self.counters.published,
+            "published": self._publisher.counters.published,
             "received": self.counters.received,
             "skipped_own": self.counters.skipped_own,
             "malformed": self.counters.malformed,
-            "publish_failures": self.counters.publish_failures,
+            "publish_failures": self._publisher.counters.publish_failures,
             "publish_queue": self._publisher.queued,
             "reconnects": self.counters.reconnects,
             "connect_failures": self.counters.connect_failures,
             "heartbeat_timeouts": self.counters.heartbeat_timeouts,
             "last_heartbeat_age": age,
             "subscribed_channels": 0 if subscriber is None else len(subscriber.channels),
-            "appended": self.counters.appended,
-            "append_failures": self.counters.append_failures,
+            "appended": self._publisher.counters.appended,
+            "append_failures": self._publisher.counters.append_failures,
             "history_reads": self.counters.history_reads,
             "wanted_channels": len(self._rooms) + 1,
         }
@@ -384,7 +376,7 @@ class RedisBroadcaster:
                     self._wanted(),
                     self._on_message,
                     on_subscribe=self._on_subscribed,
-                    client_name=f"chat-api:{self.pod_id}:sub",
+                    client_name=f"{self._client_name}:sub",
                     timeout=self._heartbeat_timeout,
                 )
             except LINK_ERRORS as exc:

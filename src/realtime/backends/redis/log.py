@@ -17,79 +17,15 @@ room's epoch, newest and oldest offsets and a range of entries, atomically.
 
 from __future__ import annotations
 
-import hashlib
-from typing import Any, Final
+from typing import Any
 
 from ...core.protocol import MESSAGE_PREFIX, Message
 from ...core.sequencer import Entry
-from ..base import Slice, Stamp
-from ..memory import new_epoch
+from ..base import Slice, Stamp, new_epoch
+from .names import Names
+from .scripts import APPEND, READ
 
-__all__ = ["APPEND", "READ", "RedisRoomLog", "parse_stamp"]
-
-APPEND: Final = """
-local idem = KEYS[3]
-if idem then
-  local seen = redis.call('GET', idem)
-  if seen then
-    local sep = string.find(seen, ':', 1, true)
-    return {tonumber(string.sub(seen, 1, sep - 1)), string.sub(seen, sep + 1), 1}
-  end
-end
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
-  epoch = ARGV[2]
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
-end
-local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
-local payload = ARGV[7] .. '"offset":' .. offset .. ',"epoch":"' .. epoch .. '",' .. ARGV[5]
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], offset .. '-0', 'm', payload)
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call('PUBLISH', ARGV[1], ARGV[6] .. payload)
-if idem then
-  redis.call('SET', idem, offset .. ':' .. epoch, 'PX', ARGV[4])
-end
-return {offset, epoch, 0}
-"""
-"""KEYS: seq hash, log stream[, idempotency key]. ARGV: channel, epoch to
-use if the room has none, history length, TTL in ms, message body (the JSON
-after ``{"type":"message",``), envelope head (pod id + newline), message
-prefix. Returns ``{offset, epoch, duplicate}``."""
-
-READ: Final = """
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
-  return {false, 0, 1, {}}
-end
-local newest = tonumber(redis.call('HGET', KEYS[1], 'offset'))
-local after = tonumber(ARGV[1])
-local limit = tonumber(ARGV[2])
-if ARGV[3] ~= '' and ARGV[3] ~= epoch then
-  after = 0
-end
-local first = newest + 1
-local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
-if #oldest > 0 then
-  first = tonumber(string.match(oldest[1][1], '^(%d+)'))
-end
-local entries = {}
-if limit > 0 then
-  if after < 0 then
-    entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', limit)
-  else
-    entries = redis.call('XRANGE', KEYS[2], '(' .. after .. '-0', '+', 'COUNT', limit)
-  end
-end
-return {epoch, newest, first, entries}
-"""
-"""KEYS: seq hash, log stream. ARGV: after (-1: newest), limit, epoch or
-''. Returns ``{epoch or nil, newest, first, [[id, [field, value]], ...]}``."""
-
-
-def _sha(script: str) -> str:
-    return hashlib.sha1(script.encode()).hexdigest()
+__all__ = ["RedisRoomLog", "parse_stamp"]
 
 
 def parse_stamp(payload: bytes) -> tuple[str, int] | None:
@@ -114,25 +50,12 @@ def parse_stamp(payload: bytes) -> tuple[str, int] | None:
 
 
 class RedisRoomLog:
-    """Keys, script arguments and reply parsing for one channel prefix."""
+    """Script arguments and reply parsing of the room log."""
 
-    append_sha: Final = _sha(APPEND)
-    read_sha: Final = _sha(READ)
-
-    def __init__(
-        self, prefix: str, *, pod_id: str, history_length: int, history_ttl: float
-    ) -> None:
-        self.prefix = prefix
+    def __init__(self, names: Names, *, history_length: int, history_ttl: float) -> None:
+        self.names = names
         self.history_length = history_length
         self.ttl_ms = max(1, int(history_ttl * 1000))
-        self._envelope = pod_id.encode() + b"\n"
-
-    def keys(self, room: str) -> tuple[str, str]:
-        base = f"{self.prefix}:room:{{{room}}}"
-        return f"{base}:seq", f"{base}:log"
-
-    def idempotency_key(self, room: str, key: str) -> str:
-        return f"{self.prefix}:room:{{{room}}}:idem:{key}"
 
     def append_command(
         self,
@@ -143,12 +66,12 @@ class RedisRoomLog:
     ) -> list[Any]:
         """``EVALSHA`` arguments that append ``message`` (a room message)."""
         assert message.room is not None
-        keys: list[str] = list(self.keys(message.room))
+        keys: list[str] = list(self.names.log_keys(message.room))
         if idempotency_key is not None:
-            keys.append(self.idempotency_key(message.room, idempotency_key))
+            keys.append(self.names.idempotency_key(message.room, idempotency_key))
         return [
             "EVALSHA",
-            self.append_sha,
+            APPEND.sha,
             len(keys),
             *keys,
             channel,
@@ -156,7 +79,7 @@ class RedisRoomLog:
             self.history_length,
             self.ttl_ms,
             message.body() if body is None else body,
-            self._envelope,
+            self.names.envelope,
             MESSAGE_PREFIX,
         ]
 
@@ -166,8 +89,8 @@ class RedisRoomLog:
         return Stamp(_text(epoch), int(offset), duplicate=bool(duplicate))
 
     def read_command(self, room: str, after: int, limit: int, epoch: str | None) -> list[Any]:
-        seq, log = self.keys(room)
-        return ["EVALSHA", self.read_sha, 2, seq, log, after, limit, epoch or ""]
+        seq, log = self.names.log_keys(room)
+        return ["EVALSHA", READ.sha, 2, seq, log, after, limit, epoch or ""]
 
     @staticmethod
     def parse_read(reply: Any, after: int) -> Slice:

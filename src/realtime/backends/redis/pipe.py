@@ -23,13 +23,9 @@ import hiredis
 from redis.exceptions import NoScriptError, ResponseError
 
 from ...core.exceptions import BroadcastError
-from .subscriber import RedisAddress, pack_command
+from .resp import InFlightLost, RedisAddress, pack_command
 
 __all__ = ["CommandPipe", "InFlightLost", "open_pipe"]
-
-
-class InFlightLost(ConnectionError):
-    """The connection went while commands were written and not answered."""
 
 
 class CommandPipe(asyncio.Protocol):

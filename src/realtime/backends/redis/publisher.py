@@ -27,27 +27,20 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
-from ...core.exceptions import BroadcastError
 from ...core.protocol import Message, stamp_body
 from ...core.sequencer import Entry
 from ..base import Stamped, Unstored
 from .log import RedisRoomLog
-from .pipe import CommandPipe, InFlightLost, open_pipe
-from .subscriber import RedisAddress, pack_command
+from .pipe import CommandPipe, open_pipe
+from .resp import LINK_ERRORS, InFlightLost, RedisAddress, describe, encode_arg, pack_command
 
-if TYPE_CHECKING:
-    from .backend import RedisCounters
-
-__all__ = ["LINK_ERRORS", "OnEntry", "Publisher", "describe"]
+__all__ = ["OnEntry", "Publisher", "PublisherCounters"]
 
 log = logging.getLogger("realtime.redis")
-
-LINK_ERRORS = (OSError, TimeoutError, RedisError, BroadcastError)
-"""What a Redis link may fail with: counted and logged, never a crash."""
 
 OnEntry = Callable[[str, Entry], None]
 """Told ``(room, entry)`` for each new message this pod appended to a room log."""
@@ -70,6 +63,18 @@ class _Append:
 _Outgoing = tuple[bytes, bytes] | _Append
 
 
+@dataclass(slots=True)
+class PublisherCounters:
+    published: int = 0
+    """messages this pod published to Redis"""
+    publish_failures: int = 0
+    """messages that reached local members only"""
+    appended: int = 0
+    """room messages stamped, stored and published by the room log script"""
+    append_failures: int = 0
+    """room messages that could not be stored (delivered locally, unstamped)"""
+
+
 class Publisher:
     """Publishes one pod's messages to Redis in order, a pipelined batch at a time."""
 
@@ -78,23 +83,24 @@ class Publisher:
         address: RedisAddress,
         *,
         pod_id: str,
+        client_name: str,
         room_log: RedisRoomLog,
         heartbeat_channel: bytes,
         timeout: float,
         queue: int,
         batch: int,
-        counters: RedisCounters,
         on_entry: OnEntry,
         load_scripts: Callable[[], Awaitable[None]],
     ) -> None:
         self._address = address
         self._pod_id = pod_id
+        self._client_name = client_name
         self._log = room_log
         self._heartbeat_channel = heartbeat_channel
         self._timeout = timeout
         self._queue = queue
         self._batch = batch
-        self._counters = counters
+        self.counters = PublisherCounters()
         self._on_entry = on_entry
         self._load_scripts = load_scripts
 
@@ -125,7 +131,7 @@ class Publisher:
         """Queue a room message for the room log script; ``done`` gets its stamp."""
         if len(self._outbox) >= self._queue:
             self._publish_failed(1, "the publish queue is full")
-            self._counters.append_failures += 1
+            self.counters.append_failures += 1
             done(Unstored.FAILED)
             return
         self._push(_Append(message, channel, done, idempotency_key, message.body()))
@@ -162,7 +168,7 @@ class Publisher:
         if pipe is None or not pipe.open:
             pipe = self._pipe = await open_pipe(
                 self._address,
-                client_name=f"chat-api:{self._pod_id}:pub",
+                client_name=self._client_name,
                 timeout=self._timeout,
             )
         return pipe
@@ -192,17 +198,17 @@ class Publisher:
                 if isinstance(item, _Append) or item[0] != self._heartbeat_channel:
                     failed += 1
                 if isinstance(item, _Append):
-                    self._counters.append_failures += 1
+                    self.counters.append_failures += 1
                     lost = isinstance(reply, InFlightLost)
                     item.done(Unstored.UNKNOWN if lost else Unstored.FAILED)
                 continue
             if not isinstance(item, _Append):
                 if item[0] != self._heartbeat_channel:
-                    self._counters.published += 1
+                    self.counters.published += 1
                 continue
             stamp = self._log.parse_append(reply)
-            self._counters.appended += 1
-            self._counters.published += 1
+            self.counters.appended += 1
+            self.counters.published += 1
             if not stamp.duplicate:
                 room = item.message.room
                 assert room is not None
@@ -234,7 +240,7 @@ class Publisher:
                 args = self._log.append_command(
                     item.message, item.channel, item.idempotency_key, item.body
                 )
-                commands.append(pack_command(*(_arg(a) for a in args)))
+                commands.append(pack_command(*(encode_arg(a) for a in args)))
             else:
                 commands.append(pack_command(b"PUBLISH", *item))
         pipe = await self._open()
@@ -248,7 +254,7 @@ class Publisher:
             raise InFlightLost("no reply in time") from None
 
     def _publish_failed(self, count: int, reason: str) -> None:
-        self._counters.publish_failures += count
+        self.counters.publish_failures += count
         if not self._outage:
             self._outage = True
             log.warning(
@@ -257,17 +263,3 @@ class Publisher:
                 reason,
                 self._pod_id,
             )
-
-
-def describe(exc: BaseException) -> str:
-    """``exc`` for a log line: its type and message."""
-    text = str(exc)
-    if not text and isinstance(exc, TimeoutError):
-        text = "no answer in time"
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _arg(value: object) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    return str(value).encode()

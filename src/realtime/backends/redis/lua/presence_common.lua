@@ -1,0 +1,57 @@
+-- Shared by the presence scripts (prepended to each when loaded).
+local BURST_LIMIT = tonumber('@BURST@')
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local base, pod, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local own = base .. pod
+local events = {}
+local function live_pods()
+  return redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
+end
+local function present(pods, uid, except)
+  for _, other in ipairs(pods) do
+    if other ~= except and redis.call('HEXISTS', base .. other, uid) == 1 then
+      return true
+    end
+  end
+  return false
+end
+local function emit(kind, uid, name)
+  local user = {id = uid, name = name}
+  table.insert(events, cjson.encode({type = kind, room = ARGV[6], user = user, ts = now}))
+end
+local function finish()
+  if #events > BURST_LIMIT then
+    -- A burst (mass reconnect): one member list instead of many events.
+    local best, order = {}, {}
+    for _, p in ipairs(live_pods()) do
+      for _, raw in ipairs(redis.call('HVALS', base .. p)) do
+        local m = cjson.decode(raw)
+        local known = best[m.id]
+        if not known then table.insert(order, m.id) end
+        if not known or m.since < known.since then best[m.id] = {since = m.since, raw = raw} end
+      end
+    end
+    table.sort(order, function(x, y)
+      if best[x].since ~= best[y].since then return best[x].since < best[y].since end
+      return x < y
+    end)
+    local parts = {}
+    for _, uid in ipairs(order) do table.insert(parts, best[uid].raw) end
+    events = {'{"type":"presence","room":' .. cjson.encode(ARGV[6]) .. ',"members":['
+      .. table.concat(parts, ',') .. ']}'}
+  end
+  for _, payload in ipairs(events) do
+    redis.call('PUBLISH', ARGV[4], ARGV[5] .. payload)
+  end
+  return events
+end
+local function keep_alive()
+  if redis.call('EXISTS', own) == 1 then
+    redis.call('ZADD', KEYS[1], now + ttl, pod)
+    redis.call('PEXPIRE', own, ttl * 3)
+    redis.call('PEXPIRE', KEYS[1], ttl * 3)
+  else
+    redis.call('ZREM', KEYS[1], pod)
+  end
+end

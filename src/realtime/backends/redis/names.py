@@ -1,0 +1,61 @@
+"""Every Redis name the backend uses, built in one place.
+
+For a deployment whose names start with ``prefix`` (``REDIS_CHANNEL_PREFIX``):
+
+=====================================  ============================================
+``{prefix}:global``                     channel: messages to everyone
+``{prefix}:room:<room>``                channel: a room's messages and presence events
+``{prefix}:pod:<pod>``                  channel: a pod's heartbeat to itself
+``{prefix}:room:{<room>}:seq``          hash: the room's ``epoch`` and last ``offset``
+``{prefix}:room:{<room>}:log``          stream: the room's history
+``{prefix}:room:{<room>}:idem:<key>``   string: the offset an idempotency key got
+``{prefix}:room:{<room>}:pods``         sorted set: pods with presence entries
+``{prefix}:room:{<room>}:presence:<pod>``  hash: one pod's users in the room
+=====================================  ============================================
+
+A room's keys share the ``{<room>}`` hash tag, so they live in one slot (and
+on one shard of a Redis Cluster) and one script may touch them all.
+
+Envelope: what a pod publishes is ``<pod id>\\n<payload>``, so each pod can
+skip what it published itself (it delivered that already).
+"""
+
+from __future__ import annotations
+
+__all__ = ["Names"]
+
+
+class Names:
+    """Channels, keys and the envelope of one deployment, seen from one pod."""
+
+    __slots__ = ("envelope", "global_channel", "pod_channel", "prefix", "room_channel_prefix")
+
+    def __init__(self, prefix: str, pod_id: str) -> None:
+        self.prefix = prefix
+        self.global_channel = f"{prefix}:global".encode()
+        self.room_channel_prefix = f"{prefix}:room:".encode()
+        self.pod_channel = f"{prefix}:pod:{pod_id}".encode()
+        self.envelope = pod_id.encode() + b"\n"
+        """The head of every envelope this pod publishes."""
+
+    def channel(self, room: str | None) -> bytes:
+        """The channel of ``room`` (None: the global channel)."""
+        if room is None:
+            return self.global_channel
+        return self.room_channel_prefix + room.encode()
+
+    def _room(self, room: str) -> str:
+        return f"{self.prefix}:room:{{{room}}}"
+
+    def log_keys(self, room: str) -> tuple[str, str]:
+        """The room's sequence hash and history stream."""
+        base = self._room(room)
+        return f"{base}:seq", f"{base}:log"
+
+    def idempotency_key(self, room: str, key: str) -> str:
+        return f"{self._room(room)}:idem:{key}"
+
+    def presence_keys(self, room: str) -> tuple[str, str]:
+        """The room's set of pods, and the base of each pod's presence hash."""
+        base = self._room(room)
+        return f"{base}:pods", f"{base}:presence:"
