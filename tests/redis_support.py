@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 
-from realtime import RedisBroadcaster
+from realtime import RedisBackend
 
 REDIS_SERVER = os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
 START_TIMEOUT = 10.0
@@ -287,11 +287,9 @@ class ReplyCutter:
             self._tasks.discard(task)
 
 
-def quick_broadcaster(
-    url: str, pod_id: str, channel_prefix: str, **kwargs: Any
-) -> RedisBroadcaster:
-    """A ``RedisBroadcaster`` with heartbeat and backoff short enough for tests."""
-    return RedisBroadcaster(
+def quick_broadcaster(url: str, pod_id: str, channel_prefix: str, **kwargs: Any) -> RedisBackend:
+    """A ``RedisBackend`` with heartbeat and backoff short enough for tests."""
+    return RedisBackend(
         url,
         pod_id=pod_id,
         channel_prefix=channel_prefix,

@@ -4,39 +4,39 @@ from __future__ import annotations
 
 import pytest
 
-from realtime.core.connection import Connection, ConnectionState
+from realtime.core.connection import QUEUED, Connection, ConnectionState, Outgoing
 from realtime.core.exceptions import StateError
 from realtime.core.hub import LocalHub
-from realtime.core.protocol import CloseCode, Identity, text_frame
+from realtime.core.protocol import CloseCode, Identity
+from realtime.rooms.timeline import Room, RoomState
+
+
+def framed(payload: bytes) -> bytes:
+    """What a transport that frames payloads would write (a stand-in)."""
+    return b"F" + payload
 
 
 class Sink:
-    """A transport that records frames; ``stalled`` makes it stop draining."""
+    """A transport that records what it is given; ``stalled`` makes it stop
+    draining."""
 
     def __init__(self) -> None:
-        self.frames: list[bytes] = []
+        self.given: list[Outgoing] = []
         self.stalled = False
         self.closed_with: tuple[int, str] | None = None
 
-    def write(self, frame: bytes) -> None:
-        self.frames.append(frame)
+    @property
+    def frames(self) -> list[bytes]:
+        return [out.encoded(framed) for out in self.given]
+
+    def write(self, out: Outgoing) -> None:
+        self.given.append(out)
 
     def buffered(self) -> int:
-        return sum(map(len, self.frames)) if self.stalled else 0
+        return sum(len(o.payload) for o in self.given) if self.stalled else 0
 
     def close(self, code: int, reason: str) -> None:
         self.closed_with = (code, reason)
-
-
-class Watcher:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, str]] = []
-
-    def subscribe(self, room: str) -> None:
-        self.events.append(("sub", room))
-
-    def unsubscribe(self, room: str) -> None:
-        self.events.append(("unsub", room))
 
 
 def make(hub: LocalHub, name: str, *rooms: str, limit: int = 1000) -> tuple[Connection, Sink]:
@@ -54,8 +54,9 @@ def test_room_broadcast_reaches_members_only_with_one_shared_frame() -> None:
     _, b = make(hub, "b", "r1")
     _, c = make(hub, "c", "r2")
     assert hub.broadcast("r1", b'{"x":1}') == 2
-    assert a.frames == b.frames == [text_frame(b'{"x":1}')]
-    assert a.frames[0] is b.frames[0]  # framed once, same bytes object
+    assert a.frames == b.frames == [framed(b'{"x":1}')]
+    assert a.given[0] is b.given[0]  # one Outgoing for the broadcast
+    assert a.frames[0] is b.frames[0]  # encoded once, the same bytes object
     assert c.frames == []
     assert hub.counters.deliveries == 2
 
@@ -71,23 +72,25 @@ def test_broadcast_to_unknown_room_is_a_no_op() -> None:
     assert LocalHub().broadcast("nobody", b"{}") == 0
 
 
-def test_watcher_sees_first_join_and_last_leave_only() -> None:
-    watcher = Watcher()
-    hub = LocalHub(watcher)
-    a, _ = make(hub, "a", "r")
-    b, _ = make(hub, "b", "r")
-    hub.leave(a, "r")
-    assert watcher.events == [("sub", "r")]
-    hub.remove(b)
-    assert watcher.events == [("sub", "r"), ("unsub", "r")]
+def test_membership_changes_say_first_member_and_last_member() -> None:
+    hub = LocalHub()
+    a = Connection("a", Identity("a", "a"), Sink(), max_buffered=1000)
+    b = Connection("b", Identity("b", "b"), Sink(), max_buffered=1000)
+    hub.add(a)
+    hub.add(b)
+    assert hub.join(a, "r") is True  # the room's first member on this pod
+    assert hub.join(b, "r", live=False) is False  # a waiting member counts too
+    assert hub.join(a, "r") is False  # again: no change
+    assert hub.leave(a, "r") is False  # b is still there
+    assert hub.leave(a, "r") is False  # not a member any more
+    assert hub.remove(b) == ["r"]  # the last member: the room is gone
     assert hub.room_sizes() == {}
-    hub.remove(b)  # idempotent
+    assert hub.remove(b) == []  # idempotent
     assert hub.connection_count == 1
 
 
-def test_slow_member_is_closed_with_1013_and_removed_others_keep_receiving() -> None:
-    watcher = Watcher()
-    hub = LocalHub(watcher)
+def test_slow_member_is_closed_with_1013_others_keep_receiving() -> None:
+    hub = LocalHub()
     slow, slow_sink = make(hub, "slow", "r", limit=100)
     _, fast_sink = make(hub, "fast", "r")
     slow_sink.stalled = True
@@ -98,9 +101,12 @@ def test_slow_member_is_closed_with_1013_and_removed_others_keep_receiving() -> 
     assert slow_sink.closed_with[0] == CloseCode.TRY_AGAIN_LATER
     assert len(slow_sink.frames) == 3  # stopped at the limit
     assert len(fast_sink.frames) == 10
-    assert hub.counters.slow_client_disconnects == 1
+    assert hub.counters.slow_client_disconnects == 1  # counted once, not per broadcast
+    # It stays a member, delivered nothing, until its transport reports it
+    # gone: a broadcast never changes membership.
+    assert hub.room_sizes() == {"r": 2}
+    assert hub.remove(slow) == []
     assert hub.room_sizes() == {"r": 1}
-    assert slow.rooms == ()
 
 
 def test_close_all_closes_open_connections_once() -> None:
@@ -112,13 +118,28 @@ def test_close_all_closes_open_connections_once() -> None:
     assert hub.close_all(CloseCode.GOING_AWAY, "bye") == 0
 
 
-def test_connection_state_machine_refuses_illegal_moves() -> None:
-    conn = Connection("a", Identity("a", "a"), Sink(), max_buffered=10)
+def test_a_closed_connection_takes_nothing_and_closes_no_more() -> None:
+    sink = Sink()
+    conn = Connection("a", Identity("a", "a"), sink, max_buffered=10)
+    conn.close(CloseCode.GOING_AWAY, "bye")
+    conn.close(CloseCode.NORMAL, "again")  # closing already: no second close
+    assert sink.closed_with == (1001, "bye")
     conn.closed()
+    conn.closed()  # idempotent
     assert conn.state is ConnectionState.CLOSED
-    assert not conn.send(b"{}")
+    assert conn.deliver(Outgoing(b"{}")) != QUEUED
+    conn.close(CloseCode.NORMAL, "after")
+    assert sink.closed_with == (1001, "bye")
+    assert sink.given == []
+
+
+def test_the_room_state_machine_refuses_illegal_moves() -> None:
+    room = Room("r", keep=10)
     with pytest.raises(StateError):
-        conn._move(ConnectionState.OPEN)
+        room.move(RoomState.LIVE)  # not before it was read
+    room.move(RoomState.CLOSED)
+    with pytest.raises(StateError):
+        room.move(RoomState.READING)
 
 
 def test_a_connections_rooms_follow_joins_and_leaves() -> None:

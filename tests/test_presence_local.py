@@ -3,7 +3,8 @@ backend, ``flush()`` called directly (no background tasks)."""
 
 from __future__ import annotations
 
-from realtime import MemoryPresence, Presence
+from realtime import Presence
+from realtime.backends import MemoryPresence
 from realtime.core.connection import Connection
 from realtime.core.hub import LocalHub
 from realtime.core.protocol import Identity
@@ -26,7 +27,7 @@ async def present(presence: Presence, room: str) -> list[str]:
 
 async def test_a_user_with_two_connections_is_present_until_the_last_goes() -> None:
     hub = LocalHub()
-    presence = Presence(hub, MemoryPresence())
+    presence = Presence(hub, MemoryPresence(), deliver=hub.broadcast)
     a = connection(hub, "c1", "ann", "lobby", "den")
     b = connection(hub, "c2", "ann", "lobby")
     for conn in (a, b):
@@ -45,10 +46,10 @@ async def test_a_user_with_two_connections_is_present_until_the_last_goes() -> N
 
 
 async def test_a_connection_the_hub_already_removed_is_still_dropped() -> None:
-    # The slow-client policy removes a connection from the hub (and its
-    # rooms) before the reader loop ends and drops it from presence.
+    # The node removes a connection from the hub (and its rooms) when its
+    # socket is gone, and drops it from presence too, in either order.
     hub = LocalHub()
-    presence = Presence(hub, MemoryPresence())
+    presence = Presence(hub, MemoryPresence(), deliver=hub.broadcast)
     conn = connection(hub, "c1", "bob", "lobby")
     presence.join(conn, "lobby")
     assert await present(presence, "lobby") == ["bob"]
@@ -60,7 +61,7 @@ async def test_a_connection_the_hub_already_removed_is_still_dropped() -> None:
 
 async def test_leaving_a_room_never_joined_changes_nothing() -> None:
     hub = LocalHub()
-    presence = Presence(hub, MemoryPresence())
+    presence = Presence(hub, MemoryPresence(), deliver=hub.broadcast)
     conn = connection(hub, "c1", "cy", "lobby")
     presence.join(conn, "lobby")
     presence.leave(conn, "den")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import struct
-
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -18,11 +16,9 @@ from realtime.core.protocol import (
     Message,
     Ping,
     SendMessage,
-    close_frame,
     decode_client_frame,
     encode_ack,
     encode_error,
-    text_frame,
     validate_room,
 )
 
@@ -116,25 +112,6 @@ def test_ack_and_error_frames() -> None:
         "room": None,
     }
     assert "ref" not in orjson.loads(encode_error("invalid_json", "bad"))
-
-
-@pytest.mark.parametrize(("size", "header"), [(0, 2), (125, 2), (126, 4), (65535, 4), (65536, 10)])
-def test_text_frame_header_lengths(size: int, header: int) -> None:
-    payload = b"x" * size
-    frame = text_frame(payload)
-    assert frame[0] == 0x81  # FIN + text, unmasked
-    assert len(frame) == header + size
-    assert frame.endswith(payload)
-    if header == 4:
-        assert struct.unpack("!H", frame[2:4])[0] == size
-    if header == 10:
-        assert struct.unpack("!Q", frame[2:10])[0] == size
-
-
-def test_close_frame() -> None:
-    frame = close_frame(1013, "slow")
-    assert frame == b"\x88\x06" + struct.pack("!H", 1013) + b"slow"
-    assert len(close_frame(1000, "x" * 500)) == 2 + 125
 
 
 def test_data_nesting_is_limited_below_the_encoders_recursion_limit() -> None:

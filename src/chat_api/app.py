@@ -1,4 +1,10 @@
-"""The app factory: the one place where the parts are built and wired."""
+"""The app factory: config -> node -> transport + the service's routes.
+
+``create_app`` is the one place the service is put together: the ``Node``
+(realtime's wiring root: hub, backend, timeline, presence) from the config,
+the aiohttp transport that serves its WebSockets, and the service's own HTTP
+routes (health, stats, presence, the publish API, the page).
+"""
 
 from __future__ import annotations
 
@@ -11,22 +17,7 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from realtime import (
-    Broadcaster,
-    BroadcastError,
-    Handler,
-    HandlerSettings,
-    LocalHub,
-    MemoryBroadcaster,
-    MemoryPresence,
-    OrderedBroadcaster,
-    Presence,
-    PresenceBackend,
-    RedisBroadcaster,
-    Timeline,
-    TimelineSettings,
-)
-from realtime.backends.redis.presence import RedisPresence
+from realtime import AiohttpTransport, BroadcastError, Limits, Node, NodeSettings, RedisOptions
 
 from . import logfilter
 from .api.routes import register_routes
@@ -34,128 +25,93 @@ from .auth import Authenticator, make_identify, stats_guard
 from .config import Config, ConfigError, redact_url
 from .origin import OriginPolicy
 
-__all__ = [
-    "BROADCASTER",
-    "CONFIG",
-    "HANDLER",
-    "HUB",
-    "PRESENCE",
-    "TIMELINE",
-    "create_app",
-    "serve",
-]
+__all__ = ["CONFIG", "NODE", "TRANSPORT", "create_app", "make_node", "node_settings", "serve"]
 
 log = logging.getLogger("chat_api")
 
+SERVICE_NAME = "chat-api"
+
 CONFIG = web.AppKey("config", Config)
-HUB = web.AppKey("hub", LocalHub)
-BROADCASTER = web.AppKey("broadcaster", Broadcaster)
-HANDLER = web.AppKey("handler", Handler)
-TIMELINE = web.AppKey("timeline", Timeline)
-PRESENCE = web.AppKey("presence", Presence)
+NODE = web.AppKey("node", Node)
+TRANSPORT = web.AppKey("transport", AiohttpTransport)
 
 
-def make_broadcaster(config: Config) -> OrderedBroadcaster:
-    if config.local_only:
-        return MemoryBroadcaster(
-            history_length=config.history_length, history_ttl=config.history_ttl
-        )
-    log.info(
-        "cross-pod fan-out through %s (channels %s:*)",
-        redact_url(config.redis_url),
-        config.redis_channel_prefix,
-    )
-    try:
-        return RedisBroadcaster(
-            config.redis_url,
-            pod_id=config.pod_id,
-            name="chat-api",
-            channel_prefix=config.redis_channel_prefix,
-            heartbeat_interval=config.redis_heartbeat_interval,
-            heartbeat_timeout=config.redis_heartbeat_timeout,
-            reconnect_max_delay=config.redis_reconnect_max_delay,
-            publish_queue=config.redis_publish_queue,
-            history_length=config.history_length,
-            history_ttl=config.history_ttl,
-        )
-    except BroadcastError as exc:
-        raise ConfigError("REDIS_URL", str(exc)) from None
-
-
-def create_app(config: Config) -> web.Application:
-    """Build hub, broadcaster and handler for ``config`` and mount the routes."""
-    auth = Authenticator(config) if config.auth_enabled else None
-    broadcaster = make_broadcaster(config)
-    hub = LocalHub()
-    timeline = Timeline(
-        hub,
-        broadcaster,
-        broadcaster,
-        TimelineSettings(keep=config.history_length, gap_wait=config.gap_wait),
-    )
-    hub.watch(timeline)
-    backend: PresenceBackend
-    if isinstance(broadcaster, RedisBroadcaster):
-        backend = RedisPresence(
-            broadcaster.run_script,
-            broadcaster.names,
-            pod_id=broadcaster.pod_id,
-            ttl=config.presence_ttl,
-        )
-    else:
-        backend = MemoryPresence()
-    presence = Presence(hub, backend, ttl=config.presence_ttl)
-    handler = Handler(
-        hub,
-        broadcaster,
-        HandlerSettings(
-            pod_id=config.pod_id,
+def node_settings(config: Config) -> NodeSettings:
+    """The realtime settings of a pod configured by ``config``."""
+    return NodeSettings(
+        pod_id=config.pod_id,
+        name=SERVICE_NAME,
+        backend_url=config.redis_url,
+        history_length=config.history_length,
+        history_ttl=config.history_ttl,
+        gap_wait=config.gap_wait,
+        presence_ttl=config.presence_ttl,
+        limits=Limits(
             max_message_bytes=config.max_message_bytes,
             max_buffered_bytes=config.send_buffer_bytes,
             max_rooms=config.max_rooms_per_connection,
-            ping_interval=config.ws_ping_interval,
-            close_timeout=config.ws_close_timeout,
             max_connections=config.max_connections,
             rate_per_second=config.rate_limit_per_second,
             rate_burst=config.rate_limit_burst,
             rate_max_refused=config.rate_limit_max_refused,
         ),
-        identify=make_identify(OriginPolicy(config.allowed_origins), auth),
-        timeline=timeline,
-        presence=presence,
+        redis=RedisOptions(
+            channel_prefix=config.redis_channel_prefix,
+            heartbeat_interval=config.redis_heartbeat_interval,
+            heartbeat_timeout=config.redis_heartbeat_timeout,
+            reconnect_max_delay=config.redis_reconnect_max_delay,
+            publish_queue=config.redis_publish_queue,
+        ),
+    )
+
+
+def make_node(config: Config, auth: Authenticator | None = None) -> Node:
+    """The pod's ``Node``, with the service's identify hook (origin check,
+    then the token or a guest name); ``ConfigError`` for a bad ``REDIS_URL``."""
+    if not config.local_only:
+        log.info(
+            "cross-pod fan-out through %s (channels %s:*)",
+            redact_url(config.redis_url),
+            config.redis_channel_prefix,
+        )
+    try:
+        return Node(
+            node_settings(config),
+            identify=make_identify(OriginPolicy(config.allowed_origins), auth),
+        )
+    except (BroadcastError, ValueError) as exc:
+        raise ConfigError("REDIS_URL", str(exc)) from None
+
+
+def create_app(config: Config) -> web.Application:
+    """Build the node and its transport for ``config`` and mount the routes."""
+    auth = Authenticator(config) if config.auth_enabled else None
+    node = make_node(config, auth)
+    transport = AiohttpTransport(
+        node, ping_interval=config.ws_ping_interval, close_timeout=config.ws_close_timeout
     )
     app = web.Application(client_max_size=64 * 1024)
     app[CONFIG] = config
-    app[HUB] = hub
-    app[BROADCASTER] = broadcaster
-    app[HANDLER] = handler
-    app[TIMELINE] = timeline
-    app[PRESENCE] = presence
+    app[NODE] = node
+    app[TRANSPORT] = transport
     register_routes(
         app,
-        handler=handler,
-        broadcaster=broadcaster,
-        timeline=timeline,
-        presence=presence,
+        node=node,
+        transport=transport,
         publish_api_key=config.publish_api_key,
         max_message_bytes=config.max_message_bytes,
         stats_guard=stats_guard(config, auth),
     )
-    app.cleanup_ctx.append(_run_broadcaster)
+    app.cleanup_ctx.append(_run_node)
     if auth is not None:
         app.cleanup_ctx.append(_run_authenticator(auth))
     app.on_shutdown.append(_close_connections)
     return app
 
 
-async def _run_broadcaster(app: web.Application) -> AsyncIterator[None]:
-    broadcaster = app[BROADCASTER]
-    await broadcaster.start(app[HUB].broadcast)
-    app[PRESENCE].start()
-    yield
-    await app[PRESENCE].stop()
-    await app[TIMELINE].stop()
-    await broadcaster.stop()
+async def _run_node(app: web.Application) -> AsyncIterator[None]:
+    async with app[NODE].running():
+        yield
 
 
 def _run_authenticator(
@@ -175,9 +131,7 @@ def _run_authenticator(
 
 
 async def _close_connections(app: web.Application) -> None:
-    handler = app[HANDLER]
-    handler.start_draining()
-    count = await handler.close_all()
+    count = await app[TRANSPORT].close_all()
     if count:
         log.info("closed %d connection(s) with 1001 going away", count)
 
@@ -217,7 +171,7 @@ async def serve(config: Config) -> None:
         await stop.wait()
         deadline = loop.time() + config.shutdown_timeout
         log.info("shutting down: readiness false, refusing new connections")
-        app[HANDLER].start_draining()
+        app[NODE].drain()
         if config.shutdown_drain_delay:
             # Keep answering /readyz (503) so load balancers notice; a second
             # signal cuts the delay short.

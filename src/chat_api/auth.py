@@ -20,7 +20,7 @@ from __future__ import annotations
 import hmac
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +29,9 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from realtime import Admission, Identify, Identity, guest_identity
+from realtime import Admission, Handshake, Identify, Identity, Refused, guest_identity
+from realtime.core.access import clean_name
 from realtime.core.protocol import ROOM_PATTERN
-from realtime.transports.wsio import clean_name
 
 from .config import Config, ConfigError, redact_url
 from .jwks import JwksCache, JwksError
@@ -68,13 +68,14 @@ class TokenError(Exception):
         self.missing = missing
 
 
-def bearer_token(request: web.Request) -> str | None:
-    """The token of ``Authorization: Bearer ...``, else of ``?access_token=``."""
-    header = request.headers.get("Authorization", "")
+def bearer_token(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
+    """The token of ``Authorization: Bearer ...``, else of ``?access_token=``
+    (``headers`` looked up by lower-case name, as a ``Handshake``'s are)."""
+    header = headers.get("authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
-    return request.query.get("access_token") or None
+    return query.get("access_token") or None
 
 
 class RoomPatterns:
@@ -259,12 +260,12 @@ class Authenticator:
             may_join=None if rooms is None else RoomPatterns.from_claim(rooms),
         )
 
-    async def identify(self, request: web.Request, connection_id: str) -> Admission:
+    async def identify(self, handshake: Handshake) -> Admission:
         """The realtime ``identify`` hook: admit, or refuse with HTTP 401/503."""
         try:
-            return await self.admit(bearer_token(request))
+            return await self.admit(bearer_token(handshake.headers, handshake.query))
         except TokenError as exc:
-            log.debug("refused a WebSocket from %s: %s", request.remote, exc.reason)
+            log.debug("refused a WebSocket from %s: %s", handshake.remote, exc.reason)
             raise _refusal(exc) from None
 
     async def is_admin(self, token: str) -> bool:
@@ -275,22 +276,22 @@ class Authenticator:
         return claims.get(self._config.auth_admin_claim) is True
 
 
-def _refusal(exc: TokenError) -> web.HTTPException:
+def _refusal(exc: TokenError) -> Refused:
     if exc.status == 503:
-        return web.HTTPServiceUnavailable(text=exc.reason, headers={"Retry-After": "5"})
+        return Refused(503, exc.reason, headers={"Retry-After": "5"})
     challenge = "Bearer" if exc.missing else 'Bearer error="invalid_token"'
-    return web.HTTPUnauthorized(text=exc.reason, headers={"WWW-Authenticate": challenge})
+    return Refused(401, exc.reason, headers={"WWW-Authenticate": challenge})
 
 
 def make_identify(origins: OriginPolicy, auth: Authenticator | None) -> Identify:
     """The handler's ``identify`` hook: the Origin check, then the token
     (``AUTH_ENABLED``) or a guest name from ``?name=``."""
 
-    async def identify(request: web.Request, connection_id: str) -> Identity | Admission:
-        origins.check(request)
+    async def identify(handshake: Handshake) -> Identity | Admission:
+        origins.check(handshake)
         if auth is None:
-            return await guest_identity(request, connection_id)
-        return await auth.identify(request, connection_id)
+            return await guest_identity(handshake)
+        return await auth.identify(handshake)
 
     return identify
 
@@ -310,7 +311,7 @@ def stats_guard(config: Config, auth: Authenticator | None) -> StatsGuard | None
     expected = config.stats_token.encode()
 
     async def guard(request: web.Request) -> None:
-        token = bearer_token(request)
+        token = bearer_token(request.headers, request.query)
         if token is None:
             raise web.HTTPUnauthorized(
                 text="the stats need a bearer token", headers={"WWW-Authenticate": "Bearer"}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from urllib.parse import urlsplit
 
-from aiohttp import web
+from realtime import Handshake, Refused
 
 __all__ = ["OriginPolicy"]
 
@@ -73,9 +73,9 @@ class OriginPolicy:
         own = None if host is None else _parse_host(host, _DEFAULT_PORTS[scheme])
         return own == (name, port)
 
-    def check(self, request: web.Request) -> None:
-        """Raise HTTP 403 unless the request's ``Origin`` is allowed."""
-        origin = request.headers.get("Origin")
-        if not self.allows(origin, request.headers.get("Host")):
+    def check(self, handshake: Handshake) -> None:
+        """Raise ``Refused`` (HTTP 403) unless the handshake's ``Origin`` is allowed."""
+        origin = handshake.header("Origin")
+        if not self.allows(origin, handshake.header("Host")):
             log.debug("refused a WebSocket from origin %r", origin)
-            raise web.HTTPForbidden(text="this origin may not open WebSockets here")
+            raise Refused(403, "this origin may not open WebSockets here")

@@ -1,71 +1,153 @@
-"""realtime: rooms, fan-out and cross-pod broadcast for WebSocket services.
+"""realtime: rooms, fan-out and cross-pod delivery for WebSocket services.
 
-The core (``protocol``, ``connection``, ``hub``) is pure and never awaits the
-network; ``broadcast`` links pods; ``handler`` adapts it all to aiohttp.
+Importing this package imports nothing else: each name below is loaded from
+its module on first use, so the pure core (``realtime.core``) can be used and
+tested without a web framework or a Redis client installed, and the aiohttp
+and Redis parts load only where they are used.
+
+The parts (see ``docs/architecture.md``): ``Node`` is the wiring root of a
+pod; ``Session`` is what one connection may do; transports adapt a web
+server (``AiohttpTransport``, ``AsgiTransport``); backends link the pods
+(``MemoryBackend``, ``RedisBackend``, chosen by URL with ``open_backend``).
 This package imports nothing from ``chat_api``.
 """
 
 from __future__ import annotations
 
-from .backends import (
-    Broadcaster,
-    Deliver,
-    LinkState,
-    MemoryBroadcaster,
-    OrderedBroadcaster,
-    RedisBroadcaster,
-    RoomLog,
-    Stamp,
-)
-from .core.access import Admission, RoomCheck, admission
-from .core.connection import Connection, ConnectionState, FrameSink
-from .core.exceptions import BroadcastError, ProtocolError, RealtimeError, StateError
-from .core.hub import LocalHub, RoomWatcher
-from .core.protocol import Catchup, CloseCode, ErrorCode, Identity, Message
-from .core.ratelimit import RateLimiter, Verdict
-from .core.sequencer import Entry, RoomSequencer
-from .rooms.presence import Member, MemoryPresence, Presence, PresenceBackend
-from .rooms.timeline import Timeline, TimelineSettings
-from .transports.aiohttp import Handler, HandlerSettings, Identify, guest_identity
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .backends import (
+        Backend,
+        BackendHandler,
+        LinkState,
+        Member,
+        MemoryBackend,
+        PresenceStore,
+        RedisOptions,
+        Slice,
+        Stamp,
+        Unstored,
+        open_backend,
+    )
+    from .backends.redis.backend import RedisBackend
+    from .core.access import Admission, Handshake, Identify, RoomCheck, guest_identity
+    from .core.connection import Connection, ConnectionState, Outgoing, Transport
+    from .core.exceptions import BroadcastError, ProtocolError, RealtimeError, Refused, StateError
+    from .core.hub import LocalHub
+    from .core.protocol import Catchup, CloseCode, ErrorCode, Identity, Message
+    from .core.ratelimit import RateLimiter, Verdict
+    from .core.sequencer import Entry, RoomSequencer
+    from .node import Limits, Node, NodeSettings
+    from .rooms.presence import Presence
+    from .rooms.timeline import Timeline, TimelineSettings
+    from .session import Session
+    from .transports.aiohttp import AiohttpTransport
+
+_EXPORTS: dict[str, str] = {
+    "Admission": "core.access",
+    "Handshake": "core.access",
+    "Identify": "core.access",
+    "RoomCheck": "core.access",
+    "guest_identity": "core.access",
+    "Connection": "core.connection",
+    "ConnectionState": "core.connection",
+    "Outgoing": "core.connection",
+    "Transport": "core.connection",
+    "BroadcastError": "core.exceptions",
+    "ProtocolError": "core.exceptions",
+    "RealtimeError": "core.exceptions",
+    "Refused": "core.exceptions",
+    "StateError": "core.exceptions",
+    "LocalHub": "core.hub",
+    "Catchup": "core.protocol",
+    "CloseCode": "core.protocol",
+    "ErrorCode": "core.protocol",
+    "Identity": "core.protocol",
+    "Message": "core.protocol",
+    "RateLimiter": "core.ratelimit",
+    "Verdict": "core.ratelimit",
+    "Entry": "core.sequencer",
+    "RoomSequencer": "core.sequencer",
+    "Backend": "backends",
+    "BackendHandler": "backends",
+    "LinkState": "backends",
+    "Member": "backends",
+    "MemoryBackend": "backends",
+    "PresenceStore": "backends",
+    "RedisOptions": "backends",
+    "Slice": "backends",
+    "Stamp": "backends",
+    "Unstored": "backends",
+    "open_backend": "backends",
+    "RedisBackend": "backends.redis.backend",
+    "Limits": "node",
+    "Node": "node",
+    "NodeSettings": "node",
+    "Presence": "rooms.presence",
+    "Timeline": "rooms.timeline",
+    "TimelineSettings": "rooms.timeline",
+    "Session": "session",
+    "AiohttpTransport": "transports.aiohttp",
+}
 
 __all__ = [
     "Admission",
+    "AiohttpTransport",
+    "Backend",
+    "BackendHandler",
     "BroadcastError",
-    "Broadcaster",
     "Catchup",
     "CloseCode",
     "Connection",
     "ConnectionState",
-    "Deliver",
     "Entry",
     "ErrorCode",
-    "FrameSink",
-    "Handler",
-    "HandlerSettings",
+    "Handshake",
     "Identify",
     "Identity",
+    "Limits",
     "LinkState",
     "LocalHub",
     "Member",
-    "MemoryBroadcaster",
-    "MemoryPresence",
+    "MemoryBackend",
     "Message",
-    "OrderedBroadcaster",
+    "Node",
+    "NodeSettings",
+    "Outgoing",
     "Presence",
-    "PresenceBackend",
+    "PresenceStore",
     "ProtocolError",
     "RateLimiter",
     "RealtimeError",
-    "RedisBroadcaster",
+    "RedisBackend",
+    "RedisOptions",
+    "Refused",
     "RoomCheck",
-    "RoomLog",
     "RoomSequencer",
-    "RoomWatcher",
+    "Session",
+    "Slice",
     "Stamp",
     "StateError",
     "Timeline",
     "TimelineSettings",
+    "Transport",
+    "Unstored",
     "Verdict",
-    "admission",
     "guest_identity",
+    "open_backend",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'realtime' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -8,7 +8,7 @@ from pathlib import Path
 import orjson
 from aiohttp import web
 
-from realtime import Broadcaster, BroadcastError, Handler, LinkState, Presence, Timeline
+from realtime import AiohttpTransport, BroadcastError, Node, Presence
 from realtime.core.protocol import validate_room
 
 from ..auth import StatsGuard
@@ -24,10 +24,8 @@ WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 def register_routes(
     app: web.Application,
     *,
-    handler: Handler,
-    broadcaster: Broadcaster,
-    timeline: Timeline | None = None,
-    presence: Presence | None = None,
+    node: Node,
+    transport: AiohttpTransport,
     publish_api_key: str = "",
     max_message_bytes: int = 65536,
     stats_guard: StatsGuard | None = None,
@@ -39,13 +37,12 @@ def register_routes(
         return web.json_response({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
-        state = broadcaster.state
-        ready = not handler.draining
+        ready = not node.draining
         body = {
             "ready": ready,
-            "draining": handler.draining,
-            "broadcaster": state.value,
-            "link_up": state in (LinkState.LOCAL_ONLY, LinkState.CONNECTED),
+            "draining": node.draining,
+            "broadcaster": node.backend.state.value,
+            "link_up": node.link_up,
         }
         return web.json_response(body, status=200 if ready else 503)
 
@@ -53,17 +50,15 @@ def register_routes(
         return web.FileResponse(WEB_DIR / "index.html")
 
     # The stats route comes before /ws/{room} so that it wins the match.
-    app.router.add_get(f"{API_PREFIX}/ws/stats", stats_handler(handler, stats_guard))
-    app.router.add_routes(handler.routes(f"{API_PREFIX}/ws"))
-    if timeline is not None:
-        app.router.add_post(
-            f"{API_PREFIX}/rooms/{{room}}/messages",
-            publish_handler(handler, timeline, publish_api_key, max_bytes=max_message_bytes),
-        )
-    if presence is not None:
-        app.router.add_get(
-            f"{API_PREFIX}/rooms/{{room}}/presence", presence_handler(presence, stats_guard)
-        )
+    app.router.add_get(f"{API_PREFIX}/ws/stats", stats_handler(node, stats_guard))
+    app.router.add_routes(transport.routes(f"{API_PREFIX}/ws"))
+    app.router.add_post(
+        f"{API_PREFIX}/rooms/{{room}}/messages",
+        publish_handler(node, publish_api_key, max_bytes=max_message_bytes),
+    )
+    app.router.add_get(
+        f"{API_PREFIX}/rooms/{{room}}/presence", presence_handler(node.presence, stats_guard)
+    )
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/", index)

@@ -1,33 +1,99 @@
-"""Cross-pod fan-out: the ``Broadcaster`` contract and its implementations."""
+"""Backends: what links the pods of one deployment (see ``base`` for the contract).
+
+``open_backend`` picks one by URL and imports it only then: an empty URL is
+the local-only ``MemoryBackend``; ``redis://``, ``rediss://`` and
+``unix://`` are the ``RedisBackend`` (which needs ``redis`` and ``hiredis``).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from ..core.exceptions import BroadcastError
 from .base import (
-    Broadcaster,
-    Deliver,
+    PRESENCE_BURST,
+    Backend,
+    BackendHandler,
     LinkState,
-    LogSink,
-    OrderedBroadcaster,
-    RoomLog,
+    Member,
+    OnAppended,
+    PresenceStore,
     Slice,
     Stamp,
-    Stamped,
     Unstored,
+    new_epoch,
 )
-from .memory import MemoryBroadcaster
-from .redis.backend import RedisBroadcaster
+from .memory import MemoryBackend, MemoryPresence
 
 __all__ = [
-    "Broadcaster",
-    "Deliver",
+    "PRESENCE_BURST",
+    "REDIS_SCHEMES",
+    "Backend",
+    "BackendHandler",
     "LinkState",
-    "LogSink",
-    "MemoryBroadcaster",
-    "OrderedBroadcaster",
-    "RedisBroadcaster",
-    "RoomLog",
+    "Member",
+    "MemoryBackend",
+    "MemoryPresence",
+    "OnAppended",
+    "PresenceStore",
+    "RedisOptions",
     "Slice",
     "Stamp",
-    "Stamped",
     "Unstored",
+    "new_epoch",
+    "open_backend",
 ]
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+"""URL schemes of one standalone Redis."""
+
+
+@dataclass(frozen=True, slots=True)
+class RedisOptions:
+    """How the Redis backend talks to Redis (ignored by the others)."""
+
+    channel_prefix: str = "realtime"
+    """First part of every channel and key, so deployments can share a Redis."""
+    heartbeat_interval: float = 1.0
+    """Seconds between the heartbeats a pod sends itself through Redis."""
+    heartbeat_timeout: float = 5.0
+    """Seconds without a heartbeat (or an answer) before the link is rebuilt."""
+    reconnect_max_delay: float = 10.0
+    """Longest wait between reconnect attempts (exponential, with jitter)."""
+    publish_queue: int = 10_000
+    """Messages waiting to be published before more are counted as failed."""
+
+
+def open_backend(
+    url: str,
+    *,
+    pod_id: str,
+    name: str = "realtime",
+    history_length: int = 100,
+    history_ttl: float = 3600.0,
+    redis: RedisOptions | None = None,
+) -> Backend:
+    """The backend for ``url`` (empty: local-only). Raises ``BroadcastError``
+    for a URL no backend takes (its scheme, or a value that does not parse);
+    nothing is connected until the backend is started."""
+    if not url:
+        return MemoryBackend(history_length=history_length, history_ttl=history_ttl)
+    scheme = url.partition("://")[0].lower()
+    if scheme not in REDIS_SCHEMES:
+        known = ", ".join(f"{s}://" for s in REDIS_SCHEMES)
+        raise BroadcastError(f"no backend for {scheme or url!r}: the URL must start with {known}")
+    from .redis.backend import RedisBackend  # only now: it needs redis and hiredis
+
+    options = redis or RedisOptions()
+    return RedisBackend(
+        url,
+        pod_id=pod_id,
+        name=name,
+        channel_prefix=options.channel_prefix,
+        heartbeat_interval=options.heartbeat_interval,
+        heartbeat_timeout=options.heartbeat_timeout,
+        reconnect_max_delay=options.reconnect_max_delay,
+        publish_queue=options.publish_queue,
+        history_length=history_length,
+        history_ttl=history_ttl,
+    )

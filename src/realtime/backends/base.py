@@ -1,11 +1,21 @@
-"""The contract between a pod and the transport that links pods.
+"""The backend contract: what links the pods of one deployment.
 
-A broadcaster takes every message sent on this pod (``publish``), delivers
-it to this pod's members through the ``Deliver`` callback it was started
-with, and carries it to the other pods, which deliver it to theirs. The hub
-tells it which rooms have local members (``subscribe``/``unsubscribe``) so it
-only listens for rooms this pod hosts. Neither the hub nor the handler knows
-which implementation is in use.
+A backend carries two kinds of traffic between pods and reports both to the
+``BackendHandler`` it was started with (the pod's ``Node``) **on every pod,
+the sending one included**, so that one path delivers everything:
+
+- *room entries*: ``append`` stamps a room message with the room's next
+  offset and epoch, stores it in the room's history and publishes it; every
+  pod subscribed to the room gets ``on_entry`` (the appending pod at the
+  latest when the append completes, before its ``done``);
+- *unordered messages*: ``publish`` (messages to everyone, presence events);
+  every pod subscribed gets ``on_message`` (global ones reach every pod).
+
+A pod subscribes to the rooms it hosts (``subscribe``/``unsubscribe``); once
+it is sure to receive every later entry of a room it gets ``on_ready``
+(after each resubscription too). The backend also reads a room's stored
+history (``read``) and keeps presence (``presence``). Implementations:
+``MemoryBackend`` (one pod, no Redis) and ``RedisBackend``.
 """
 
 from __future__ import annotations
@@ -14,27 +24,24 @@ import enum
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ..core.protocol import Message
 from ..core.sequencer import Entry
 
 __all__ = [
-    "Broadcaster",
-    "Deliver",
+    "PRESENCE_BURST",
+    "Backend",
+    "BackendHandler",
     "LinkState",
-    "LogSink",
-    "OrderedBroadcaster",
-    "RoomLog",
+    "Member",
+    "OnAppended",
+    "PresenceStore",
     "Slice",
     "Stamp",
-    "Stamped",
     "Unstored",
     "new_epoch",
 ]
-
-Deliver = Callable[[str | None, bytes], int]
-"""Hand a client-ready JSON payload to local members of a room (None: all)."""
 
 
 class LinkState(enum.StrEnum):
@@ -47,49 +54,12 @@ class LinkState(enum.StrEnum):
     STOPPED = "stopped"
 
 
-@runtime_checkable
-class Broadcaster(Protocol):
-    """Cross-pod fan-out. Implementations: ``MemoryBroadcaster``, ``RedisBroadcaster``."""
-
-    @property
-    def state(self) -> LinkState:
-        """Where the link to other pods stands."""
-
-    async def start(self, deliver: Deliver) -> None:
-        """Begin delivering; returns once started, even if the link is down."""
-
-    async def stop(self) -> None:
-        """Unsubscribe, close every connection and task; idempotent."""
-
-    def publish(self, message: Message) -> None:
-        """Deliver ``message`` locally and to every other pod. Never raises
-        for link trouble and never blocks: failures are counted in stats."""
-
-    def subscribe(self, room: str) -> None:
-        """This pod now has members in ``room``: receive its messages."""
-
-    def unsubscribe(self, room: str) -> None:
-        """This pod has no members in ``room`` any more."""
-
-    def stats(self) -> Mapping[str, object]:
-        """Counters and state for ``/ws/stats`` (no secrets)."""
-
-
-# -- room log: offsets, history -------------------------------------------------
-
-
-def new_epoch() -> str:
-    """A fresh random epoch: 16 hex digits (what a room's stored state is
-    called until it is lost; see ``Slice.epoch``)."""
-    return os.urandom(8).hex()
-
-
 @dataclass(frozen=True, slots=True)
 class Stamp:
     """Where a room message landed: its room offset and epoch.
 
     ``duplicate`` is true when an idempotency key matched an earlier
-    message: nothing new was published and the stamp is the earlier one's.
+    message: nothing new was stored and the stamp is the earlier one's.
     """
 
     epoch: str
@@ -98,7 +68,7 @@ class Stamp:
 
 
 class Unstored(enum.Enum):
-    """Why ``RoomLog.append`` has no stamp to give."""
+    """Why an append has no stamp to give."""
 
     FAILED = "failed"
     """The message never reached the store (link down, queue full): it is
@@ -108,8 +78,8 @@ class Unstored(enum.Enum):
     been stored and published, or not."""
 
 
-Stamped = Callable[[Stamp | Unstored], None]
-"""Told the outcome of ``RoomLog.append``: the stamp, or why there is none;
+OnAppended = Callable[[Stamp | Unstored], None]
+"""Told the outcome of ``Backend.append``: the stamp, or why there is none;
 called exactly once."""
 
 
@@ -127,34 +97,95 @@ class Slice:
     """Stored entries after the offset asked for, oldest first."""
 
 
-class LogSink(Protocol):
-    """Where a room log reports to (the pod's ``Timeline``)."""
+def new_epoch() -> str:
+    """A fresh random epoch: 16 hex digits (what a room's stored state is
+    called until it is lost; see ``Slice.epoch``)."""
+    return os.urandom(8).hex()
 
-    def entry(self, room: str, entry: Entry) -> None:
+
+# -- presence -------------------------------------------------------------------
+
+PRESENCE_BURST = 10
+"""More join/leave events than this for one room in one update (a mass
+reconnect) are replaced by one ``presence`` frame with the member list."""
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One user present in a room; ``since`` in ms since the epoch."""
+
+    id: str
+    name: str
+    since: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "since": self.since}
+
+
+class PresenceStore(Protocol):
+    """Where every pod's presence is kept (the backend's)."""
+
+    async def update(self, room: str, joins: list[Member], leaves: list[str]) -> list[bytes]:
+        """Record this pod's changes to ``room``; return the event frames
+        this pod must deliver locally (the store carries them to the other
+        pods itself). Raises ``BroadcastError``."""
+
+    async def refresh(self, rooms: list[str]) -> list[tuple[str, bytes]]:
+        """Keep this pod's entries alive and prune dead pods' entries;
+        return ``(room, event)`` frames to deliver locally."""
+
+    async def members(self, room: str) -> list[Member]:
+        """Everyone present in ``room`` on any live pod, one entry per user."""
+
+
+# -- the contract -------------------------------------------------------------------
+
+
+class BackendHandler(Protocol):
+    """What a backend reports to (the node), on every pod."""
+
+    def on_entry(self, room: str, entry: Entry) -> None:
         """A room entry reached this pod (its own or another pod's)."""
 
-    def ready(self, room: str) -> None:
-        """Every entry appended to ``room`` from now on will reach ``entry``:
-        after the first subscription and again after each resubscription."""
+    def on_message(self, room: str | None, payload: bytes) -> None:
+        """An unordered message for a room's members (None: everyone)."""
+
+    def on_ready(self, room: str) -> None:
+        """Every entry appended to ``room`` from now on will reach
+        ``on_entry``: after the first subscription and each resubscription."""
 
 
-class RoomLog(Protocol):
-    """Per-room offsets and history: the half of a broadcaster that orders.
+@runtime_checkable
+class Backend(Protocol):
+    """The link between pods, and the store of room offsets and history."""
 
-    ``append`` assigns the room's next offset, stores the message in the
-    room's history and publishes it to every pod, atomically; every pod's
-    sink then gets the entry (the appending pod at the latest when the
-    append completes).
-    """
+    @property
+    def state(self) -> LinkState:
+        """Where the link to other pods stands."""
 
-    def attach(self, sink: LogSink) -> None:
-        """Set where entries and readiness are reported; before ``start``."""
+    async def start(self, handler: BackendHandler) -> None:
+        """Begin reporting to ``handler``; returns once started, even if
+        the link is down (it keeps trying)."""
 
-    def append(
-        self, message: Message, done: Stamped, *, idempotency_key: str | None = None
-    ) -> None:
+    async def stop(self) -> None:
+        """Unsubscribe, close every connection and task; idempotent."""
+
+    def subscribe(self, room: str) -> None:
+        """This pod now has members in ``room``: receive its traffic."""
+
+    def unsubscribe(self, room: str) -> None:
+        """This pod has no members in ``room`` any more."""
+
+    def publish(self, room: str | None, payload: bytes) -> None:
+        """Carry an unordered message to ``room`` (None: everyone) on every
+        pod, this one included. Never raises for link trouble and never
+        blocks: failures are counted in stats."""
+
+    def append(self, message: Message, done: OnAppended, *, key: str | None = None) -> None:
         """Stamp, store and publish a room message; never blocks or raises
-        for link trouble. ``done`` gets the stamp (or None) in append order."""
+        for link trouble. ``done`` gets the outcome, in append order. A
+        ``key`` already stored in the room is not stored again: ``done``
+        gets the first message's stamp with ``duplicate`` set."""
 
     async def read(self, room: str, after: int, limit: int, *, epoch: str | None = None) -> Slice:
         """Stored entries of ``room`` with offset > ``after`` (at most
@@ -163,6 +194,9 @@ class RoomLog(Protocol):
         current epoch. Raises ``BroadcastError`` when the store cannot be
         reached."""
 
+    def presence(self, ttl: float) -> PresenceStore:
+        """The presence store of this backend; a pod's entries vanish
+        ``ttl`` seconds after it stops refreshing them."""
 
-class OrderedBroadcaster(Broadcaster, RoomLog, Protocol):
-    """A broadcaster that is also the room log (both implementations are)."""
+    def stats(self) -> Mapping[str, object]:
+        """Counters and state for the stats endpoint (no secrets)."""

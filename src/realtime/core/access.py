@@ -1,20 +1,36 @@
-"""What the ``identify`` hook may decide about a connection beyond who it is.
+"""Who may connect: the handshake, the ``Identify`` hook, and what it decides.
 
-The handler knows nothing of tokens. An application that authenticates
-clients returns an ``Admission`` from its ``identify`` hook: the identity,
-when the credential stops being valid (the handler closes the connection
-then with 1008 "token expired"), and which rooms it may join. A hook that
-only names the client may keep returning a bare ``Identity``.
+A transport reads an upgrade request into a ``Handshake`` (the room in the
+path, the catch-up asked for, the query and the headers), whatever web
+server it came from. The application's ``Identify`` hook looks at it and
+returns who the client is, or refuses it by raising ``Refused`` (answered
+with that HTTP status before the WebSocket is accepted). It may return a
+bare ``Identity`` or an ``Admission``: the identity, when its credential
+stops being valid (the connection is closed then with 1008 "token
+expired"), and which rooms it may join. ``guest_identity`` is the hook when
+nobody authenticates clients.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-from .protocol import Identity
+from .exceptions import ProtocolError, Refused
+from .protocol import NO_CATCHUP, Catchup, ErrorCode, Identity, parse_catchup, validate_room
 
-__all__ = ["Admission", "RoomCheck", "admission"]
+__all__ = [
+    "MAX_NAME_LENGTH",
+    "Admission",
+    "Handshake",
+    "Identify",
+    "RoomCheck",
+    "admission",
+    "clean_name",
+    "guest_identity",
+    "read_handshake",
+]
 
 RoomCheck = Callable[[str | None], bool]
 """May this connection be in ``room``? ``None`` stands for the global channel."""
@@ -22,7 +38,7 @@ RoomCheck = Callable[[str | None], bool]
 
 @dataclass(frozen=True, slots=True)
 class Admission:
-    """A connection the ``identify`` hook let in, and on what terms."""
+    """A connection the ``Identify`` hook let in, and on what terms."""
 
     identity: Identity
     expires_at: float | None = None
@@ -37,3 +53,81 @@ class Admission:
 def admission(decided: Identity | Admission) -> Admission:
     """An ``Admission`` for whatever the hook returned."""
     return decided if isinstance(decided, Admission) else Admission(decided)
+
+
+@dataclass(frozen=True, slots=True)
+class Handshake:
+    """A WebSocket upgrade request, as every transport describes it."""
+
+    connection_id: str
+    """The id the connection will have (fresh for every request)."""
+    room: str | None
+    """The room in the path (already a valid room name); None: the global channel."""
+    catchup: Catchup
+    """What the query string asks to catch up on (``since``/``epoch``, ``history``)."""
+    query: Mapping[str, str]
+    headers: Mapping[str, str]
+    """Request headers; look them up by their lower-case name."""
+    remote: str | None = None
+    """The client's address, as the web server saw it."""
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+
+Identify = Callable[[Handshake], Awaitable[Identity | Admission]]
+"""Decide who a new connection is, or refuse it by raising ``Refused``."""
+
+
+def read_handshake(
+    connection_id: str,
+    room: str | None,
+    query: Mapping[str, str],
+    headers: Mapping[str, str],
+    remote: str | None = None,
+) -> Handshake:
+    """Validate the room of the path and the catch-up of the query string;
+    ``Refused`` (HTTP 400) if either is invalid."""
+    if room is None:
+        return Handshake(connection_id, None, NO_CATCHUP, query, headers, remote)
+    try:
+        validate_room(room)
+        catchup = _query_catchup(query)
+    except ProtocolError as exc:
+        raise Refused(400, exc.message) from exc
+    return Handshake(connection_id, room, catchup, query, headers, remote)
+
+
+def _query_catchup(query: Mapping[str, str]) -> Catchup:
+    """``since``/``epoch`` or ``history`` from the query string."""
+
+    def number(name: str) -> int | None:
+        raw = query.get(name)
+        if raw is None or raw == "":
+            return None
+        if not raw.isdigit() or len(raw) > 16:
+            raise ProtocolError(ErrorCode.INVALID_FRAME, f"{name!r} must be a non-negative integer")
+        return int(raw)
+
+    return parse_catchup(number("since"), query.get("epoch") or None, number("history"))
+
+
+_NAME_JUNK = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\ufeff]+")
+MAX_NAME_LENGTH = 32
+
+
+def clean_name(raw: str | None) -> str:
+    """A display name with control and invisible characters removed, white
+    space folded and the length capped; empty if nothing is left."""
+    if not raw:
+        return ""
+    return " ".join(_NAME_JUNK.sub(" ", raw).split())[:MAX_NAME_LENGTH]
+
+
+async def guest_identity(handshake: Handshake) -> Identity:
+    """The identity of an unauthenticated client: the ``name`` query
+    parameter, cleaned, or a generated guest name."""
+    connection_id = handshake.connection_id
+    suffix = connection_id.rsplit("-", 1)[-1]
+    name = clean_name(handshake.query.get("name")) or f"guest-{suffix}"
+    return Identity(id=f"guest-{connection_id}", name=name)

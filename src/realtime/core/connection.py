@@ -1,34 +1,72 @@
 """One client connection: its state, its rooms, and the slow-client policy.
 
-A connection does not own a socket. It writes ready-made frames to a
-``FrameSink`` (the I/O adapter's view of the socket) and never awaits: the
-sink's write buffer *is* the bounded send buffer. When a client stops reading
-and its buffer passes the limit, the connection is closed with 1013 ("try
-again later") instead of letting one reader hold up a broadcast.
+A connection does not own a socket. It hands server frames to a
+``Transport`` (the web server's side of one WebSocket, see
+``realtime.transports``) and never awaits: the transport's send buffer *is*
+the bounded send buffer. When a client stops reading and its buffer passes
+the limit, the connection is closed with 1013 ("try again later") instead of
+letting one reader hold up a broadcast.
+
+What a transport is given is an ``Outgoing``: one server frame's JSON,
+shared by every recipient of a broadcast. A transport that must turn it into
+bytes of its own (the aiohttp transport builds the RFC 6455 frame) does so
+through ``Outgoing.encoded``, which keeps the result, so a broadcast to a
+thousand members encodes once.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Final, Protocol, TypeVar
 
 from .exceptions import StateError
-from .protocol import CloseCode, Identity, text_frame
+from .protocol import CloseCode, Identity
 
-__all__ = ["Connection", "ConnectionState", "FrameSink"]
+__all__ = [
+    "NOT_OPEN",
+    "QUEUED",
+    "TOO_SLOW",
+    "Connection",
+    "ConnectionState",
+    "Outgoing",
+    "Transport",
+]
+
+_T = TypeVar("_T")
 
 
-class FrameSink(Protocol):
-    """What a connection needs from the transport below it."""
+class Outgoing:
+    """A server frame's JSON on its way to one or many connections."""
 
-    def write(self, frame: bytes) -> None:
-        """Queue a complete WebSocket frame for sending; never blocks."""
+    __slots__ = ("_encoded", "_encoder", "payload")
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self._encoder: Callable[[bytes], Any] | None = None
+        self._encoded: Any = None
+
+    def encoded(self, encode: Callable[[bytes], _T]) -> _T:
+        """``encode(payload)``, computed once for every recipient that asks
+        with the same ``encode``."""
+        if self._encoder is not encode:
+            self._encoded = encode(self.payload)
+            self._encoder = encode
+        value: _T = self._encoded
+        return value
+
+
+class Transport(Protocol):
+    """What a connection needs from the web server below it."""
+
+    def write(self, out: Outgoing) -> None:
+        """Queue a server frame for sending; never blocks."""
 
     def buffered(self) -> int:
         """Bytes queued but not yet sent."""
 
     def close(self, code: int, reason: str) -> None:
-        """Start closing with ``code``; returns at once."""
+        """Start closing with ``code`` and ``reason``; returns at once."""
 
 
 class ConnectionState(enum.Enum):
@@ -43,27 +81,34 @@ _ALLOWED = {
     ConnectionState.CLOSED: set(),
 }
 
+QUEUED: Final = 1
+"""``Connection.deliver``: the frame is queued."""
+NOT_OPEN: Final = 0
+"""``Connection.deliver``: nothing queued, the connection is closing or closed."""
+TOO_SLOW: Final = -1
+"""``Connection.deliver``: nothing queued, the client fell too far behind and
+the connection has just started closing with 1013."""
+
 
 class Connection:
     """A member of the hub: identity, rooms, and a bounded way to send."""
 
     __slots__ = (
-        "_sink",
         "close_code",
         "default_room",
         "id",
         "identity",
         "max_buffered",
-        "quiet_ticks",
         "rooms",
         "state",
+        "transport",
     )
 
     def __init__(
         self,
         id: str,
         identity: Identity,
-        sink: FrameSink,
+        transport: Transport,
         *,
         max_buffered: int,
         default_room: str | None = None,
@@ -78,34 +123,24 @@ class Connection:
         self.max_buffered = max_buffered
         self.state = ConnectionState.OPEN
         self.close_code: int | None = None
-        self.quiet_ticks = 0
-        """Keepalive ticks since the client last sent a frame; the I/O adapter
-        counts them, pings and closes (see ``realtime.guard``)."""
-        self._sink = sink
+        self.transport = transport
 
     def _move(self, new: ConnectionState) -> None:
         if new not in _ALLOWED[self.state]:
             raise StateError(f"connection {self.id}: {self.state.value} -> {new.value}")
         self.state = new
 
-    def send_frame(self, frame: bytes) -> bool:
-        """Queue a ready-made WebSocket frame.
-
-        Returns False, without writing, when the connection is not open or
-        when the client has fallen more than ``max_buffered`` bytes behind; in
-        the latter case the connection starts closing with 1013.
-        """
+    def deliver(self, out: Outgoing) -> int:
+        """Queue a server frame: ``QUEUED``, ``NOT_OPEN`` or ``TOO_SLOW``
+        (the client has fallen more than ``max_buffered`` bytes behind: the
+        connection starts closing with 1013 instead)."""
         if self.state is not ConnectionState.OPEN:
-            return False
-        if self._sink.buffered() > self.max_buffered:
+            return NOT_OPEN
+        if self.transport.buffered() > self.max_buffered:
             self.close(CloseCode.TRY_AGAIN_LATER, "client too slow: send buffer full")
-            return False
-        self._sink.write(frame)
-        return True
-
-    def send(self, payload: bytes) -> bool:
-        """Frame and queue one JSON payload meant for this connection only."""
-        return self.send_frame(text_frame(payload))
+            return TOO_SLOW
+        self.transport.write(out)
+        return QUEUED
 
     def close(self, code: int, reason: str) -> None:
         """Start closing; a second call while closing is a no-op."""
@@ -113,7 +148,7 @@ class Connection:
             return
         self._move(ConnectionState.CLOSING)
         self.close_code = code
-        self._sink.close(code, reason)
+        self.transport.close(code, reason)
 
     def closed(self) -> None:
         """Record that the socket is gone (idempotent)."""

@@ -5,18 +5,24 @@
     RealtimeError                      base of everything raised here
     ├── ProtocolError (ValueError)     a client frame broke the wire protocol;
     │                                  carries the error ``code`` sent back
+    ├── Refused                        a connection refused before the upgrade
+    │                                  (the client's fault, or the pod is full
+    │                                  or draining); carries the HTTP status
     ├── StateError (RuntimeError)      an illegal state transition (a bug in
     │                                  the caller, never the client's fault)
     └── BroadcastError                 the cross-pod link failed; raised only
                                        inside broadcasters, never to senders
 
 Errors say whose fault they are: a ``ProtocolError`` is the remote client's
-and is answered with an error frame; a ``StateError`` is ours.
+and is answered with an error frame; a ``Refused`` is answered with its HTTP
+status; a ``StateError`` is ours.
 """
 
 from __future__ import annotations
 
-__all__ = ["BroadcastError", "ProtocolError", "RealtimeError", "StateError"]
+from collections.abc import Mapping
+
+__all__ = ["BroadcastError", "ProtocolError", "RealtimeError", "Refused", "StateError"]
 
 
 class RealtimeError(Exception):
@@ -35,6 +41,20 @@ class ProtocolError(RealtimeError, ValueError):
         self.code = code
         self.message = message
         self.ref = ref
+
+
+class Refused(RealtimeError):
+    """A WebSocket upgrade is refused: answered with HTTP ``status`` and
+    ``reason`` as the body (safe to show: never a token), plus ``headers``
+    (``WWW-Authenticate``, ``Retry-After``)."""
+
+    def __init__(
+        self, status: int, reason: str, *, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers: Mapping[str, str] = headers or {}
 
 
 class StateError(RealtimeError, RuntimeError):

@@ -1,30 +1,26 @@
 """LocalHub: the rooms and members of this pod, and local fan-out.
 
-No I/O and no awaits: a broadcast frames the payload once and hands the same
-bytes to every member's connection, which queues them without blocking. The
-hub tells a ``RoomWatcher`` (the broadcaster) when a room gains its first
-local member and when it loses its last, so cross-pod subscriptions follow
-local membership.
+No I/O and no awaits: a broadcast wraps the payload once and hands the same
+``Outgoing`` to every member's connection, which queues it without blocking.
+Membership changes say what they changed: ``join`` whether the member is the
+room's first on this pod, ``leave`` and ``remove`` whether they emptied it,
+so the caller (the node) subscribes the backend to exactly the rooms that
+have local members. Nothing is pushed to a watcher.
+
+A member that is too slow is closed with 1013 by its connection and counted
+here, but stays a member until its transport reports it gone (the node then
+calls ``remove``): a broadcast never changes membership in the middle of a
+loop.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
 
-from .connection import Connection, ConnectionState
-from .protocol import CloseCode, text_frame
+from .connection import QUEUED, Connection, ConnectionState, Outgoing
 
-__all__ = ["HubCounters", "LocalHub", "RoomWatcher"]
-
-
-class RoomWatcher(Protocol):
-    def subscribe(self, room: str) -> None:
-        """``room`` now has local members."""
-
-    def unsubscribe(self, room: str) -> None:
-        """``room`` has no local members any more."""
+__all__ = ["HubCounters", "LocalHub"]
 
 
 @dataclass(slots=True)
@@ -37,43 +33,36 @@ class HubCounters:
 class LocalHub:
     """Membership by room, and delivery to local members."""
 
-    def __init__(self, watcher: RoomWatcher | None = None) -> None:
-        self._watcher = watcher
+    def __init__(self) -> None:
         self._connections: dict[str, Connection] = {}
         self._rooms: dict[str, dict[str, Connection]] = {}
         self._waiting: dict[str, dict[str, Connection]] = {}
-        """Members still catching up (history, resume): they count for the
-        room's subscription but get no live frames until ``go_live``."""
+        """Members still catching up (history, resume): they count as members
+        but get no live frames until ``go_live``."""
         self.counters = HubCounters()
-
-    def watch(self, watcher: RoomWatcher) -> None:
-        """Set who is told about rooms opening and closing on this pod."""
-        self._watcher = watcher
 
     # -- membership -------------------------------------------------------
 
     def add(self, conn: Connection) -> None:
         self._connections[conn.id] = conn
 
-    def remove(self, conn: Connection) -> None:
-        """Forget a connection and leave all its rooms (idempotent)."""
+    def remove(self, conn: Connection) -> list[str]:
+        """Forget a connection and leave all its rooms (idempotent); returns
+        the rooms it was the last local member of."""
         if self._connections.pop(conn.id, None) is None:
-            return
-        for room in conn.rooms:
-            self.leave(conn, room)
+            return []
+        return [room for room in conn.rooms if self.leave(conn, room)]
 
-    def join(self, conn: Connection, room: str, *, live: bool = True) -> None:
+    def join(self, conn: Connection, room: str, *, live: bool = True) -> bool:
         """Add ``conn`` to ``room``; with ``live=False`` it waits (no live
-        frames) until ``go_live``, so a catch-up can be sent first."""
-        new = room not in self._rooms and room not in self._waiting
-        if new and self._watcher is not None:
-            self._watcher.subscribe(room)
-        if live:
-            self._rooms.setdefault(room, {})[conn.id] = conn
-        else:
-            self._waiting.setdefault(room, {})[conn.id] = conn
+        frames) until ``go_live``, so a catch-up can be sent first. Returns
+        whether the room had no local member before."""
+        first = room not in self._rooms and room not in self._waiting
+        table = self._rooms if live else self._waiting
+        table.setdefault(room, {})[conn.id] = conn
         if room not in conn.rooms:
             conn.rooms = (*conn.rooms, room)
+        return first
 
     def is_waiting(self, conn: Connection, room: str) -> bool:
         return conn.id in self._waiting.get(room, ())
@@ -88,7 +77,9 @@ class LocalHub:
         self._rooms.setdefault(room, {})[conn.id] = conn
         return True
 
-    def leave(self, conn: Connection, room: str) -> None:
+    def leave(self, conn: Connection, room: str) -> bool:
+        """Take ``conn`` out of ``room``; returns whether that left the room
+        with no local member."""
         if room in conn.rooms:
             conn.rooms = tuple(r for r in conn.rooms if r != room)
         removed = False
@@ -98,9 +89,7 @@ class LocalHub:
                 removed = True
                 if not members:
                     del table[room]
-        gone = removed and room not in self._rooms and room not in self._waiting
-        if gone and self._watcher is not None:
-            self._watcher.unsubscribe(room)
+        return removed and room not in self._rooms and room not in self._waiting
 
     # -- queries ----------------------------------------------------------
 
@@ -117,17 +106,19 @@ class LocalHub:
             sizes[room] = sizes.get(room, 0) + len(members)
         return sizes
 
+    def rooms(self) -> list[str]:
+        """The rooms with local members (live or waiting)."""
+        return [*self._rooms, *(room for room in self._waiting if room not in self._rooms)]
+
     def has_room(self, room: str) -> bool:
         return room in self._rooms or room in self._waiting
 
     # -- delivery ---------------------------------------------------------
 
     def broadcast(self, room: str | None, payload: bytes) -> int:
-        """Deliver a JSON payload to a room's members, or to all if ``room`` is None.
-
-        Frames once, never awaits. Members that are too slow are closed with
-        1013 and removed; returns how many members the frame was queued for.
-        """
+        """Deliver a JSON payload to a room's live members, or to every
+        connection if ``room`` is None. Never awaits; returns how many
+        members it was queued for."""
         if room is None:
             members: Iterable[Connection] = self._connections.values()
         else:
@@ -135,27 +126,26 @@ class LocalHub:
             if room_members is None:
                 return 0
             members = room_members.values()
-        frame = text_frame(payload)
-        sent = 0
-        dropped: list[Connection] = []
+        out = Outgoing(payload)
+        sent = slow = 0
         for conn in members:
-            if conn.send_frame(frame):
+            result = conn.deliver(out)
+            if result == QUEUED:
                 sent += 1
-            elif conn.close_code == CloseCode.TRY_AGAIN_LATER:
-                dropped.append(conn)
-        for conn in dropped:
-            self.remove(conn)
-        self.counters.broadcasts += 1
-        self.counters.deliveries += sent
-        self.counters.slow_client_disconnects += len(dropped)
+            elif result:
+                slow += 1
+        counters = self.counters
+        counters.broadcasts += 1
+        counters.deliveries += sent
+        counters.slow_client_disconnects += slow
         return sent
 
     def send_to(self, conn: Connection, payload: bytes) -> bool:
-        """Send a payload to one member, applying the same slow-client policy."""
-        if conn.send(payload):
+        """Send a payload to one member, with the same slow-client policy."""
+        result = conn.deliver(Outgoing(payload))
+        if result == QUEUED:
             return True
-        if conn.close_code == CloseCode.TRY_AGAIN_LATER and conn.id in self._connections:
-            self.remove(conn)
+        if result:
             self.counters.slow_client_disconnects += 1
         return False
 

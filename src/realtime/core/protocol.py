@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import enum
 import re
-import struct
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -22,7 +21,6 @@ __all__ = [
     "MAX_REF_LENGTH",
     "MESSAGE_PREFIX",
     "NO_CATCHUP",
-    "PING_FRAME",
     "ROOM_PATTERN",
     "Catchup",
     "ClientFrame",
@@ -35,15 +33,14 @@ __all__ = [
     "Ping",
     "PresenceQuery",
     "SendMessage",
-    "close_frame",
     "decode_client_frame",
     "encode_ack",
     "encode_error",
     "encode_event",
+    "encode_member_event",
+    "encode_presence",
     "parse_catchup",
-    "pong_frame",
     "stamp_body",
-    "text_frame",
     "validate_room",
 ]
 
@@ -377,48 +374,25 @@ def encode_ack(
     return orjson.dumps(frame)
 
 
-def encode_error(code: str, message: str, ref: str | int | None = None) -> bytes:
-    frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
+def encode_member_event(kind: str, room: str, user_id: str, name: str, ts: int) -> bytes:
+    """``member_joined`` / ``member_left``."""
+    return orjson.dumps(
+        {"type": kind, "room": room, "user": {"id": user_id, "name": name}, "ts": ts}
+    )
+
+
+def encode_presence(
+    room: str, members: list[dict[str, Any]], ref: str | int | None = None
+) -> bytes:
+    """``presence``: a room's member list (each ``{"id", "name", "since"}``)."""
+    frame: dict[str, Any] = {"type": "presence", "room": room, "members": members}
     if ref is not None:
         frame["ref"] = ref
     return orjson.dumps(frame)
 
 
-_TEXT: Final = 0x81  # FIN + text opcode
-_CLOSE: Final = 0x88  # FIN + close opcode
-_PING: Final = 0x89  # FIN + ping opcode
-_PONG: Final = 0x8A  # FIN + pong opcode
-
-
-def _frame(first: int, payload: bytes) -> bytes:
-    n = len(payload)
-    if n < 126:
-        return struct.pack("!BB", first, n) + payload
-    if n < 1 << 16:
-        return struct.pack("!BBH", first, 126, n) + payload
-    return struct.pack("!BBQ", first, 127, n) + payload
-
-
-def text_frame(payload: bytes) -> bytes:
-    """An unmasked, uncompressed server-to-client text frame (RFC 6455 5.2).
-
-    Server frames are never masked, so without compression the bytes are the
-    same for every recipient: a broadcast builds them once and writes them to
-    every member's transport.
-    """
-    return _frame(_TEXT, payload)
-
-
-def close_frame(code: int, reason: str) -> bytes:
-    """A server-to-client close frame; the reason is cut to fit 123 bytes."""
-    return _frame(_CLOSE, struct.pack("!H", code) + reason.encode()[:123])
-
-
-def pong_frame(payload: bytes) -> bytes:
-    """The pong answering a client's ping: the same payload (at most 125
-    bytes: the frame reader refuses longer control frames)."""
-    return _frame(_PONG, payload)
-
-
-PING_FRAME: Final = _frame(_PING, b"")
-"""A server ping without payload (the keepalive's)."""
+def encode_error(code: str, message: str, ref: str | int | None = None) -> bytes:
+    frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if ref is not None:
+        frame["ref"] = ref
+    return orjson.dumps(frame)

@@ -2,13 +2,14 @@
 
 Each pod tracks its own live members per room (a user with several
 connections counts once, ``since`` its first). Every ``flush_interval`` the
-rooms that changed are written to a ``PresenceBackend`` as the difference
-between what the pod last wrote and what it has now — so a user who leaves
-and comes back within the interval (a reconnect) causes no event at all. The
-backend decides which changes are news to the room (a user still present on
-another pod neither joins nor leaves) and returns the event frames, which this
-pod delivers to its members (the Redis backend also publishes them to the
-other pods).
+rooms that changed are written to the backend's ``PresenceStore`` as the
+difference between what the pod last wrote and what it has now — so a user
+who leaves and comes back within the interval (a reconnect) causes no event
+at all. The store decides which changes are news to the room (a user still
+present on another pod neither joins nor leaves) and returns the event
+frames, which this pod hands to ``deliver`` (the node's way in for unordered
+messages, the same that other pods' events take; the Redis store publishes
+them to the other pods itself).
 
 Each pod refreshes its entries every ``ttl / 3``; the entries of a pod that
 stops refreshing (killed) vanish from every list after ``ttl`` and are pruned,
@@ -24,99 +25,16 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-import orjson
-
+from ..backends.base import Member, PresenceStore
 from ..core.connection import Connection
 from ..core.exceptions import BroadcastError
 from ..core.hub import LocalHub
 
-__all__ = [
-    "PRESENCE_BURST",
-    "Member",
-    "MemoryPresence",
-    "Presence",
-    "PresenceBackend",
-    "member_event",
-]
-
-PRESENCE_BURST = 10
-"""More join/leave events than this for one room in one write (a mass
-reconnect) are replaced by one ``presence`` frame with the member list."""
+__all__ = ["Presence"]
 
 log = logging.getLogger("realtime.presence")
-
-
-@dataclass(frozen=True, slots=True)
-class Member:
-    """One user present in a room; ``since`` in ms since the epoch."""
-
-    id: str
-    name: str
-    since: int
-
-    def as_json(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "since": self.since}
-
-
-def member_event(kind: str, room: str, user_id: str, name: str, ts: int) -> bytes:
-    """``member_joined`` / ``member_left`` frame."""
-    return orjson.dumps(
-        {"type": kind, "room": room, "user": {"id": user_id, "name": name}, "ts": ts}
-    )
-
-
-def presence_frame(room: str, members: list[Member]) -> bytes:
-    """``presence`` frame: the room's member list."""
-    return orjson.dumps(
-        {"type": "presence", "room": room, "members": [m.as_json() for m in members]}
-    )
-
-
-class PresenceBackend(Protocol):
-    async def sync(self, room: str, joins: list[Member], leaves: list[str]) -> list[bytes]:
-        """Record this pod's changes to ``room``; return the event frames
-        this pod must deliver locally. Raises ``BroadcastError``."""
-
-    async def refresh(self, rooms: list[str]) -> list[tuple[str, bytes]]:
-        """Keep this pod's entries alive and prune dead pods' entries;
-        return ``(room, event)`` frames to deliver locally."""
-
-    async def members(self, room: str) -> list[Member]:
-        """Everyone present in ``room`` on any live pod, one entry per user."""
-
-
-class MemoryPresence:
-    """Local-only presence: this pod is the whole world."""
-
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self._rooms: dict[str, dict[str, Member]] = {}
-        self._clock = clock
-
-    async def sync(self, room: str, joins: list[Member], leaves: list[str]) -> list[bytes]:
-        members = self._rooms.setdefault(room, {})
-        now = int(self._clock() * 1000)
-        events = []
-        for member in joins:
-            if member.id not in members:
-                members[member.id] = member
-                events.append(member_event("member_joined", room, member.id, member.name, now))
-        for user_id in leaves:
-            gone = members.pop(user_id, None)
-            if gone is not None:
-                events.append(member_event("member_left", room, user_id, gone.name, now))
-        if len(events) > PRESENCE_BURST:
-            events = [presence_frame(room, await self.members(room))]
-        if not members:
-            del self._rooms[room]
-        return events
-
-    async def refresh(self, rooms: list[str]) -> list[tuple[str, bytes]]:
-        return []
-
-    async def members(self, room: str) -> list[Member]:
-        return sorted(self._rooms.get(room, {}).values(), key=lambda m: (m.since, m.id))
 
 
 @dataclass(slots=True)
@@ -142,14 +60,16 @@ class Presence:
     def __init__(
         self,
         hub: LocalHub,
-        backend: PresenceBackend,
+        store: PresenceStore,
         *,
+        deliver: Callable[[str, bytes], None],
         ttl: float = 15.0,
         flush_interval: float = 0.2,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._hub = hub
-        self._backend = backend
+        self._store = store
+        self._deliver_event = deliver
         self.ttl = ttl
         self._flush_interval = flush_interval
         self._clock = clock
@@ -157,7 +77,7 @@ class Presence:
         self._by_connection: dict[str, tuple[str, ...]] = {}
         """Rooms each connection is present in (tuples, like ``_Local``)."""
         self._written: dict[str, dict[str, None]] = {}
-        """Users this pod last wrote to the backend, per room: an ordered set
+        """Users this pod last wrote to the store, per room: an ordered set
         (keys only: a ``Member`` per user would cost 56 bytes more)."""
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
@@ -209,7 +129,7 @@ class Presence:
 
     async def members(self, room: str) -> list[Member]:
         """Everyone in ``room`` on every pod; raises ``BroadcastError``."""
-        return await self._backend.members(room)
+        return await self._store.members(room)
 
     # -- background ------------------------------------------------------------------
 
@@ -245,7 +165,7 @@ class Presence:
             await self.flush()
 
     async def flush(self) -> None:
-        """Write every changed room's difference to the backend."""
+        """Write every changed room's difference to the store."""
         rooms, self._dirty = self._dirty, set()
         for room in rooms:
             local = self._local.get(room, {})
@@ -259,7 +179,7 @@ class Presence:
             if not joins and not leaves:
                 continue
             try:
-                events = await self._backend.sync(room, joins, leaves)
+                events = await self._store.update(room, joins, leaves)
             except BroadcastError as exc:
                 self._failed(exc)
                 self._dirty.add(room)  # retried at the next flush
@@ -278,11 +198,11 @@ class Presence:
     async def _refresher(self) -> None:
         while True:
             await asyncio.sleep(self.ttl / 3)  # the heartbeat period
-            rooms = sorted(set(self._written) | set(self._hub.room_sizes()))
+            rooms = sorted(set(self._written) | set(self._hub.rooms()))
             if not rooms:
                 continue
             try:
-                events = await self._backend.refresh(rooms)
+                events = await self._store.refresh(rooms)
             except BroadcastError as exc:
                 self._failed(exc)
                 continue
@@ -303,7 +223,7 @@ class Presence:
 
     def _deliver(self, room: str, events: list[bytes]) -> None:
         for event in events:
-            self._hub.broadcast(room, event)
+            self._deliver_event(room, event)
         self.events_sent += len(events)
 
     def stats(self) -> dict[str, Any]:

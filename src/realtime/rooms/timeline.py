@@ -1,45 +1,54 @@
-"""Timeline: each room's messages on this pod in offset order, and catch-up.
+"""Timeline: each hosted room's messages on this pod in offset order, and catch-up.
 
-The timeline sits between the room log (offsets and history, in memory or
-in Redis), the hub and the handler:
+The node opens a ``Room`` here when a room gets its first local member and
+closes it after the last one leaves. Every entry that reaches the pod for
+the room (``offer``), its own and other pods', goes through the room's
+``RoomSequencer``, which hands back what may be delivered, in order; a gap is
+repaired from the backend's history after ``gap_wait``. ``attach`` joins a
+member with a catch-up (resume from an offset, or recent history): it waits
+outside live delivery while the catch-up is gathered, then gets the ``sync``
+frame, the missed messages and live ones in one synchronous step, so nothing
+can fall between.
 
-- it is the hub's ``RoomWatcher``: when a room gets its first local member it
-  creates the room's ``RoomSequencer`` and subscribes; once the log says the
-  room is ``ready`` (subscribed for sure), it reads where the room stands;
-- it is the log's ``LogSink``: every entry that reaches the pod, its own
-  included, goes through the room's sequencer, which hands back what may be
-  delivered, in order. A gap is repaired from history after ``gap_wait``;
-- ``attach`` joins a connection to a room with a catch-up (resume from an
-  offset, or recent history): the member waits outside live delivery while
-  the catch-up is gathered, and then gets the ``sync`` frame, the missed
-  messages and live ones in one synchronous step, so nothing can fall between.
+A room's ``state`` says what the pod knows of it and which read is under way
+(one at a time)::
 
-The sequencers are pure; this module owns the few tasks and timers (store
-reads) and cancels them on ``stop``.
+    SUBSCRIBING ──ready──▶ READING ──read──▶ LIVE ──gap due──▶ REPAIRING
+                            │    ▲           ▲  │                │
+                      failed│    │again      │  └──ready─▶ READING ◀──ready
+                            ▼    │           └────────repaired────┘
+                           RETRYING
+    (any) ──close──▶ CLOSED
+
+``ready`` comes from the backend after each (re)subscription, and after an
+append whose answer was lost (``reread``): the room is read again from where
+this pod stands, whatever it was doing. The sequencers are pure; this module
+owns the few tasks and timers (the reads) and cancels them on close.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import enum
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
-from ..backends.base import Broadcaster, LinkState, RoomLog, Stamp, Unstored
+from ..backends.base import Backend, LinkState
 from ..core.connection import Connection
-from ..core.exceptions import BroadcastError
+from ..core.exceptions import BroadcastError, StateError
 from ..core.hub import LocalHub
-from ..core.protocol import Catchup, Message, encode_event
+from ..core.protocol import Catchup, encode_event
 from ..core.sequencer import Entry, RoomSequencer, Step
 
-__all__ = ["Timeline", "TimelineSettings"]
+__all__ = ["Room", "RoomState", "Timeline", "TimelineSettings"]
 
 log = logging.getLogger("realtime.timeline")
 
 MAX_REPAIR_TRIES = 3
+MAX_RETRY_DELAY = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,21 +75,72 @@ class TimelineCounters:
     unknown: int = 0
 
 
-@dataclass(slots=True)
-class _Room:
-    seq: RoomSequencer
-    synced: asyncio.Event = field(default_factory=asyncio.Event)
-    tried: asyncio.Event = field(default_factory=asyncio.Event)
-    """Set after the first attempt to read the room's state, even a failed one."""
-    progress: asyncio.Event = field(default_factory=asyncio.Event)
-    gap_timer: asyncio.TimerHandle | None = None
-    repair_tries: int = 0
-    syncing: bool = False
-    repairing: bool = False
-    again: bool = False
-    """A resubscription came while a read was in flight: read once more."""
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    """Cuts a failed read's backoff short when the subscription is confirmed."""
+class RoomState(enum.Enum):
+    SUBSCRIBING = "subscribing"
+    """Subscribed, not confirmed: entries are held, nothing is read yet."""
+    READING = "reading"
+    """Reading where the room stands (first), or what this pod missed."""
+    RETRYING = "retrying"
+    """A read failed: waiting to try again (``ready`` cuts the wait short)."""
+    LIVE = "live"
+    """Delivering in offset order; no read under way."""
+    REPAIRING = "repairing"
+    """Delivering, and reading the offsets of a gap from history."""
+    CLOSED = "closed"
+    """No local member any more (or the timeline stopped)."""
+
+
+_MOVES = {
+    RoomState.SUBSCRIBING: {RoomState.READING, RoomState.CLOSED},
+    RoomState.READING: {RoomState.LIVE, RoomState.RETRYING, RoomState.CLOSED},
+    RoomState.RETRYING: {RoomState.READING, RoomState.CLOSED},
+    RoomState.LIVE: {RoomState.READING, RoomState.REPAIRING, RoomState.CLOSED},
+    RoomState.REPAIRING: {RoomState.LIVE, RoomState.READING, RoomState.CLOSED},
+    RoomState.CLOSED: set(),
+}
+
+
+class Room:
+    """One hosted room: its sequencer, state and the read under way."""
+
+    __slots__ = (
+        "changed",
+        "gap_timer",
+        "name",
+        "read_again",
+        "reader",
+        "repair_tries",
+        "seq",
+        "state",
+    )
+
+    def __init__(self, name: str, keep: int) -> None:
+        self.name = name
+        self.seq = RoomSequencer(keep)
+        self.state = RoomState.SUBSCRIBING
+        self.reader: asyncio.Task[None] | None = None
+        """The read under way (READING, RETRYING, REPAIRING), at most one."""
+        self.read_again = False
+        """``ready`` came while reading: what is being read may predate it."""
+        self.gap_timer: asyncio.TimerHandle | None = None
+        self.repair_tries = 0
+        self.changed = asyncio.Event()
+        """Set (and replaced) whenever the room moves on: a state change or
+        delivered entries. Joins waiting for the room wait on it."""
+
+    def move(self, new: RoomState) -> None:
+        if new not in _MOVES[self.state]:
+            raise StateError(f"room {self.name}: {self.state.value} -> {new.value}")
+        self.state = new
+        self.notify()
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    @property
+    def closed(self) -> bool:
+        return self.state is RoomState.CLOSED
 
 
 class Timeline:
@@ -89,118 +149,95 @@ class Timeline:
     def __init__(
         self,
         hub: LocalHub,
-        broadcaster: Broadcaster,
-        room_log: RoomLog,
+        backend: Backend,
         settings: TimelineSettings | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._hub = hub
-        self._broadcaster = broadcaster
-        self._log = room_log
+        self._backend = backend
         self.settings = settings or TimelineSettings()
         self._clock = clock
-        self._rooms: dict[str, _Room] = {}
+        self._rooms: dict[str, Room] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopped = False
         self.counters = TimelineCounters()
-        room_log.attach(self)
 
-    # -- RoomWatcher (from the hub) ------------------------------------------
+    # -- rooms (from the node) --------------------------------------------------
 
-    def subscribe(self, room: str) -> None:
-        self._rooms[room] = _Room(RoomSequencer(self.settings.keep))
-        self._broadcaster.subscribe(room)
+    def open(self, name: str) -> None:
+        """``name`` has its first local member (the node subscribes next)."""
+        if not self._stopped:
+            self._rooms[name] = Room(name, self.settings.keep)
 
-    def unsubscribe(self, room: str) -> None:
-        state = self._rooms.pop(room, None)
-        if state is not None and state.gap_timer is not None:
-            state.gap_timer.cancel()
-        self._broadcaster.unsubscribe(room)
+    def close(self, name: str) -> None:
+        """``name`` has no local member any more: stop its reads and timers."""
+        room = self._rooms.pop(name, None)
+        if room is not None:
+            self._close(room)
 
-    # -- LogSink (from the room log) ---------------------------------------
+    def _close(self, room: Room) -> None:
+        if room.gap_timer is not None:
+            room.gap_timer.cancel()
+            room.gap_timer = None
+        if room.reader is not None:
+            room.reader.cancel()
+            room.reader = None
+        room.move(RoomState.CLOSED)
 
-    def entry(self, room: str, entry: Entry) -> None:
-        state = self._rooms.get(room)
-        if state is None:
+    def offer(self, name: str, entry: Entry) -> None:
+        """A room entry reached this pod, from any source."""
+        room = self._rooms.get(name)
+        if room is None:
             return
         self.counters.entries += 1
-        self._apply(room, state, state.seq.offer(entry, self._clock()))
+        self._apply(room, room.seq.offer(entry, self._clock()))
 
-    def ready(self, room: str) -> None:
-        state = self._rooms.get(room)
-        if state is None or self._stopped:
-            return
-        if state.syncing:
-            state.again = True  # what it reads may predate the resubscription
-            state.wake.set()  # and if it is backing off, the link is back: read now
-            return
-        state.syncing = True
-        self._spawn(self._sync(room, state))
-
-    # -- publishing ------------------------------------------------------------
-
-    def publish(
-        self,
-        message: Message,
-        done: Callable[[Stamp | None], None] | None = None,
-        *,
-        idempotency_key: str | None = None,
-        local_fallback: bool = True,
-    ) -> None:
-        """Send a room message: stamped, stored and published by the room
-        log, delivered here in offset order; ``done`` gets the stamp, or None.
-
-        If it cannot be stored (link down), it is delivered to this pod's
-        members only, without offset (unless ``local_fallback`` is false).
-        If the answer was lost on the way (it may or may not have been
-        stored), it is not delivered here unstamped: the room is read again
-        from where this pod stands, so it arrives once, in order, if it was
-        stored."""
-        room = message.room
+    def ready(self, name: str) -> None:
+        """Every later entry of ``name`` will be offered: read where the room
+        stands (the first time) or what this pod missed (after that)."""
+        room = self._rooms.get(name)
         if room is None:
-            raise ValueError("Timeline.publish takes room messages")
+            return
+        state = room.state
+        if state is RoomState.READING:
+            room.read_again = True
+        elif state is not RoomState.CLOSED:
+            if room.reader is not None:  # retrying or repairing: read now instead
+                room.reader.cancel()
+            room.move(RoomState.READING)
+            self._start_read(room)
 
-        def stamped(outcome: Stamp | Unstored) -> None:
-            if isinstance(outcome, Stamp):
-                if done is not None:
-                    done(outcome)
-                return
-            if outcome is Unstored.UNKNOWN:
-                self.counters.unknown += 1
-                self.ready(room)  # reads what the room has after our last offset
-            elif local_fallback:
-                self.counters.unstamped += 1
-                self._hub.broadcast(room, message.encode())
-            if done is not None:
-                done(None)
-
-        self._log.append(message, stamped, idempotency_key=idempotency_key)
+    reread = ready
+    """An append's answer was lost: read what the room has after this pod's
+    last offset, so the message appears once, in order, if it was stored."""
 
     # -- catch-up ----------------------------------------------------------------
 
     async def attach(
         self,
         conn: Connection,
-        room: str,
+        name: str,
         catchup: Catchup,
         greet: Callable[[], object] | None = None,
     ) -> None:
-        """Join ``conn`` to ``room``: ``greet()`` (the caller's welcome or
-        joined frame), a ``sync`` frame if a catch-up was asked for, what it
-        missed, then live messages, with no gap and no duplicate. Once
-        greeted, the member gets every message with a later offset."""
-        self._hub.join(conn, room, live=False)
-        state = self._rooms[room]
-        entries, complete, reason = await self._gather(conn, room, state, catchup)
-        if not self._hub.is_waiting(conn, room) or self._rooms.get(room) is not state:
+        """Take ``conn``, a waiting member of ``name`` (``hub.join(...,
+        live=False)``), live: ``greet()`` (the caller's welcome or joined
+        frame), a ``sync`` frame if a catch-up was asked for, what it missed,
+        then live messages, with no gap and no duplicate. Once greeted, the
+        member gets every message with a later offset."""
+        room = self._rooms.get(name)
+        if room is None:
+            return
+        entries, complete, reason = await self._gather(conn, room, catchup)
+        if room.closed or not self._hub.is_waiting(conn, name):
             return  # it left, or closed, meanwhile
         if greet is not None:
             greet()
-        seq = state.seq
+        seq = room.seq
         if catchup.asked or not complete:
             frame: dict[str, Any] = {
-                "room": room,
+                "room": name,
                 "epoch": seq.epoch,
                 "offset": seq.last if seq.synced else None,
                 "replayed": len(entries),
@@ -215,204 +252,204 @@ class Timeline:
             if not self._hub.send_to(conn, entry.payload):
                 return
         self.counters.replayed += len(entries)
-        self._hub.go_live(conn, room)
+        self._hub.go_live(conn, name)
+
+    async def _until(self, room: Room, done: Callable[[], bool], timeout: float) -> bool:
+        """Wait (at most ``timeout`` seconds) until ``done()`` or the room closes."""
+        deadline = self._clock() + timeout
+        while not done():
+            left = deadline - self._clock()
+            if room.closed or left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(room.changed.wait(), left)
+            except TimeoutError:
+                return done()
+        return True
 
     async def _gather(
-        self, conn: Connection, room: str, state: _Room, catchup: Catchup
+        self, conn: Connection, room: Room, catchup: Catchup
     ) -> tuple[list[Entry], bool, str | None]:
         """``(entries, complete, reason)``: what ``conn`` missed, from memory
         or history, ending at the room's last delivered offset."""
-        deadline = self._clock() + self.settings.sync_timeout
-        if not state.seq.synced:
-            if self._broadcaster.state not in (LinkState.LOCAL_ONLY, LinkState.CONNECTED):
+        settings = self.settings
+        seq = room.seq
+        if not seq.synced:
+            if self._backend.state not in (LinkState.LOCAL_ONLY, LinkState.CONNECTED):
                 return [], False, "unavailable"  # no waiting while the link is down
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(state.tried.wait(), self.settings.sync_timeout)
-            if not state.seq.synced:
+            tried = await self._until(
+                room,
+                lambda: seq.synced or room.state is RoomState.RETRYING,
+                settings.sync_timeout,
+            )
+            if not tried or not seq.synced:
                 return [], False, "unavailable"
         since = catchup.since
-        if since is not None and catchup.epoch in (None, state.seq.epoch):
+        if since is not None and catchup.epoch in (None, seq.epoch):
             # The client saw an offset this pod has not delivered yet (it was
             # on a faster pod): wait for it, briefly, rather than resend it.
-            limit = min(deadline, self._clock() + 4 * self.settings.gap_wait + 1.0)
-            while state.seq.last < since and (left := limit - self._clock()) > 0:
-                try:
-                    await asyncio.wait_for(state.progress.wait(), left)
-                except TimeoutError:
-                    break
+            wait = min(settings.sync_timeout, 4 * settings.gap_wait + 1.0)
+            await self._until(room, lambda: seq.last >= since, wait)
         for _ in range(3):
-            if not self._hub.is_waiting(conn, room) or self._rooms.get(room) is not state:
+            if room.closed or not self._hub.is_waiting(conn, room.name):
                 return [], False, "unavailable"
-            seq = state.seq
-            complete, reason, after = _plan(catchup, seq.epoch, seq.last, self.settings.keep)
+            complete, reason, after = _plan(catchup, seq.epoch, seq.last, settings.keep)
             entries = seq.since(after)
             if entries is not None:
                 return entries, complete, reason
             self.counters.history_reads += 1
             try:
-                got = await self._log.read(room, after, self.settings.keep, epoch=seq.epoch)
+                got = await self._backend.read(room.name, after, settings.keep, epoch=seq.epoch)
             except BroadcastError as exc:
-                log.warning("history read for %s failed: %s", room, exc)
+                log.warning("history read for %s failed: %s", room.name, exc)
                 return [], False, "unavailable"
-            if got.epoch != state.seq.epoch:
+            if got.epoch != seq.epoch:
                 continue
             if got.first > after + 1 and reason is None:
                 complete, reason = False, "window_exceeded"
-            head = [e for e in got.entries if e.offset <= state.seq.last]
+            head = [e for e in got.entries if e.offset <= seq.last]
             upto = head[-1].offset if head else max(after, got.first - 1)
-            rest = state.seq.since(upto)
+            rest = seq.since(upto)
             if rest is not None:
                 return head + rest, complete, reason
         return [], False, "unavailable"
 
-    # -- room state ----------------------------------------------------------
+    # -- reading the store ------------------------------------------------------------
 
-    async def _sync(self, room: str, state: _Room) -> None:
-        """Read where ``room`` stands (first time) or what was missed (after
-        a resubscription), retrying while the room is hosted here."""
+    def _start_read(self, room: Room) -> None:
+        room.read_again = False
+        room.reader = self._spawn(self._read(room))
+
+    async def _read(self, room: Room) -> None:
+        """READING: where the room stands (the first time) or what was missed
+        after this pod's last offset; retried with backoff until it works or
+        the room closes (``ready`` restarts it at once)."""
         delay = self.settings.gap_wait
-        try:
-            while self._rooms.get(room) is state:
-                seq = state.seq
-                try:
-                    if seq.synced:
-                        got = await self._log.read(
-                            room, seq.last, self.settings.keep, epoch=seq.epoch
-                        )
-                    else:
-                        got = await self._log.read(room, -1, self.settings.keep)
-                except BroadcastError as exc:
-                    log.warning("reading the state of room %s failed: %s", room, exc)
-                    state.tried.set()
-                    state.wake.clear()
-                    # Back off before retrying, unless the link comes back first.
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(state.wake.wait(), delay)
-                    delay = min(delay * 2, 5.0)
-                    continue
-                if self._rooms.get(room) is not state:
-                    return
-                now = self._clock()
+        keep = self.settings.keep
+        seq = room.seq
+        while True:
+            try:
                 if seq.synced:
-                    step = seq.fill(got.epoch, got.entries, newest=got.newest, now=now)
-                    self.counters.recovered += len(step.deliver)
+                    got = await self._backend.read(room.name, seq.last, keep, epoch=seq.epoch)
                 else:
-                    step = seq.start(got.epoch, got.newest, got.entries, now=now)
-                state.synced.set()
-                state.tried.set()
-                self._apply(room, state, step)
-                return
-        finally:
-            state.syncing = False
-            if state.again and self._rooms.get(room) is state and not self._stopped:
-                state.again = False
-                self.ready(room)
+                    got = await self._backend.read(room.name, -1, keep)
+            except BroadcastError as exc:
+                log.warning("reading the state of room %s failed: %s", room.name, exc)
+                room.move(RoomState.RETRYING)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_RETRY_DELAY)
+                room.move(RoomState.READING)
+                continue
+            now = self._clock()
+            if seq.synced:
+                step = seq.fill(got.epoch, got.entries, newest=got.newest, now=now)
+                self.counters.recovered += len(step.deliver)
+            else:
+                step = seq.start(got.epoch, got.newest, got.entries, now=now)
+            self._apply(room, step)
+            if not room.read_again:
+                break
+            room.read_again = False  # what was read may predate a resubscription
+        room.reader = None
+        room.move(RoomState.LIVE)
 
-    def _apply(self, room: str, state: _Room, step: Step) -> None:
-        seq = state.seq
+    def _gap_due(self, room: Room) -> None:
+        room.gap_timer = None
+        if room.seq.gap() is None:
+            return
+        if room.state is not RoomState.LIVE:  # one read at a time; look again after it
+            self._schedule_gap(room, self.settings.gap_wait)
+            return
+        room.move(RoomState.REPAIRING)
+        room.reader = self._spawn(self._repair(room))
+
+    async def _repair(self, room: Room) -> None:
+        gap = room.seq.gap()
+        assert gap is not None  # only started for a gap, and nothing ran since
+        after, highest = gap
+        self.counters.gap_repairs += 1
+        try:
+            got = await self._backend.read(room.name, after, highest - after, epoch=room.seq.epoch)
+        except BroadcastError as exc:
+            room.reader = None
+            room.move(RoomState.LIVE)
+            room.repair_tries += 1
+            if room.repair_tries < MAX_REPAIR_TRIES:
+                log.warning("room %s: repairing a gap failed (%s); will retry", room.name, exc)
+                self._schedule_gap(room, self.settings.gap_wait)
+            else:
+                tries = room.repair_tries
+                log.warning("room %s: giving up on a gap after %d tries", room.name, tries)
+                self._apply(room, room.seq.skip_gap(self._clock()))
+            return
+        room.reader = None
+        room.move(RoomState.LIVE)
+        step = room.seq.fill(got.epoch, got.entries, newest=got.newest, now=self._clock())
+        self.counters.recovered += len(step.deliver)
+        self._apply(room, step)
+
+    def _schedule_gap(self, room: Room, wait: float) -> None:
+        if room.gap_timer is None and not room.closed:
+            loop = asyncio.get_running_loop()
+            room.gap_timer = loop.call_later(wait, self._gap_due, room)
+
+    # -- delivering ----------------------------------------------------------------
+
+    def _apply(self, room: Room, step: Step) -> None:
+        """Hand a sequencer step's entries to the room's members, in order,
+        with the ``sync`` frames that must come before them."""
+        seq = room.seq
+        name = room.name
         if step.epoch_changed:
             self.counters.epoch_changes += 1
-            log.warning("room %s: epoch changed to %s (its stored state was lost)", room, seq.epoch)
-            self._hub.broadcast(
-                room,
-                encode_event(
-                    "sync",
-                    room=room,
-                    epoch=seq.epoch,
-                    offset=0,
-                    replayed=0,
-                    complete=False,
-                    reason="epoch_changed",
-                ),
-            )
+            log.warning("room %s: epoch changed to %s (its stored state was lost)", name, seq.epoch)
+            self._tell(name, seq.epoch, 0, "epoch_changed")
         for index, entry in enumerate(step.deliver):
             if index == step.skipped_at:
-                self._tell_lost(room, seq.epoch, step)
-            self._hub.broadcast(room, entry.payload)
+                self._tell(name, seq.epoch, step.skipped_to, "window_exceeded", lost=step.lost)
+            self._hub.broadcast(name, entry.payload)
         if step.skipped_at is not None and step.skipped_at >= len(step.deliver):
-            self._tell_lost(room, seq.epoch, step)
+            self._tell(name, seq.epoch, step.skipped_to, "window_exceeded", lost=step.lost)
         if step.deliver:
             self.counters.delivered += len(step.deliver)
-            state.progress.set()
-            state.progress = asyncio.Event()
+            room.notify()
         if step.lost:
             self.counters.lost += step.lost
-            log.warning("room %s: %d message(s) skipped: no longer in history", room, step.lost)
+            log.warning("room %s: %d message(s) skipped: no longer in history", name, step.lost)
         if seq.gap_since is None:
-            state.repair_tries = 0
-            if state.gap_timer is not None:
-                state.gap_timer.cancel()
-                state.gap_timer = None
-        elif state.gap_timer is None and not self._stopped:
-            wait = max(0.0, seq.gap_since + self.settings.gap_wait - self._clock())
-            state.gap_timer = asyncio.get_running_loop().call_later(
-                wait, self._gap_due, room, state
+            room.repair_tries = 0
+            if room.gap_timer is not None:
+                room.gap_timer.cancel()
+                room.gap_timer = None
+        else:
+            self._schedule_gap(
+                room, max(0.0, seq.gap_since + self.settings.gap_wait - self._clock())
             )
 
-    def _tell_lost(self, room: str, epoch: str | None, step: Step) -> None:
-        """Members are told, before the messages that follow, that some
+    def _tell(self, name: str, epoch: str | None, offset: int, reason: str, **extra: int) -> None:
+        """A ``sync`` frame to the room's members: the epoch changed, or some
         offsets could not be delivered (no longer in history)."""
         self._hub.broadcast(
-            room,
+            name,
             encode_event(
                 "sync",
-                room=room,
+                room=name,
                 epoch=epoch,
-                offset=step.skipped_to,
+                offset=offset,
                 replayed=0,
                 complete=False,
-                reason="window_exceeded",
-                lost=step.lost,
+                reason=reason,
+                **extra,
             ),
         )
 
-    def _gap_due(self, room: str, state: _Room) -> None:
-        state.gap_timer = None
-        if self._rooms.get(room) is not state or state.seq.gap() is None:
-            return
-        if state.repairing:  # one read at a time; look again after it
-            state.gap_timer = asyncio.get_running_loop().call_later(
-                self.settings.gap_wait, self._gap_due, room, state
-            )
-            return
-        self._spawn(self._repair(room, state))
-
-    async def _repair(self, room: str, state: _Room) -> None:
-        gap = state.seq.gap()
-        if gap is None:
-            return
-        after, highest = gap
-        self.counters.gap_repairs += 1
-        state.repairing = True
-        try:
-            got = await self._log.read(room, after, highest - after, epoch=state.seq.epoch)
-        except BroadcastError as exc:
-            state.repair_tries += 1
-            if self._rooms.get(room) is not state:
-                return
-            if state.repair_tries < MAX_REPAIR_TRIES:
-                log.warning("room %s: repairing a gap failed (%s); will retry", room, exc)
-                if state.gap_timer is None and not self._stopped:
-                    state.gap_timer = asyncio.get_running_loop().call_later(
-                        self.settings.gap_wait, self._gap_due, room, state
-                    )
-                return
-            log.warning("room %s: giving up on a gap after %d tries", room, state.repair_tries)
-            self._apply(room, state, state.seq.skip_gap(self._clock()))
-            return
-        finally:
-            state.repairing = False
-        if self._rooms.get(room) is state:
-            step = state.seq.fill(got.epoch, got.entries, newest=got.newest, now=self._clock())
-            self.counters.recovered += len(step.deliver)
-            self._apply(room, state, step)
-
     # -- lifecycle ----------------------------------------------------------------
 
-    def _spawn(self, coro: Any) -> None:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -420,27 +457,25 @@ class Timeline:
             log.error("timeline task failed", exc_info=exc)
 
     async def stop(self) -> None:
-        """Cancel timers and reads; idempotent."""
+        """Close every room: cancel its timers and reads; idempotent."""
         self._stopped = True
-        for state in self._rooms.values():
-            if state.gap_timer is not None:
-                state.gap_timer.cancel()
-                state.gap_timer = None
+        rooms, self._rooms = self._rooms, {}
+        for room in rooms.values():
+            self._close(room)
         tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def stats(self) -> dict[str, Any]:
         c = self.counters
+        rooms = self._rooms.values()
         return {
             "rooms": len(self._rooms),
-            "rooms_holding": sum(1 for s in self._rooms.values() if s.seq.gap() is not None),
-            "held": sum(s.seq.held for s in self._rooms.values()),
+            "rooms_holding": sum(1 for r in rooms if r.seq.gap() is not None),
+            "held": sum(r.seq.held for r in rooms),
             "entries": c.entries,
             "delivered": c.delivered,
-            "duplicates_dropped": sum(s.seq.duplicates for s in self._rooms.values()),
+            "duplicates_dropped": sum(r.seq.duplicates for r in rooms),
             "gap_repairs": c.gap_repairs,
             "lost": c.lost,
             "epoch_changes": c.epoch_changes,

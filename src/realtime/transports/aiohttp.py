@@ -1,431 +1,238 @@
-"""The aiohttp adapter: WebSocket routes, the reader loop, and stats.
+"""The aiohttp transport: the fast path ``chat-api`` runs on.
 
-With ``wsio``, its plumbing, the only module of ``realtime`` that knows
-aiohttp. Each connection costs one task (aiohttp's request handler, which runs
-the reader loop) and no writer task: frames go straight to the connection's
-transport, whose write buffer is the bounded send buffer (see ``wsio`` and
-``connection.py``). Nor does it cost a timer: one pod-wide keepalive tick
-pings the clients that have gone quiet (see ``guard``).
+``AiohttpTransport(node)`` serves the WebSocket routes (``routes(prefix)``:
+``GET {prefix}`` for the global channel, ``GET {prefix}/{room}``). Each
+connection costs one task — aiohttp's request handler, which runs the reader
+loop and hands every frame to the connection's ``Session`` — and no writer
+task: frames go straight to the connection's asyncio transport, whose write
+buffer is the bounded send buffer (see ``core.connection``), and a broadcast
+builds its RFC 6455 frame once for every member (``rfc6455.text_frame``).
+Nor does a connection cost a timer: one pod-wide keepalive tick pings the
+clients that have gone quiet and closes those that do not answer.
 """
 
 from __future__ import annotations
 
-import functools
+import asyncio
 import logging
-import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from ..backends.base import Broadcaster, Stamp
-from ..core.access import admission
-from ..core.connection import Connection, ConnectionState
-from ..core.exceptions import BroadcastError, ProtocolError
+from ..core.connection import ConnectionState, Outgoing
+from ..core.exceptions import Refused
 from ..core.hub import LocalHub
-from ..core.protocol import (
-    Catchup,
-    ClientFrame,
-    CloseCode,
-    ErrorCode,
-    Join,
-    Leave,
-    Message,
-    Ping,
-    PresenceQuery,
-    SendMessage,
-    decode_client_frame,
-    encode_ack,
-    encode_error,
-    encode_event,
-    pong_frame,
-)
-from ..rooms.presence import Presence
-from ..rooms.timeline import Timeline
-from .guard import Guard, Keepalive, Warden
-from .wsio import Closer, Identify, Ids, TransportSink, guest_identity, requested_room, upgrade
+from ..core.protocol import CloseCode
+from ..node import Node
+from ..session import Session
+from .rfc6455 import PING_FRAME, close_frame, pong_frame, text_frame
 
-__all__ = ["Handler", "HandlerSettings", "Identify", "guest_identity"]
+__all__ = ["AiohttpTransport"]
 
-log = logging.getLogger("realtime.handler")
+log = logging.getLogger("realtime.transports.aiohttp")
 
 
-@dataclass(frozen=True, slots=True)
-class HandlerSettings:
-    pod_id: str
-    max_message_bytes: int = 64 * 1024
-    max_buffered_bytes: int = 1024 * 1024
-    max_rooms: int = 10
-    ping_interval: float = 20.0
-    close_timeout: float = 5.0
-    max_connections: int = 0
-    """Open connections on this pod before new ones get HTTP 503 (0: no cap)."""
-    rate_per_second: float = 0.0
-    """Client frames per second per connection (0: no limit); see ``ratelimit``."""
-    rate_burst: int = 100
-    """Frames a connection may send at once before ``rate_per_second`` applies."""
-    rate_max_refused: int = 100
-    """Refused frames (draining at the rate) before a flood is closed with 1008."""
-
-
-@dataclass(slots=True)
-class HandlerCounters:
-    connections_accepted: int = 0
-    messages_received: int = 0
-    errors_sent: int = 0
-    refused: dict[int, int] = field(default_factory=dict)
-    started: float = field(default_factory=time.monotonic)
-
-
-class Handler:
-    """WebSocket endpoints of one pod: ``routes()``, ``handle_websocket``, ``stats()``."""
+class AiohttpTransport:
+    """WebSocket endpoints of one pod on an aiohttp server."""
 
     def __init__(
-        self,
-        hub: LocalHub,
-        broadcaster: Broadcaster,
-        settings: HandlerSettings,
-        *,
-        identify: Identify = guest_identity,
-        timeline: Timeline | None = None,
-        presence: Presence | None = None,
+        self, node: Node, *, ping_interval: float = 20.0, close_timeout: float = 5.0
     ) -> None:
-        self._hub = hub
-        self._timeline = timeline
-        """Room offsets, order and catch-up; None: plain best-effort rooms."""
-        self._presence = presence
-        self._broadcaster = broadcaster
-        self._settings = settings
+        self._node = node
+        self._close_timeout = close_timeout
         # aiohttp refuses a message of exactly max_msg_size bytes. (Computed
         # once: an int this large is a new object each time, kept per socket.)
-        self._max_msg_size = settings.max_message_bytes + 1
-        self._identify = identify
-        self._message_ids = Ids()
-        self._connection_ids = Ids()
-        self._closer = Closer(settings.close_timeout)
-        self._draining = False
-        self._live = 0
-        self._keepalive = Keepalive(hub, settings.ping_interval)
-        self._warden = Warden(
-            hub,
-            max_rooms=settings.max_rooms,
-            rate_per_second=settings.rate_per_second,
-            rate_burst=settings.rate_burst,
-            rate_max_refused=settings.rate_max_refused,
-        )
-        self.counters = HandlerCounters()
-
-    # -- routes -----------------------------------------------------------
+        self._max_msg_size = node.settings.limits.max_message_bytes + 1
+        self._closer = _Closer(close_timeout)
+        self._keepalive = _Keepalive(node.hub, ping_interval)
 
     def routes(self, prefix: str = "") -> list[web.RouteDef]:
         """``GET {prefix}`` (global) and ``GET {prefix}/{room}``."""
-        return [
-            web.get(prefix, self.handle_websocket),
-            web.get(prefix + "/{room}", self.handle_websocket),
-        ]
+        return [web.get(prefix, self.handle), web.get(prefix + "/{room}", self.handle)]
 
-    def new_message_id(self) -> str:
-        """A fresh message id, unique across pods (for server-made messages)."""
-        return self._message_ids()
-
-    @property
-    def draining(self) -> bool:
-        return self._draining
-
-    def start_draining(self) -> None:
-        """Refuse new connections from now on (readiness turns false)."""
-        self._draining = True
-
-    # -- lifecycle of one connection -----------------------------------------
-
-    async def handle_websocket(self, request: web.Request) -> web.StreamResponse:
-        """Refuse with an HTTP error before accepting (shutting down, pod full,
-        bad room, or whatever ``identify`` refuses), else serve the socket.
-
-        This coroutine is the connection's reader loop, and all that an idle
-        connection keeps of the handler's besides a ``Connection`` and a
-        ``Guard`` (aiohttp keeps its own objects): the set-up runs in
-        ``_accept``, which has returned before the loop waits, so its locals
-        are not held for the connection's lifetime.
-        """
-        cap = self._settings.max_connections
-        if self._draining:
-            raise self._refused(web.HTTPServiceUnavailable(text="server is shutting down"))
-        if cap and self._live >= cap:
-            raise self._refused(
-                web.HTTPServiceUnavailable(
-                    text="server is full; try again later", headers={"Retry-After": "1"}
-                )
-            )
-        self._live += 1
-        try:
-            try:
-                ws, conn, guard = await self._accept(request)
-            except web.HTTPException as exc:
-                self._refused(exc)
-                raise
-            if conn is None or guard is None:  # vanished during the upgrade
-                return ws
-            try:
-                while True:
-                    msg = await ws.receive()
-                    conn.quiet_ticks = 0
-                    if msg.type is WSMsgType.TEXT:
-                        if conn.state is ConnectionState.OPEN:
-                            pending = self._on_text(conn, guard, msg.data)
-                            if pending is not None:
-                                # A join with catch-up: later frames of this
-                                # client wait for it, so they keep their order.
-                                await pending
-                    elif msg.type is WSMsgType.BINARY:
-                        conn.close(
-                            CloseCode.UNSUPPORTED_DATA,
-                            "binary frames are not supported; send JSON text frames",
-                        )
-                    elif msg.type is WSMsgType.PING:
-                        conn.send_frame(pong_frame(msg.data))
-                    elif msg.type is not WSMsgType.PONG:  # CLOSE, CLOSING, CLOSED, ERROR
-                        return ws
-            finally:
-                self._release(conn, guard)
-        finally:
-            self._live -= 1
-
-    def _refused(self, exc: web.HTTPException) -> web.HTTPException:
-        """Count a refusal by its HTTP status; returns ``exc``."""
-        self.counters.refused[exc.status] = self.counters.refused.get(exc.status, 0) + 1
-        return exc
-
-    async def _accept(
-        self, request: web.Request
-    ) -> tuple[web.WebSocketResponse, Connection | None, Guard | None]:
-        """Admit, upgrade, register, join the room and greet; no connection
-        if the client vanished during the upgrade."""
-        room, catchup = requested_room(request)
-        connection_id = self._connection_ids()
-        granted = admission(await self._identify(request, connection_id))
-        if not granted.allows(room):
-            where = "the global channel" if room is None else f"room {room!r}"
-            raise web.HTTPForbidden(text=f"not allowed in {where}")
-
-        ws, transport = await upgrade(request, self._max_msg_size, self._settings.close_timeout)
-        if transport is None:  # vanished during the upgrade
-            return ws, None, None
-        conn = Connection(
-            connection_id,
-            granted.identity,
-            TransportSink(self._closer, ws, transport),
-            max_buffered=self._settings.max_buffered_bytes,
-            default_room=room,
-        )
-        self.counters.connections_accepted += 1
-        self._hub.add(conn)
-        self._keepalive.arm()
-        guard = self._warden.guard(conn, granted)
-        try:
-            if room is not None and self._timeline is not None:
-                # The welcome goes out once the room is live for this client.
-                await self._attach(conn, room, catchup, functools.partial(self._greet, conn))
-            else:
-                if room is not None:
-                    self._hub.join(conn, room)
-                self._greet(conn)
-        except BaseException:
-            self._release(conn, guard)
-            raise
-        return ws, conn, guard
-
-    def _greet(self, conn: Connection) -> None:
-        room = conn.default_room
-        self._hub.send_to(
-            conn,
-            encode_event(
-                "welcome",
-                connection_id=conn.id,
-                user=conn.identity.as_json(),
-                pod=self._settings.pod_id,
-                room=room,
-                rooms=sorted({*conn.rooms, room} if room is not None else conn.rooms),
-                limits={
-                    "max_message_bytes": self._settings.max_message_bytes,
-                    "max_rooms": self._settings.max_rooms,
-                },
-            ),
-        )
-
-    def _release(self, conn: Connection, guard: Guard) -> None:
-        """The socket is gone: forget the connection everywhere."""
-        guard.disarm()
-        if self._presence is not None:
-            self._presence.drop(conn)
-        self._hub.remove(conn)
-        conn.closed()
-
-    def _on_text(self, conn: Connection, guard: Guard, raw: str | bytes) -> Awaitable[None] | None:
-        if self._settings.rate_per_second > 0 and not self._warden.within_rate(conn, guard, raw):
-            return None
-        try:
-            frame = decode_client_frame(raw)
-            return self._dispatch(conn, guard, frame)
-        except ProtocolError as exc:
-            self.counters.errors_sent += 1
-            self._hub.send_to(conn, encode_error(exc.code, exc.message, exc.ref))
-            return None
-        except Exception:
-            # A bug of ours must cost one connection, never the pod.
-            log.exception("internal error on connection %s", conn.id)
-            conn.close(CloseCode.INTERNAL_ERROR, "internal error")
-            return None
-
-    def _dispatch(
-        self, conn: Connection, guard: Guard, frame: ClientFrame
-    ) -> Awaitable[None] | None:
-        match frame:
-            case SendMessage():
-                self._on_message(conn, frame)
-            case Join(room=room, ref=ref):
-                if room not in conn.rooms:
-                    self._warden.check_join(conn, guard, room, ref)
-                    if self._timeline is not None:
-                        return self._attach(
-                            conn,
-                            room,
-                            frame.catchup,
-                            lambda: self._hub.send_to(
-                                conn, encode_event("joined", room=room, ref=ref)
-                            ),
-                        )
-                    self._hub.join(conn, room)
-                self._hub.send_to(conn, encode_event("joined", room=room, ref=ref))
-            case Leave(room=room, ref=ref):
-                if room not in conn.rooms:
-                    raise ProtocolError(ErrorCode.NOT_IN_ROOM, f"not in room {room!r}", ref=ref)
-                self._hub.leave(conn, room)
-                if self._presence is not None:
-                    self._presence.leave(conn, room)
-                self._hub.send_to(conn, encode_event("left", room=room, ref=ref))
-            case Ping(ref=ref):
-                self._hub.send_to(conn, encode_event("pong", ref=ref))
-            case PresenceQuery(room=room, ref=ref):
-                return self._on_presence(conn, room, ref)
-        return None
-
-    async def _attach(
-        self, conn: Connection, room: str, catchup: Catchup, greet: Callable[[], object]
-    ) -> None:
-        assert self._timeline is not None
-        await self._timeline.attach(conn, room, catchup, greet)
-        if (
-            self._presence is not None
-            and room in conn.rooms
-            and not self._hub.is_waiting(conn, room)
-        ):
-            self._presence.join(conn, room)
-
-    def _on_presence(
-        self, conn: Connection, room: str, ref: str | int | None
-    ) -> Awaitable[None] | None:
-        if self._presence is None:
-            raise ProtocolError(ErrorCode.UNKNOWN_TYPE, "presence is not available", ref=ref)
-        if room not in conn.rooms:
-            raise ProtocolError(ErrorCode.NOT_IN_ROOM, f"join room {room!r} first", ref=ref)
-        return self._send_presence(conn, room, ref, self._presence)
-
-    async def _send_presence(
-        self, conn: Connection, room: str, ref: str | int | None, presence: Presence
-    ) -> None:
-        try:
-            members = await presence.members(room)
-        except BroadcastError as exc:
-            self._hub.send_to(
-                conn, encode_error(ErrorCode.UNAVAILABLE, f"presence unavailable: {exc}", ref)
-            )
-            return
-        fields: dict[str, Any] = {"room": room, "members": [m.as_json() for m in members]}
-        if ref is not None:
-            fields["ref"] = ref
-        self._hub.send_to(conn, encode_event("presence", **fields))
-
-    def _on_message(self, conn: Connection, frame: SendMessage) -> None:
-        room = conn.default_room if frame.room is None else frame.room
-        if frame.room is not None and frame.room not in conn.rooms:
-            raise ProtocolError(
-                ErrorCode.NOT_IN_ROOM,
-                f"join room {frame.room!r} before sending to it",
-                ref=frame.ref,
-            )
-        message = Message(
-            id=self._message_ids(),
-            room=room,
-            sender=conn.identity,
-            ts=time.time_ns() // 1_000_000,
-            data=frame.data,
-        )
-        self.counters.messages_received += 1
-        if room is not None and self._timeline is not None:
-            ref = frame.ref
-
-            def stamped(stamp: Stamp | None) -> None:
-                if ref is not None:
-                    self._hub.send_to(
-                        conn,
-                        encode_ack(
-                            ref,
-                            message.id,
-                            room,
-                            epoch=None if stamp is None else stamp.epoch,
-                            offset=None if stamp is None else stamp.offset,
-                        ),
-                    )
-
-            self._timeline.publish(message, stamped)
-            return
-        self._broadcaster.publish(message)
-        if frame.ref is not None:
-            self._hub.send_to(conn, encode_ack(frame.ref, message.id, room))
-
-    # -- closing ------------------------------------------------------------
-
-    async def close_all(self, code: int = CloseCode.GOING_AWAY, reason: str = "") -> int:
-        """Close every connection with ``code`` and wait (up to the close
+    async def close_all(self) -> int:
+        """Close every connection with 1001 and wait (up to the close
         timeout) for the close frames to go out. Returns how many."""
-        count = self._hub.close_all(code, reason or "server shutting down")
+        count = self._node.close_connections()
         self._keepalive.stop()
         await self._closer.wait()
         return count
 
-    # -- stats --------------------------------------------------------------
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Refuse with an HTTP error before accepting (shutting down, pod
+        full, bad room, or whatever ``identify`` refuses), else serve the
+        socket: this coroutine is the connection's reader loop."""
+        node = self._node
+        try:
+            async with node.admit(
+                room=request.match_info.get("room"),
+                query=request.query,
+                headers=request.headers,
+                remote=request.remote,
+            ) as (handshake, granted):
+                ws, session, sock = await self._accept(request, handshake, granted)
+        except Refused as exc:
+            return web.Response(status=exc.status, text=exc.reason, headers=exc.headers)
+        if session is None or sock is None:  # vanished during the upgrade
+            return ws
+        conn = session.conn
+        try:
+            await session.start(handshake.room, handshake.catchup)
+            while True:
+                msg = await ws.receive()
+                sock.quiet_ticks = 0
+                kind = msg.type
+                if kind is WSMsgType.TEXT:
+                    pending = session.receive(msg.data)
+                    if pending is not None:
+                        # A join with catch-up, a presence query: later frames
+                        # of this client wait for it, so they keep their order.
+                        await pending
+                elif kind is WSMsgType.BINARY:
+                    session.receive_binary()
+                elif kind is WSMsgType.PING:
+                    conn.deliver(_Frame(pong_frame(msg.data)))
+                elif kind is not WSMsgType.PONG:  # CLOSE, CLOSING, CLOSED, ERROR
+                    return ws
+        finally:
+            session.closed()
 
-    def stats(self) -> dict[str, Any]:
-        hub = self._hub.counters
-        guarded = self._warden.counters
-        rooms = self._hub.room_sizes()
-        return {
-            "pod": self._settings.pod_id,
-            "uptime_s": round(time.monotonic() - self.counters.started, 3),
-            "draining": self._draining,
-            "connections": {
-                "open": self._hub.connection_count,
-                "accepted": self.counters.connections_accepted,
-            },
-            "rooms": rooms,
-            "room_count": len(rooms),
-            "messages": {
-                "received": self.counters.messages_received,
-                "broadcasts": hub.broadcasts,
-                "delivered": hub.deliveries,
-            },
-            # Each frame refused by the rate limit was answered with an error.
-            "errors_sent": self.counters.errors_sent + guarded.rate_limited,
-            "slow_client_disconnects": hub.slow_client_disconnects,
-            "refused": {str(status): n for status, n in sorted(self.counters.refused.items())},
-            "rate_limited": guarded.rate_limited,
-            "policy_closes": {
-                "rate_limit": guarded.closed_rate_abuse,
-                "token_expired": guarded.closed_expired,
-            },
-            "broadcaster": dict(self._broadcaster.stats()),
-            **({"timeline": self._timeline.stats()} if self._timeline is not None else {}),
-            **({"presence": self._presence.stats()} if self._presence is not None else {}),
-        }
+    async def _accept(
+        self, request: web.Request, handshake: Any, granted: Any
+    ) -> tuple[web.WebSocketResponse, Session | None, _Socket | None]:
+        """Accept the WebSocket; no session if the client vanished meanwhile."""
+        ws = web.WebSocketResponse(
+            max_msg_size=self._max_msg_size,
+            # Pings and pongs reach the reader loop: the keepalive tick pings,
+            # the reader loop answers the client's pings itself.
+            autoping=False,
+            compress=False,
+            timeout=self._close_timeout,
+        )
+        await ws.prepare(request)
+        io = request.transport
+        if io is None or io.is_closing():
+            return ws, None, None
+        sock = _Socket(self._closer, ws, io)
+        session = Session.open(self._node, sock, handshake, granted)
+        self._keepalive.arm()
+        return ws, session, sock
+
+
+class _Frame(Outgoing):
+    """A frame built already (a pong, a ping): written as it is."""
+
+    __slots__ = ()
+
+    def __init__(self, frame: bytes) -> None:
+        super().__init__(frame)
+
+    def encoded(self, encode: Any) -> Any:
+        return self.payload
+
+
+_PING = _Frame(PING_FRAME)
+
+
+class _Socket:
+    """The ``Transport`` of one connection: frames straight to aiohttp's
+    asyncio transport."""
+
+    __slots__ = ("_closer", "_io", "_ws", "quiet_ticks")
+
+    def __init__(self, closer: _Closer, ws: web.WebSocketResponse, io: asyncio.Transport) -> None:
+        self._closer = closer
+        self._ws = ws
+        self._io = io
+        self.quiet_ticks = 0
+        """Keepalive ticks since the client last sent a frame."""
+
+    def write(self, out: Outgoing) -> None:
+        if not self._io.is_closing():
+            self._io.write(out.encoded(text_frame))
+
+    def buffered(self) -> int:
+        return self._io.get_write_buffer_size()
+
+    def close(self, code: int, reason: str) -> None:
+        self._closer.close_soon(self._ws, self._io, code, reason)
+
+
+class _Closer:
+    """Closes sockets on request without making the caller await: each
+    close that needs a task is kept here until it ends (``wait``)."""
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
+        self._closing: set[asyncio.Task[bool]] = set()
+
+    def close_soon(
+        self, ws: web.WebSocketResponse, io: asyncio.Transport, code: int, reason: str
+    ) -> None:
+        """Send a close frame now; cut the TCP connection if the client has
+        not let go within the timeout (a client that stopped reading would
+        otherwise hold its unsent buffer forever)."""
+        if ws.closed or io.is_closing():
+            return
+        loop = asyncio.get_running_loop()
+        loop.call_later(self._timeout, io.abort)
+        if ws.prepared and code == CloseCode.TRY_AGAIN_LATER:
+            # The buffer is full: put the close frame behind it and let the
+            # reader loop end when the transport goes.
+            io.write(close_frame(code, reason))
+            io.close()
+            return
+        task = loop.create_task(ws.close(code=code, message=reason.encode(), drain=False))
+        self._closing.add(task)
+        task.add_done_callback(self._close_done)
+
+    def _close_done(self, task: asyncio.Task[Any]) -> None:
+        self._closing.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("closing a connection failed: %r", exc)
+
+    async def wait(self) -> None:
+        """Wait, up to the timeout, for the closes under way to finish."""
+        if self._closing:
+            await asyncio.wait(set(self._closing), timeout=self._timeout)
+
+
+class _Keepalive:
+    """One tick for the whole pod, every half ``interval`` while it has
+    connections (aiohttp's own heartbeat would keep a timer per connection,
+    about 0.6 KB); the reader loop resets a socket's ``quiet_ticks`` at each
+    frame its client sends."""
+
+    def __init__(self, hub: LocalHub, interval: float) -> None:
+        self._hub = hub
+        self._interval = interval
+        """Seconds; 0 turns keepalive off."""
+        self._timer: asyncio.TimerHandle | None = None
+
+    def arm(self) -> None:
+        """Make sure the tick is scheduled (a connection was just added)."""
+        if self._timer is None and self._interval > 0:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self._interval / 2, self._tick)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _tick(self) -> None:
+        """Ping each client that has sent nothing for two ticks (half to one
+        whole interval), and close each that has not answered by the next
+        tick (half an interval after the ping)."""
+        self._timer = None
+        for conn in self._hub.connections():
+            sock = conn.transport
+            if type(sock) is not _Socket or conn.state is not ConnectionState.OPEN:
+                continue
+            sock.quiet_ticks += 1
+            if sock.quiet_ticks == 2:
+                conn.deliver(_PING)
+            elif sock.quiet_ticks > 2:
+                conn.close(CloseCode.GOING_AWAY, "no answer to ping")
+        if self._hub.connection_count:
+            self.arm()

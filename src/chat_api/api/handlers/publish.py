@@ -20,9 +20,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from realtime import Handler, Identity, Message, ProtocolError, Stamp, Timeline
+from realtime import Identity, Message, Node, ProtocolError, Stamp
+from realtime.core.access import clean_name
 from realtime.core.protocol import validate_room
-from realtime.transports.wsio import clean_name
 
 __all__ = ["publish_handler"]
 
@@ -41,7 +41,7 @@ def _problem(status: int, code: str, message: str, **headers: str) -> web.Respon
 
 
 def publish_handler(
-    handler: Handler, timeline: Timeline, api_key: str, *, max_bytes: int
+    node: Node, api_key: str, *, max_bytes: int
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
     expected = f"Bearer {api_key}".encode()
 
@@ -76,7 +76,7 @@ def publish_handler(
                 400, "invalid_idempotency_key", "1-128 printable ASCII characters, no spaces"
             )
         if key is None:
-            message_id = handler.new_message_id()
+            message_id = node.new_message_id()
         else:  # the same for every retry, so the id a client sees is stable
             message_id = "k-" + hashlib.sha256(f"{room}\0{key}".encode()).hexdigest()[:20]
         message = Message(
@@ -92,7 +92,7 @@ def publish_handler(
             if not done.done():
                 done.set_result(stamp)
 
-        timeline.publish(message, stamped, idempotency_key=key, local_fallback=False)
+        node.publish(message, stamped, key=key, local_fallback=False)
         try:
             stamp = await asyncio.wait_for(asyncio.shield(done), STORE_TIMEOUT)
         except TimeoutError:

@@ -7,13 +7,13 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from realtime import Handler
+from realtime import Node
 
 __all__ = ["stats_handler"]
 
 
 def stats_handler(
-    handler: Handler, guard: Callable[[web.Request], Awaitable[None]] | None = None
+    node: Node, guard: Callable[[web.Request], Awaitable[None]] | None = None
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
     """``guard`` raises an HTTP error for a request that may not see the stats."""
 
@@ -21,7 +21,7 @@ def stats_handler(
         if guard is not None:
             await guard(request)
         return web.Response(
-            body=orjson.dumps(handler.stats(), option=orjson.OPT_INDENT_2),
+            body=orjson.dumps(node.stats(), option=orjson.OPT_INDENT_2),
             content_type="application/json",
         )
 

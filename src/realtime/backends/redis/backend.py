@@ -1,33 +1,31 @@
-"""RedisBroadcaster: cross-pod fan-out over Redis pub/sub that is never deaf.
+"""RedisBackend: the pods of one deployment linked through one Redis.
 
-Channels: ``{prefix}:global`` for messages to everyone, ``{prefix}:room:{room}``
-for rooms, ``{prefix}:pod:{pod_id}`` for this pod's heartbeat. A pod
-subscribes to a room channel only while it has local members there (the hub
-calls ``subscribe`` on the first join and ``unsubscribe`` on the last leave).
+Every name it uses (channels, keys, the envelope) is built in ``names.py``. A
+pod subscribes to a room's channel only while it hosts the room (the node
+calls ``subscribe`` on the first local member and ``unsubscribe`` after the
+last), to the global channel always, and to its own heartbeat channel.
 
-Envelope on Redis: ``pod_id + b"\\n" + payload``, where ``payload`` is the
-client-ready JSON of the message. A receiving pod skips its own envelopes
-(echo prevention: the origin pod already delivered locally) and hands the
-rest to the hub without decoding any JSON.
+Two connections per pod carry the traffic, both hiredis-fed asyncio
+protocols:
 
-Two connections per pod:
-
-* the subscriber (``subscriber.py``): a hiredis-fed asyncio protocol, owned by
-  one supervised task that connects, resubscribes every needed channel in a
-  batch, watches the heartbeat, and on any failure tears the connection down
-  and reconnects with capped exponential backoff plus jitter;
-* the publisher (``pipe.py``), the same kind of protocol, written by the
-  ``Publisher`` (``publisher.py``): one task drains a bounded outbox and
-  pipelines ``PUBLISH``/``EVALSHA`` batches in order on it; publishing never
-  raises and never blocks the sender.
+* the subscriber (``subscriber.py``), owned by one supervised task that
+  connects, resubscribes every needed channel in a batch, watches the
+  heartbeat, and on any failure tears the connection down and reconnects
+  with capped exponential backoff plus jitter;
+* the publisher's pipe (``pipe.py``), written by the ``Publisher``
+  (``publisher.py``): one task drains a bounded outbox and pipelines
+  ``PUBLISH`` and ``EVALSHA`` batches in order; publishing never raises and
+  never blocks the sender.
 
 Reads and scripts off the hot path (history, presence) use redis-py.
 
-It is also the room log (``redis_log.py``): a room message is appended with one
-``EVALSHA`` that stamps it with the room's next offset, stores it in the room's
-capped stream and publishes it, atomically. Stamped messages arriving on a room
-channel go to the ``LogSink`` (the timeline) instead of straight to the hub;
-the appending pod gets its own from the script's reply.
+A room message is appended with one ``EVALSHA`` of ``lua/append.lua``
+(``log.py`` builds its arguments) that stamps it with the room's next offset,
+stores it in the room's capped stream and publishes it, atomically. What
+arrives on a room channel from other pods goes to the handler's ``on_entry``
+(stamped) or ``on_message`` (presence events) without any JSON decoding; the
+appending pod gets its own entry from the script's reply, and its own
+unordered messages at once, so it skips their echo.
 """
 
 from __future__ import annotations
@@ -49,15 +47,16 @@ from redis.exceptions import NoScriptError
 from ...core.exceptions import BroadcastError, StateError
 from ...core.protocol import Message
 from ...core.sequencer import Entry
-from ..base import Deliver, LinkState, LogSink, Slice, Stamped
+from ..base import BackendHandler, LinkState, OnAppended, Slice
 from .log import RedisRoomLog, parse_stamp
 from .names import Names
+from .presence import RedisPresence
 from .publisher import Publisher
 from .resp import LINK_ERRORS, RedisAddress, describe
 from .scripts import APPEND, READ, Script
 from .subscriber import Subscriber, open_subscriber
 
-__all__ = ["RedisBroadcaster", "RedisCounters"]
+__all__ = ["RedisBackend", "RedisCounters"]
 
 log = logging.getLogger("realtime.redis")
 
@@ -88,8 +87,9 @@ class RedisCounters:
     history_reads: int = 0
 
 
-class RedisBroadcaster:
-    """Delivers locally and carries every message to the other pods through Redis."""
+class RedisBackend:
+    """Carries every message to every pod through Redis, and keeps rooms' offsets,
+    history and presence there."""
 
     def __init__(
         self,
@@ -129,10 +129,9 @@ class RedisBroadcaster:
         self._rooms: dict[bytes, str | None] = {self.names.global_channel: None}
 
         self._state = LinkState.CONNECTING
-        self._deliver: Deliver | None = None
+        self._handler: BackendHandler | None = None
         self._redis: aioredis.Redis | None = None
         self._subscriber: Subscriber | None = None
-        self._sink: LogSink | None = None
         self._log = RedisRoomLog(
             self.names,
             history_length=history_length,
@@ -153,11 +152,11 @@ class RedisBroadcaster:
             timeout=heartbeat_timeout,
             queue=publish_queue,
             batch=publish_batch,
-            on_entry=self._stamped,
+            on_entry=self._own_entry,
             load_scripts=self._load_scripts,
         )
 
-    # -- Broadcaster ----------------------------------------------------------
+    # -- Backend ----------------------------------------------------------------
 
     @property
     def state(self) -> LinkState:
@@ -168,12 +167,12 @@ class RedisBroadcaster:
             raise StateError(f"link cannot go from {self._state.value} to {new.value}")
         self._state = new
 
-    async def start(self, deliver: Deliver) -> None:
+    async def start(self, handler: BackendHandler) -> None:
         """Start the link and wait (at most the heartbeat timeout) for the
         first connection attempt; serve locally whatever its outcome."""
-        if self._deliver is not None or self._state is LinkState.STOPPED:
-            raise StateError("broadcaster already started")
-        self._deliver = deliver
+        if self._handler is not None or self._state is LinkState.STOPPED:
+            raise StateError("the backend was started already")
+        self._handler = handler
         self._redis = aioredis.Redis.from_url(
             self._url,
             socket_connect_timeout=self._heartbeat_timeout,
@@ -207,7 +206,7 @@ class RedisBroadcaster:
         if self._tasks:
             _, pending = await asyncio.wait(self._tasks, timeout=_STOP_TIMEOUT)
         for task in pending:
-            log.error("redis broadcaster task %s ignored its cancellation", task.get_name())
+            log.error("redis backend task %s ignored its cancellation", task.get_name())
         self._tasks = []
         if subscriber is not None:
             with contextlib.suppress(TimeoutError):
@@ -217,35 +216,31 @@ class RedisBroadcaster:
             await self._redis.aclose()
             self._redis = None
         self._publisher.close()
-        self._deliver = None
+        self._handler = None
         log.info("redis link stopped (pod=%s)", self.pod_id)
 
-    def publish(self, message: Message) -> None:
-        deliver = self._deliver
-        if deliver is None:
-            raise StateError("broadcaster is not running")
-        payload = message.encode()
-        deliver(message.room, payload)
-        self._publisher.publish(self.names.channel(message.room), self._own + payload)
+    def _running(self) -> BackendHandler:
+        if self._handler is None:
+            raise StateError("the backend is not running")
+        return self._handler
 
-    # -- RoomLog ---------------------------------------------------------------
+    def publish(self, room: str | None, payload: bytes) -> None:
+        self._running().on_message(room, payload)
+        self._publisher.publish(self.names.channel(room), self._own + payload)
 
-    def attach(self, sink: LogSink) -> None:
-        self._sink = sink
-
-    def append(
-        self, message: Message, done: Stamped, *, idempotency_key: str | None = None
-    ) -> None:
+    def append(self, message: Message, done: OnAppended, *, key: str | None = None) -> None:
         room = message.room
         if room is None:
             raise ValueError("only room messages are appended to a room log")
-        if self._deliver is None:
-            raise StateError("broadcaster is not running")
-        self._publisher.append(message, self.names.channel(room), done, idempotency_key)
+        self._running()
+        self._publisher.append(message, self.names.channel(room), done, key)
+
+    def presence(self, ttl: float) -> RedisPresence:
+        return RedisPresence(self.run_script, self.names, pod_id=self.pod_id, ttl=ttl)
 
     async def read(self, room: str, after: int, limit: int, *, epoch: str | None = None) -> Slice:
         if self._redis is None:
-            raise BroadcastError("broadcaster is not running")
+            raise BroadcastError("the backend is not running")
         command = self._log.read_command(room, after, limit, epoch)
         self.counters.history_reads += 1
         try:
@@ -262,7 +257,7 @@ class RedisBroadcaster:
         """``EVALSHA`` one of our scripts on the command connection, loading it
         if Redis does not know it; raises ``BroadcastError`` on link trouble."""
         if self._redis is None:
-            raise BroadcastError("broadcaster is not running")
+            raise BroadcastError("the backend is not running")
         command = ["EVALSHA", script.sha, len(keys), *keys, *args]
         try:
             try:
@@ -336,32 +331,33 @@ class RedisBroadcaster:
             self.counters.skipped_own += 1
             return
         cut = data.find(b"\n")
-        if cut < 0 or self._deliver is None:
+        handler = self._handler
+        if cut < 0 or handler is None:
             self.counters.malformed += 1
             return
         self.counters.received += 1
         payload = data[cut + 1 :]
         try:
-            if room is not None and self._sink is not None:
+            if room is not None:
                 stamp = parse_stamp(payload)
                 if stamp is not None:
-                    self._sink.entry(room, Entry(stamp[0], stamp[1], payload))
+                    handler.on_entry(room, Entry(stamp[0], stamp[1], payload))
                     return
-            self._deliver(room, payload)
-        except Exception:  # a bug below us must not cut the link for every room
+            handler.on_message(room, payload)
+        except Exception:  # a bug above us must not cut the link for every room
             log.exception("delivering a message from redis failed (room=%s)", room)
 
-    def _stamped(self, room: str, entry: Entry) -> None:
-        """This pod's own append, stamped by the script: to the timeline."""
-        if self._sink is not None:
-            self._sink.entry(room, entry)
+    def _own_entry(self, room: str, entry: Entry) -> None:
+        """This pod's own append, stamped by the script."""
+        if self._handler is not None:
+            self._handler.on_entry(room, entry)
 
     def _on_subscribed(self, channel: bytes) -> None:
         """Redis confirmed a subscription: from now on the room's messages
-        reach this pod, so the timeline may read where the room stands."""
+        reach this pod, so the node may read where the room stands."""
         room = self._rooms.get(channel)
-        if room is not None and self._sink is not None:
-            self._sink.ready(room)
+        if room is not None and self._handler is not None:
+            self._handler.on_ready(room)
 
     def _wanted(self) -> list[bytes]:
         return [self._pod_channel, *self._rooms]
@@ -484,4 +480,4 @@ class RedisBroadcaster:
             return
         exc = task.exception()
         if exc is not None:
-            log.error("redis broadcaster task %s crashed", task.get_name(), exc_info=exc)
+            log.error("redis backend task %s crashed", task.get_name(), exc_info=exc)

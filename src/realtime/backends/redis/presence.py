@@ -7,10 +7,10 @@ Per room (one hash slot, the ``{room}`` hash tag):
 * ``{prefix}:room:{<room>}:presence:<pod>`` — a hash per pod: user id → JSON
   ``{"id", "name", "since"}``.
 
-``SYNC`` applies one pod's joins and leaves and publishes ``member_joined`` /
-``member_left`` only for users not present on another live pod. ``REFRESH``
+``presence_update.lua`` applies one pod's joins and leaves and publishes ``member_joined`` /
+``member_left`` only for users not present on another live pod. ``presence_refresh.lua``
 pushes this pod's expiry forward and prunes pods whose expiry passed,
-publishing ``member_left`` for their users not present elsewhere. ``MEMBERS``
+publishing ``member_left`` for their users not present elsewhere. ``presence_members.lua``
 lists the users of live pods. Event frames are published on the room channel
 with this pod's envelope (other pods deliver them) and returned (this pod
 delivers them itself).
@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from ...rooms.presence import Member
+from ..base import Member
 from .names import Names
 from .scripts import PRESENCE_MEMBERS, PRESENCE_REFRESH, PRESENCE_UPDATE, Script
 
@@ -35,7 +35,7 @@ RunScript = Callable[[Script, list[str], list[Any]], Awaitable[Any]]
 
 
 class RedisPresence:
-    """``PresenceBackend`` through the Redis backend's command connection."""
+    """``PresenceStore`` through the Redis backend's command connection."""
 
     def __init__(self, run_script: RunScript, names: Names, *, pod_id: str, ttl: float) -> None:
         self._run = run_script
@@ -51,7 +51,7 @@ class RedisPresence:
         channel = self._names.channel(room)
         return [base, self._pod, self._ttl_ms, channel, self._names.envelope, room]
 
-    async def sync(self, room: str, joins: list[Member], leaves: list[str]) -> list[bytes]:
+    async def update(self, room: str, joins: list[Member], leaves: list[str]) -> list[bytes]:
         pods, _ = self._keys(room)
         args = [*self._args(room), len(joins)]
         for member in joins:

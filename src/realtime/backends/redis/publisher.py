@@ -1,8 +1,8 @@
-"""The publishing half of ``RedisBroadcaster``: a bounded outbox and its drain task.
+"""The publishing half of ``RedisBackend``: a bounded outbox and its drain task.
 
 Everything a pod writes to Redis pub/sub goes through one ``Publisher``:
 plain publishes (``PUBLISH`` of an envelope), room-log appends (``EVALSHA``
-of ``redis_log.APPEND``, which stamps, stores and publishes at once) and the
+of ``lua/append.lua``, which stamps, stores and publishes at once) and the
 pod's own heartbeats. They wait in one bounded outbox, so one pod's messages
 keep their order; one task (``run``) drains it, pipelining a batch of commands
 at a time on a ``CommandPipe`` (``pipe.py``), one batch in flight at a time
@@ -10,12 +10,12 @@ at a time on a ``CommandPipe`` (``pipe.py``), one batch in flight at a time
 replaced with the next batch, without touching the subscriber.
 
 Publishing never raises and never blocks the sender: a message that cannot be
-published has reached local clients anyway (the broadcaster delivers before it
+published has reached local clients anyway (the backend delivers before it
 queues), and is counted in ``publish_failures`` and logged once per outage. An
 append that cannot be stored is told why (its ``done`` gets ``Unstored.FAILED``
 if it never reached Redis, ``Unstored.UNKNOWN`` if the connection went before
 the answer came); one that is stored gets its stamp from the script's reply,
-which goes to the timeline first, then to its ``done``, in outbox order. If
+which goes to ``on_entry`` (the node) first, then to its ``done``, in outbox order. If
 Redis lost its script cache, the scripts are loaded again and what did not
 run is run again.
 """
@@ -33,7 +33,7 @@ from redis.exceptions import NoScriptError
 
 from ...core.protocol import Message, stamp_body
 from ...core.sequencer import Entry
-from ..base import Stamped, Unstored
+from ..base import OnAppended, Unstored
 from .log import RedisRoomLog
 from .pipe import CommandPipe, open_pipe
 from .resp import LINK_ERRORS, InFlightLost, RedisAddress, describe, encode_arg, pack_command
@@ -54,7 +54,7 @@ class _Append:
 
     message: Message
     channel: bytes
-    done: Stamped
+    done: OnAppended
     idempotency_key: str | None
     body: bytes
     """``message.body()``, encoded once for the script and the stamped copy."""
@@ -126,7 +126,7 @@ class Publisher:
         self._push((self._heartbeat_channel, _HEARTBEAT))
 
     def append(
-        self, message: Message, channel: bytes, done: Stamped, idempotency_key: str | None
+        self, message: Message, channel: bytes, done: OnAppended, idempotency_key: str | None
     ) -> None:
         """Queue a room message for the room log script; ``done`` gets its stamp."""
         if len(self._outbox) >= self._queue:
@@ -176,7 +176,7 @@ class Publisher:
     async def _send(self, batch: list[_Outgoing]) -> None:
         """The one place that writes messages to Redis: ``PUBLISH`` and
         ``EVALSHA`` commands in one write, then their replies; each append's
-        stamp goes to the timeline, then to its ``done``, in outbox order."""
+        stamp goes to ``on_entry``, then to its ``done``, in outbox order."""
         replies = await self._replies(batch)
         again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
         if again:

@@ -12,7 +12,7 @@ import hashlib
 from dataclasses import dataclass, field
 from importlib import resources
 
-from ...rooms.presence import PRESENCE_BURST
+from ..base import PRESENCE_BURST
 
 __all__ = ["APPEND", "PRESENCE_MEMBERS", "PRESENCE_REFRESH", "PRESENCE_UPDATE", "READ", "Script"]
 

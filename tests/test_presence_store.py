@@ -1,4 +1,4 @@
-"""Presence backends in-process: memory, and the Redis scripts on a real Redis."""
+"""Presence stores in-process: memory, and the Redis scripts on a real Redis."""
 
 from __future__ import annotations
 
@@ -9,37 +9,48 @@ from typing import Any
 import orjson
 import pytest
 
-from realtime import Member, MemoryPresence, PresenceBackend, RedisBroadcaster
-from realtime.backends.redis.presence import RedisPresence
-from realtime.rooms.presence import PRESENCE_BURST
+from realtime import Member, PresenceStore, RedisBackend
+from realtime.backends import PRESENCE_BURST, MemoryPresence
+from realtime.core.sequencer import Entry
 
 from .support import eventually
 
-Make = Callable[..., PresenceBackend]
+Make = Callable[..., PresenceStore]
 
 
 @pytest.fixture(params=["memory", "redis"])
 async def make(request: pytest.FixtureRequest, channel_prefix: str) -> AsyncIterator[Make]:
-    started: list[RedisBroadcaster] = []
+    started: list[RedisBackend] = []
 
-    async def factory(pod_id: str = "pod-a", ttl: float = 5.0) -> PresenceBackend:
+    async def factory(pod_id: str = "pod-a", ttl: float = 5.0) -> PresenceStore:
         if request.param == "memory":
             return MemoryPresence()
-        broadcaster = RedisBroadcaster(
+        backend = RedisBackend(
             request.getfixturevalue("shared_redis_url"),
             pod_id=pod_id,
             channel_prefix=channel_prefix,
         )
-        await broadcaster.start(lambda room, payload: 0)
-        started.append(broadcaster)
-        return RedisPresence(
-            broadcaster.run_script, broadcaster.names, pod_id=broadcaster.pod_id, ttl=ttl
-        )
+        await backend.start(Ignore())
+        started.append(backend)
+        return backend.presence(ttl)
 
     yield factory  # type: ignore[misc]
-    for broadcaster in started:
+    for backend in started:
         async with asyncio.timeout(5):
-            await broadcaster.stop()
+            await backend.stop()
+
+
+class Ignore:
+    """A ``BackendHandler`` for a backend used for its presence store only."""
+
+    def on_entry(self, room: str, entry: Entry) -> None:
+        pass
+
+    def on_message(self, room: str | None, payload: bytes) -> None:
+        pass
+
+    def on_ready(self, room: str) -> None:
+        pass
 
 
 def users(n: int, start: int = 0) -> list[Member]:
@@ -52,14 +63,14 @@ def decoded(events: list[bytes]) -> list[dict[str, Any]]:
 
 async def test_joins_and_leaves_become_events(make: Make) -> None:
     backend = await make()
-    joined = decoded(await backend.sync("r", users(2), []))
+    joined = decoded(await backend.update("r", users(2), []))
     assert [(e["type"], e["user"]["id"]) for e in joined] == [
         ("member_joined", "u0"),
         ("member_joined", "u1"),
     ]
     assert {"room", "ts"} <= joined[0].keys()
     assert [m.id for m in await backend.members("r")] == ["u0", "u1"]
-    left = decoded(await backend.sync("r", [], ["u0"]))
+    left = decoded(await backend.update("r", [], ["u0"]))
     assert [(e["type"], e["user"]) for e in left] == [
         ("member_left", {"id": "u0", "name": "user 0"})
     ]
@@ -68,7 +79,7 @@ async def test_joins_and_leaves_become_events(make: Make) -> None:
 
 async def test_a_burst_becomes_one_member_list(make: Make) -> None:
     backend = await make()
-    events = decoded(await backend.sync("r", users(PRESENCE_BURST + 2), []))
+    events = decoded(await backend.update("r", users(PRESENCE_BURST + 2), []))
     assert len(events) == 1
     assert events[0]["type"] == "presence"
     assert events[0]["room"] == "r"
@@ -80,18 +91,18 @@ async def test_a_user_on_two_pods_joins_and_leaves_once(make: Make) -> None:
     if isinstance(a, MemoryPresence):
         pytest.skip("one pod only in local-only mode")
     ann = users(1)
-    assert len(await a.sync("r", ann, [])) == 1
-    assert await b.sync("r", ann, []) == []  # already in the room, on pod-a
-    assert await a.sync("r", [], ["u0"]) == []  # still in it, on pod-b
-    assert len(await b.sync("r", [], ["u0"])) == 1
+    assert len(await a.update("r", ann, [])) == 1
+    assert await b.update("r", ann, []) == []  # already in the room, on pod-a
+    assert await a.update("r", [], ["u0"]) == []  # still in it, on pod-b
+    assert len(await b.update("r", [], ["u0"])) == 1
 
 
 async def test_a_dead_pods_users_are_pruned_with_member_left(make: Make) -> None:
     dead, alive = await make("pod-dead", ttl=0.3), await make("pod-alive", ttl=0.3)
     if isinstance(dead, MemoryPresence):
         pytest.skip("one pod only in local-only mode")
-    await dead.sync("r", users(2), [])
-    await alive.sync("r", users(1, 5), [])
+    await dead.update("r", users(2), [])
+    await alive.update("r", users(1, 5), [])
 
     pruned: list[dict[str, Any]] = []
 

@@ -1,4 +1,4 @@
-"""RedisBroadcaster in-process against a private redis-server: URLs, the
+"""RedisBackend in-process against a private redis-server: URLs, the
 envelope, and publishing while Redis is gone."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator, Callable
 import orjson
 import pytest
 
-from realtime import Identity, LinkState, Message, RedisBroadcaster
+from realtime import Identity, LinkState, Message, RedisBackend
+from realtime.core.sequencer import Entry
 
 from .redis_support import RedisServer
 from .support import eventually
@@ -19,23 +20,42 @@ from .support import eventually
 Delivered = list[tuple[str | None, bytes]]
 
 
+class Handler:
+    """A ``BackendHandler`` that keeps unordered messages in ``delivered``
+    (room entries too, as their client payloads)."""
+
+    def __init__(self, delivered: Delivered) -> None:
+        self.delivered = delivered
+
+    def on_entry(self, room: str, entry: Entry) -> None:
+        self.delivered.append((room, entry.payload))
+
+    def on_message(self, room: str | None, payload: bytes) -> None:
+        self.delivered.append((room, payload))
+
+    def on_ready(self, room: str) -> None:
+        pass
+
+
+def send(backend: RedisBackend, msg: Message) -> None:
+    """Publish ``msg`` unordered, as the node publishes a global message."""
+    backend.publish(msg.room, msg.encode())
+
+
 class Pods:
     """Broadcasters started in this test; all stopped at the end."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
-        self.started: list[RedisBroadcaster] = []
+        self.started: list[RedisBackend] = []
 
     async def start(
         self, url: str, pod_id: str, *, wait: bool = True
-    ) -> tuple[RedisBroadcaster, Delivered]:
+    ) -> tuple[RedisBackend, Delivered]:
         delivered: Delivered = []
 
-        def deliver(room: str | None, payload: bytes) -> int:
-            delivered.append((room, payload))
-            return 1
-
-        broadcaster = RedisBroadcaster(
+        handler = Handler(delivered)
+        broadcaster = RedisBackend(
             url,
             pod_id=pod_id,
             channel_prefix=self.prefix,
@@ -45,13 +65,13 @@ class Pods:
         )
         self.started.append(broadcaster)
         async with asyncio.timeout(5):
-            await broadcaster.start(deliver)
+            await broadcaster.start(handler)
         if wait:
             await eventually(_is(broadcaster, LinkState.CONNECTED))
         return broadcaster, delivered
 
 
-def _is(broadcaster: RedisBroadcaster, state: LinkState) -> Callable[[], asyncio.Future[bool]]:
+def _is(broadcaster: RedisBackend, state: LinkState) -> Callable[[], asyncio.Future[bool]]:
     async def check() -> bool:
         return broadcaster.state is state
 
@@ -71,7 +91,7 @@ def message(room: str | None, data: object) -> Message:
     return Message(id="m-1", room=room, sender=Identity("u1", "Ann"), ts=1, data=data)
 
 
-async def wait_subscribed(broadcaster: RedisBroadcaster, count: int) -> None:
+async def wait_subscribed(broadcaster: RedisBackend, count: int) -> None:
     async def check() -> bool:
         return broadcaster.stats()["subscribed_channels"] == count
 
@@ -92,7 +112,7 @@ async def test_urls_with_password_and_db(pods: Pods, secured_redis: RedisServer,
     b, from_b = await pods.start(url, "pod-b")
     b.subscribe("general")
     await wait_subscribed(b, 3)
-    a.publish(message("general", {"text": "hi"}))
+    send(a, message("general", {"text": "hi"}))
 
     async def arrived() -> bool:
         return len(from_b) == 1
@@ -113,7 +133,7 @@ async def test_a_wrong_password_keeps_retrying_and_is_never_logged(
 
     await eventually(failed_twice)
     assert broadcaster.state is LinkState.CONNECTING
-    broadcaster.publish(message(None, "still local"))  # never raises
+    send(broadcaster, message(None, "still local"))  # never raises
     assert len(delivered) == 1
     assert "WRONGPASS" in caplog.text or "invalid" in caplog.text.lower()
     assert "not-the-password" not in caplog.text
@@ -149,7 +169,7 @@ async def test_publishing_while_redis_is_gone_counts_failures_and_never_raises(
     redis_server.kill()
     await eventually(_is(broadcaster, LinkState.RECONNECTING))
     for n in range(50):
-        broadcaster.publish(message("general", n))
+        send(broadcaster, message("general", n))
     assert len(delivered) == 50
 
     async def counted() -> bool:
@@ -159,7 +179,7 @@ async def test_publishing_while_redis_is_gone_counts_failures_and_never_raises(
     assert sum("publishing to redis failed" in r.getMessage() for r in caplog.records) == 1
     redis_server.start()
     await eventually(_is(broadcaster, LinkState.CONNECTED))
-    broadcaster.publish(message("general", "back"))
+    send(broadcaster, message("general", "back"))
 
     async def published() -> bool:
         return broadcaster.stats()["published"] == 1
@@ -172,14 +192,14 @@ async def test_a_full_publish_queue_counts_failures_instead_of_growing(
     pods: Pods, redis_server: RedisServer
 ) -> None:
     delivered: Delivered = []
-    broadcaster = RedisBroadcaster(
+    broadcaster = RedisBackend(
         redis_server.url, pod_id="pod-a", channel_prefix=pods.prefix, publish_queue=10
     )
     pods.started.append(broadcaster)
     async with asyncio.timeout(5):
-        await broadcaster.start(lambda room, payload: delivered.append((room, payload)) or 1)
+        await broadcaster.start(Handler(delivered))
     for n in range(25):  # no await in between: the publisher cannot drain yet
-        broadcaster.publish(message(None, n))
+        send(broadcaster, message(None, n))
     assert len(delivered) == 25
     assert broadcaster.stats()["publish_failures"] == 15
     assert broadcaster.stats()["publish_queue"] == 10
@@ -195,7 +215,7 @@ async def test_a_killed_publisher_connection_is_replaced_without_a_resubscribe(
 
     async def a_probe_gets_through() -> bool:
         # the first publish may die with the killed connection; a later one must not
-        a.publish(message(None, "probe"))
+        send(a, message(None, "probe"))
         return any(orjson.loads(payload)["data"] == "probe" for _, payload in from_b)
 
     await eventually(a_probe_gets_through)
@@ -259,7 +279,7 @@ async def test_rediss_with_a_verified_certificate(pods: Pods) -> None:
         a, _ = await pods.start(server.url, "pod-a")
         b, from_b = await pods.start(server.url, "pod-b")
         await wait_subscribed(b, 2)
-        a.publish(message(None, "over tls"))
+        send(a, message(None, "over tls"))
 
         async def arrived() -> bool:
             return len(from_b) == 1

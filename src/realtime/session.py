@@ -1,0 +1,275 @@
+"""Session: what one connection may do, whatever the transport.
+
+A transport (aiohttp, ASGI) reads frames off a WebSocket and hands each to
+its connection's ``Session``: ``receive`` for a text frame, ``receive_binary``
+for a binary one. The session decodes it (``core.protocol``), applies the
+connection's terms — its rate limit, the rooms its ``Admission`` allows, the
+room cap — and acts through the node: join and leave, publish with an ack,
+presence queries. Every refusal is answered on the connection: an ``error``
+frame, or a close frame with its code for policy breaches. Nothing here
+knows a web framework or a socket; when the socket is gone the transport
+calls ``closed``.
+
+``receive`` returns an awaitable for the frames whose answer needs the
+network (a join that catches up, a presence query): the transport awaits it
+before reading the next frame, so a client's frames keep their order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable
+
+from .backends import Stamp
+from .core.access import Admission, Handshake
+from .core.connection import Connection, ConnectionState, Transport
+from .core.exceptions import BroadcastError, ProtocolError
+from .core.protocol import (
+    Catchup,
+    ClientFrame,
+    CloseCode,
+    ErrorCode,
+    Join,
+    Leave,
+    Message,
+    Ping,
+    PresenceQuery,
+    SendMessage,
+    decode_client_frame,
+    encode_ack,
+    encode_error,
+    encode_event,
+    encode_presence,
+)
+from .core.ratelimit import RateLimiter, Verdict
+from .node import Node
+
+__all__ = ["Session"]
+
+log = logging.getLogger("realtime.session")
+
+
+class Session:
+    """One connection's conversation with the pod."""
+
+    __slots__ = ("_expiry", "_limiter", "_node", "admission", "conn")
+
+    def __init__(self, node: Node, conn: Connection, granted: Admission) -> None:
+        self._node = node
+        self.conn = conn
+        self.admission = granted
+        self._limiter: RateLimiter | None = None
+        """Made at the first frame rather than at accept: a bucket starts
+        full either way, so the limit is the same, and an idle connection
+        does not carry one (about 160 bytes)."""
+        self._expiry: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def open(
+        cls, node: Node, transport: Transport, handshake: Handshake, granted: Admission
+    ) -> Session:
+        """The session of a WebSocket the transport has just accepted for
+        ``handshake``; it joins its room when ``start`` is awaited."""
+        session = cls(node, node.connect(transport, handshake, granted), granted)
+        if granted.expires_at is not None:
+            delay = max(0.0, granted.expires_at - time.time())
+            session._expiry = asyncio.get_running_loop().call_later(delay, session._expire)
+        return session
+
+    async def start(self, room: str | None, catchup: Catchup) -> None:
+        """Join the room of the URL (with its catch-up) and send the welcome,
+        which comes once the room is live for this client."""
+        if room is None:
+            self._welcome()
+        else:
+            await self._node.join(self.conn, room, catchup, self._welcome)
+
+    def _welcome(self) -> None:
+        conn = self.conn
+        node = self._node
+        room = conn.default_room
+        limits = node.settings.limits
+        node.hub.send_to(
+            conn,
+            encode_event(
+                "welcome",
+                connection_id=conn.id,
+                user=conn.identity.as_json(),
+                pod=node.pod_id,
+                room=room,
+                rooms=sorted({*conn.rooms, room} if room is not None else conn.rooms),
+                limits={
+                    "max_message_bytes": limits.max_message_bytes,
+                    "max_rooms": limits.max_rooms,
+                },
+            ),
+        )
+
+    def closed(self) -> None:
+        """The socket is gone: forget the connection everywhere (idempotent)."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        self._node.disconnect(self.conn)
+
+    def _expire(self) -> None:
+        if self.conn.state is ConnectionState.OPEN:
+            self._node.counters.closed_expired += 1
+            self.conn.close(CloseCode.POLICY_VIOLATION, "token expired")
+
+    # -- frames -------------------------------------------------------------------
+
+    def receive(self, raw: str | bytes) -> Awaitable[None] | None:
+        """A text frame from the client; an awaitable when its answer needs
+        the network (await it before the next frame)."""
+        conn = self.conn
+        if conn.state is not ConnectionState.OPEN:
+            return None
+        node = self._node
+        if node.settings.limits.rate_per_second > 0 and not self._within_rate(raw):
+            return None
+        try:
+            return self._dispatch(decode_client_frame(raw))
+        except ProtocolError as exc:
+            self._error(exc)
+            return None
+        except Exception:
+            # A bug of ours must cost one connection, never the pod.
+            log.exception("internal error on connection %s", conn.id)
+            conn.close(CloseCode.INTERNAL_ERROR, "internal error")
+            return None
+
+    def receive_binary(self) -> None:
+        """A binary frame: not part of the protocol."""
+        self.conn.close(
+            CloseCode.UNSUPPORTED_DATA, "binary frames are not supported; send JSON text frames"
+        )
+
+    def _error(self, exc: ProtocolError) -> None:
+        self._node.counters.errors_sent += 1
+        self._node.hub.send_to(self.conn, encode_error(exc.code, exc.message, exc.ref))
+
+    def _within_rate(self, raw: str | bytes) -> bool:
+        """Apply the rate limit: answer a frame over it with ``rate_limited``
+        (dropping it), close a flood with 1008."""
+        now = time.monotonic()
+        limiter = self._limiter
+        if limiter is None:
+            limits = self._node.settings.limits
+            limiter = self._limiter = RateLimiter(
+                limits.rate_per_second, limits.rate_burst, limits.rate_max_refused, now=now
+            )
+        verdict = limiter.check(now)
+        if verdict is Verdict.ALLOW:
+            return True
+        counters = self._node.counters
+        if verdict is Verdict.ABUSE:
+            counters.closed_rate_abuse += 1
+            self.conn.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+            return False
+        try:
+            ref = decode_client_frame(raw).ref
+        except ProtocolError as exc:
+            ref = exc.ref
+        counters.rate_limited += 1
+        counters.errors_sent += 1
+        message = f"over {limiter.rate:g} frames per second; this frame was dropped"
+        self._node.hub.send_to(self.conn, encode_error(ErrorCode.RATE_LIMITED, message, ref))
+        return False
+
+    def _dispatch(self, frame: ClientFrame) -> Awaitable[None] | None:
+        conn = self.conn
+        hub = self._node.hub
+        match frame:
+            case SendMessage():
+                self._send(frame)
+            case Join(room=room, ref=ref):
+                if room not in conn.rooms:
+                    self._check_join(room, ref)
+                    return self._node.join(
+                        conn,
+                        room,
+                        frame.catchup,
+                        lambda: hub.send_to(conn, encode_event("joined", room=room, ref=ref)),
+                    )
+                hub.send_to(conn, encode_event("joined", room=room, ref=ref))
+            case Leave(room=room, ref=ref):
+                if room not in conn.rooms:
+                    raise ProtocolError(ErrorCode.NOT_IN_ROOM, f"not in room {room!r}", ref=ref)
+                self._node.leave(conn, room)
+                hub.send_to(conn, encode_event("left", room=room, ref=ref))
+            case Ping(ref=ref):
+                hub.send_to(conn, encode_event("pong", ref=ref))
+            case PresenceQuery(room=room, ref=ref):
+                if room not in conn.rooms:
+                    raise ProtocolError(ErrorCode.NOT_IN_ROOM, f"join room {room!r} first", ref=ref)
+                return self._presence(room, ref)
+        return None
+
+    def _check_join(self, room: str, ref: str | int | None) -> None:
+        """Raise ``ProtocolError`` unless the connection may join ``room``."""
+        if not self.admission.allows(room):
+            raise ProtocolError(ErrorCode.FORBIDDEN_ROOM, f"not allowed in room {room!r}", ref=ref)
+        max_rooms = self._node.settings.limits.max_rooms
+        if len(self.conn.rooms) >= max_rooms:
+            raise ProtocolError(
+                ErrorCode.TOO_MANY_ROOMS,
+                f"a connection may be in at most {max_rooms} rooms",
+                ref=ref,
+            )
+
+    async def _presence(self, room: str, ref: str | int | None) -> None:
+        hub = self._node.hub
+        try:
+            members = await self._node.presence.members(room)
+        except BroadcastError as exc:
+            hub.send_to(
+                self.conn,
+                encode_error(ErrorCode.UNAVAILABLE, f"presence unavailable: {exc}", ref),
+            )
+            return
+        hub.send_to(self.conn, encode_presence(room, [m.as_json() for m in members], ref))
+
+    def _send(self, frame: SendMessage) -> None:
+        conn = self.conn
+        node = self._node
+        room = conn.default_room if frame.room is None else frame.room
+        if frame.room is not None and frame.room not in conn.rooms:
+            raise ProtocolError(
+                ErrorCode.NOT_IN_ROOM,
+                f"join room {frame.room!r} before sending to it",
+                ref=frame.ref,
+            )
+        message = Message(
+            id=node.new_message_id(),
+            room=room,
+            sender=conn.identity,
+            ts=time.time_ns() // 1_000_000,
+            data=frame.data,
+        )
+        node.counters.messages_received += 1
+        ref = frame.ref
+        if room is None:
+            node.publish(message)
+            if ref is not None:
+                node.hub.send_to(conn, encode_ack(ref, message.id, None))
+            return
+        if ref is None:
+            node.publish(message)
+            return
+
+        def acked(stamp: Stamp | None) -> None:
+            node.hub.send_to(
+                conn,
+                encode_ack(
+                    ref,
+                    message.id,
+                    room,
+                    epoch=None if stamp is None else stamp.epoch,
+                    offset=None if stamp is None else stamp.offset,
+                ),
+            )
+
+        node.publish(message, acked)
