@@ -7,10 +7,10 @@
 # (wheels of the project and every runtime dependency: `pip wheel .`),
 # `venv` (those wheels installed into /opt/chat-api, offline) and the final
 # `runtime`, which copies that venv and nothing else: no source tree, no
-# wheels, no pip, no compiler. Three stages rather than two because a COPY
-# of the wheels into the final stage would keep them in a layer even after
-# they are deleted, and `RUN --mount` needs BuildKit, which not every
-# `docker build` has (the legacy builder, podman's older builders).
+# wheels, no pip, no compiler. The install is a stage of its own rather than
+# a step of `runtime` because a COPY of the wheels into the final stage would
+# keep them in a layer even after they are deleted, and `RUN --mount` needs
+# BuildKit, which not every `docker build` has (the legacy builder has not).
 #
 # BASE_IMAGE: any Debian-like image. The default, the official
 # python:3.11-slim, already has Python 3.11. An image without Python (for
@@ -18,8 +18,8 @@
 # tests/test_image.py does) gets Debian's python3 (3.11 on bookworm),
 # python3-venv and ca-certificates from apt, nothing more: every dependency
 # has a manylinux wheel for x86_64 and arm64, so no compiler is needed. On a
-# platform where one has no wheel, add build-essential and python3-dev to
-# the apt line of the `build` stage only.
+# platform where one has no wheel, install build-essential and python3-dev
+# with apt in the `build` stage (only there: it is thrown away).
 #
 # No secrets are baked in: settings come from the environment at run time
 # (and .dockerignore keeps .env, .git, .venv and caches out of the context).
