@@ -74,6 +74,11 @@ def _redis_and_failure_rows(tag: str, runs: dict[str, list[dict[str, Any]]]) -> 
             _runs_metric(runs, lambda r: r.get("closed_by_server")),
             "none",
         ),
+        (
+            f"{tag}: connections that failed to open",
+            _runs_metric(runs, lambda r: r.get("connect_failures")),
+            "none",
+        ),
     ]
     # shown only where some system had some
     rows += [row for row in optional if any(any(v) for v in row[1].values())]
@@ -226,7 +231,9 @@ def markdown(results: dict[str, Any]) -> str:
         "run, divided by the room messages sent (one message to a room, whatever its "
         "size). Redis-bound: 1,000,000 ÷ that, the room messages per second one Redis "
         "core would carry at that cost (Redis runs commands on one thread), so the "
-        "rate at which Redis, not the pods, becomes the limit.",
+        "rate at which Redis, not the pods, becomes the limit. A system that refuses "
+        "or drops messages spends less Redis per message sent: read these rows with "
+        "its loss.",
     ]
     if any(x.startswith("django-channels") for x in systems):
         lines += [
@@ -319,6 +326,10 @@ def _failure_notes(results: dict[str, Any]) -> list[str]:
             during = _log_summary([r.get("peer_log") for r in rs])
             if during:
                 bits.append(during)
+            refused = sum(r.get("connect_failures", 0) for r in rs)
+            if refused:
+                first = next(r["first_connect_failure"] for r in rs if r.get("connect_failures"))
+                bits.append(f"{refused:,} connections failed to open (first: `{first}`)")
             closed = sum(r.get("closed_by_server", 0) for r in rs)
             if closed:
                 bits.append(f"{closed:,} connections closed by the server")

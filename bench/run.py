@@ -369,6 +369,9 @@ def brief(r: dict[str, Any]) -> str:
         f"loadgen {r['loadgen_cpu_cores']} cores, sender late {r['sender_late_ms']} ms"
     )
     failed = failures_brief(r["peer_log"])
+    if r["connect_failures"]:
+        failed += f"{'; ' if failed else ''}{r['connect_failures']} connects failed"
+        failed += f" (first: {r.get('first_connect_failure')})"
     if r["closed_by_server"]:
         failed += f"{'; ' if failed else ''}{r['closed_by_server']} closed by the server"
     if not r["servers_alive"]:
