@@ -22,6 +22,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -147,8 +148,8 @@ class System:
     command: Callable[[PodArgs], list[str]]
     env: Callable[[PodArgs], dict[str, str]] = lambda _: {}
     ready: Callable[[int], bool] = lambda port: port_open(port)
-    # "always", or "shared": only when pods must share rooms (more than one)
-    redis: str = "always"
+    # its own redis-server always, or only when pods share rooms (more than one)
+    redis: Literal["always", "shared"] = "always"
     # why the system cannot run here, or None when it can
     missing: Callable[[], str | None] = lambda: None
     # the workloads the default run gives it (None: all); a system named in
