@@ -47,8 +47,11 @@ fmt: $(STAMP)
 demo-cluster: $(STAMP)
 	$(BIN)/python scripts/demo_cluster.py
 
-# chat-api against python-socketio (and Node socket.io when npm is there), a few
-# minutes; results in docs/bench*. BENCH_ARGS=--quick runs in seconds.
+# chat-api against its peers (python-socketio, Django Channels, and Node
+# socket.io when npm is there), about 12 minutes of both cores; results in
+# bench/results/ (git-ignored). BENCH_ARGS=--quick checks the harness in about
+# a minute; BENCH_ARGS=--publish (a full run) also writes docs/benchmarks* and
+# the README's table.
 NODE_PEER := bench/peers/node
 
 bench: $(BENCH_STAMP)

@@ -1,12 +1,15 @@
 """The servers under test: a private redis-server and N pods of one system.
 
 Everything listens on 127.0.0.1 on ports picked free by the kernel; each
-process is started here, waited for by polling its port, and stopped by its
-PID. ``ProcStat`` reads CPU time and RSS of a PID from ``/proc``.
+process is started here, waited for by polling it (``System.ready``), and
+stopped by its PID. ``SYSTEMS`` is the table of systems under test: one
+entry each (command line, environment, ready check, which client adapter).
+``cpu_seconds`` and ``rss_kb`` read a PID's CPU time and RSS from ``/proc``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -16,8 +19,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -56,12 +61,15 @@ def wait_until(check: object, timeout: float, what: str) -> None:
     raise TimeoutError(f"{what} not up after {timeout:.0f}s")
 
 
-def http_ok(url: str) -> bool:
+def http_status(url: str) -> int | None:
+    """The HTTP status of a GET, or None when nothing answers."""
     try:
         with urllib.request.urlopen(url, timeout=1) as r:
-            return bool(r.status == 200)
+            return int(r.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
     except (urllib.error.URLError, OSError):
-        return False
+        return None
 
 
 def port_open(port: int) -> bool:
@@ -115,13 +123,189 @@ def start_redis(logdir: Path, name: str = "redis") -> Process:
     return proc
 
 
-SYSTEMS = ("chat-api", "python-socketio", "node-socketio")
 NODE_PEER = ROOT / "bench" / "peers" / "node"
+ASGI_EXAMPLE = ROOT / "examples" / "fastapi_chat.py"
+
+
+@dataclass(frozen=True)
+class PodArgs:
+    """What one pod of a system is started with."""
+
+    name: str  # also its pod id
+    port: int
+    redis_url: str  # "" when the system runs without Redis
+
+
+@dataclass(frozen=True)
+class System:
+    """One system under test: how to start a pod, when it is ready, which
+    client adapter (``bench/wsclient.py``) speaks to it.
+
+    Adding a system is one entry in ``SYSTEMS``."""
+
+    name: str
+    dialect: str
+    command: Callable[[PodArgs], list[str]]
+    env: Callable[[PodArgs], dict[str, str]] = lambda _: {}
+    ready: Callable[[int], bool] = lambda port: port_open(port)
+    # its own redis-server always, or only when pods share rooms (more than one)
+    redis: Literal["always", "shared"] = "always"
+    # why the system cannot run here, or None when it can
+    missing: Callable[[], str | None] = lambda: None
+    # the workloads the default run gives it (None: all); a system named in
+    # --systems runs every workload asked for
+    workloads: tuple[str, ...] | None = None
+
+
+def _chat_api_env(p: PodArgs) -> dict[str, str]:
+    return {
+        "HOST": HOST,
+        "PORT": str(p.port),
+        "POD_ID": p.name,
+        "REDIS_URL": p.redis_url,
+        "LOG_LEVEL": "WARNING",
+        # the limiter still runs on every frame, but 4 senders must be able
+        # to drive the saturation ladder (300+ messages/s each)
+        "RATE_LIMIT_PER_SECOND": "1000000",
+        "RATE_LIMIT_BURST": "1000000",
+    }
+
+
+def _peer(script: str, *extra: str) -> Callable[[PodArgs], list[str]]:
+    """The command line of a Python peer in bench/peers/."""
+
+    def command(p: PodArgs) -> list[str]:
+        return [
+            sys.executable,
+            str(ROOT / "bench" / "peers" / script),
+            "--port",
+            str(p.port),
+            "--redis",
+            p.redis_url,
+            "--pod-id",
+            p.name,
+            *extra,
+        ]
+
+    return command
+
+
+def _node(p: PodArgs) -> list[str]:
+    return [
+        "node",
+        str(NODE_PEER / "server.js"),
+        "--port",
+        str(p.port),
+        "--redis",
+        p.redis_url,
+        "--pod-id",
+        p.name,
+    ]
+
+
+def _uvicorn(app: str) -> Callable[[PodArgs], list[str]]:
+    def command(p: PodArgs) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            app,
+            "--host",
+            HOST,
+            "--port",
+            str(p.port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ]
+
+    return command
+
+
+def _modules_missing(*modules: str) -> str | None:
+    absent = [m for m in modules if importlib.util.find_spec(m) is None]
+    if absent:
+        return f"{', '.join(absent)} not installed (pip install -e '.[bench]')"
+    return None
+
+
+def _node_missing() -> str | None:
+    if shutil.which("node") is None:
+        return "node is not on PATH"
+    if not (NODE_PEER / "node_modules").is_dir():
+        return f"its npm packages are not installed (cd {NODE_PEER.relative_to(ROOT)} && npm ci)"
+    return None
+
+
+def _asgi_missing() -> str | None:
+    if not ASGI_EXAMPLE.is_file():
+        return f"{ASGI_EXAMPLE.relative_to(ROOT)} does not exist"
+    return _modules_missing("uvicorn", "fastapi")
+
+
+def _readyz(port: int) -> bool:
+    return http_status(f"http://{HOST}:{port}/readyz") == 200
+
+
+def _readyz_or_serving(port: int) -> bool:
+    """Ready when /readyz says so; an app that mounts no /readyz (404) is
+    ready once it answers HTTP at all."""
+    return http_status(f"http://{HOST}:{port}/readyz") in (200, 404)
+
+
+# the new Python peers skip the saturation ladder and the ordering run in the
+# default run: with them the default run stays near 12 minutes
+_SHORT = ("fanout", "rooms", "idle")
+
+SYSTEMS: dict[str, System] = {
+    s.name: s
+    for s in (
+        System(
+            "chat-api",
+            dialect="chat-api",
+            command=lambda _: [sys.executable, "-m", "chat_api"],
+            env=_chat_api_env,
+            ready=_readyz,
+            redis="shared",
+        ),
+        System(
+            "chat-api-asgi",
+            dialect="chat-api",
+            command=_uvicorn("examples.fastapi_chat:app"),
+            env=_chat_api_env,
+            ready=_readyz_or_serving,
+            redis="shared",
+            missing=_asgi_missing,
+            workloads=(*_SHORT, "ordering"),
+        ),
+        System(
+            "python-socketio",
+            dialect="socketio",
+            command=_peer("socketio_server.py"),
+            missing=lambda: _modules_missing("socketio", "uvicorn"),
+        ),
+        System("node-socketio", dialect="socketio", command=_node, missing=_node_missing),
+        System(
+            "django-channels",
+            dialect="django-channels",
+            command=_peer("django_channels.py", "--layer", "core"),
+            missing=lambda: _modules_missing("channels", "channels_redis", "django", "uvicorn"),
+            workloads=_SHORT,
+        ),
+        System(
+            "django-channels-pubsub",
+            dialect="django-channels",
+            command=_peer("django_channels.py", "--layer", "pubsub"),
+            missing=lambda: _modules_missing("channels", "channels_redis", "django", "uvicorn"),
+            workloads=_SHORT,
+        ),
+    )
+}
 
 
 def node_peer_ready() -> bool:
     """The Node peer runs only where node and its npm packages are installed."""
-    return shutil.which("node") is not None and (NODE_PEER / "node_modules").is_dir()
+    return _node_missing() is None
 
 
 RUNNING: list[Cluster] = []
@@ -147,65 +331,44 @@ class Cluster:
             self.stop()
             raise
 
+    @property
+    def spec(self) -> System:
+        return SYSTEMS[self.system]
+
     def _start(self) -> Cluster:
         self.logdir.mkdir(parents=True, exist_ok=True)
-        needs_redis = self.system != "chat-api" or self.pods > 1
-        if needs_redis:
+        spec = self.spec
+        why_not = spec.missing()
+        if why_not:
+            raise RuntimeError(f"{self.system} cannot run: {why_not}")
+        if spec.redis == "always" or self.pods > 1:
             self.redis = start_redis(self.logdir, f"{self.system}-redis")
         for i in range(self.pods):
             self.servers.append(self._start_pod(i))
         for srv in self.servers:
-            if self.system == "chat-api":
-                url = f"http://{HOST}:{srv.port}/readyz"
-                wait_until(lambda url=url: http_ok(url), 20, srv.name)  # type: ignore[misc]
-            else:
-                wait_until(lambda p=srv.port: port_open(p), 20, srv.name)  # type: ignore[misc]
+            wait_until(
+                lambda srv=srv: self._check_alive(srv) and spec.ready(srv.port),  # type: ignore[misc]
+                20,
+                srv.name,
+            )
         return self
+
+    def _check_alive(self, srv: Process) -> bool:
+        """A pod that exits while starting fails at once, with its log's tail."""
+        if srv.popen.poll() is not None:
+            tail = srv.log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{srv.name} exited with {srv.popen.returncode}:\n{tail}")
+        return True
 
     def _start_pod(self, i: int) -> Process:
         port = free_port()
         name = f"{self.system}-pod{i + 1}"
         redis_url = f"redis://{HOST}:{self.redis.port}/0" if self.redis else ""
+        args = PodArgs(name=name, port=port, redis_url=redis_url)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("PYTHONDEVMODE", None)
-        if self.system == "chat-api":
-            env.update(
-                HOST=HOST,
-                PORT=str(port),
-                POD_ID=name,
-                REDIS_URL=redis_url,
-                LOG_LEVEL="WARNING",
-                # the limiter still runs on every frame, but 4 senders must be
-                # able to drive the saturation ladder (300+ messages/s each)
-                RATE_LIMIT_PER_SECOND="1000000",
-                RATE_LIMIT_BURST="1000000",
-            )
-            args = [sys.executable, "-m", "chat_api"]
-        elif self.system == "python-socketio":
-            args = [
-                sys.executable,
-                str(ROOT / "bench" / "peers" / "socketio_server.py"),
-                "--port",
-                str(port),
-                "--redis",
-                redis_url,
-                "--pod-id",
-                name,
-            ]
-        elif self.system == "node-socketio":
-            args = [
-                "node",
-                str(NODE_PEER / "server.js"),
-                "--port",
-                str(port),
-                "--redis",
-                redis_url,
-                "--pod-id",
-                name,
-            ]
-        else:
-            raise ValueError(f"unknown system {self.system!r}")
-        return _spawn(name, args, env, port, self.logdir)
+        env.update(self.spec.env(args))
+        return _spawn(name, self.spec.command(args), env, port, self.logdir)
 
     @property
     def ports(self) -> list[int]:

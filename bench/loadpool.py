@@ -16,6 +16,7 @@ from typing import Any
 
 from . import loadgen
 from .cluster import HOST, RUNNING, Cluster, cpu_seconds
+from .peerlog import LogMarks
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class LoadPool:
         ctx = mp.get_context("spawn")
         self.pipes: list[Connection] = []
         self.procs: list[BaseProcess] = []
+        self.runs = 0  # runs made over this pool, for their room names
         for _ in range(workers):
             ours, theirs = ctx.Pipe()
             proc = ctx.Process(target=loadgen.main, args=(theirs,), daemon=True)
@@ -113,20 +115,21 @@ def measured_run(
     grace: float = 3.0,
     profile: Path | None = None,
 ) -> dict[str, Any]:
-    """Connect ``layout``, send for ``duration``, collect, close; the numbers."""
+    """Connect ``layout``, send for ``duration``, collect, close; the numbers.
+
+    Each run has rooms of its own (``layout``'s names with a prefix per run):
+    nothing a run leaves in a server or its Redis (a group still holding a
+    crashed consumer, a room's history) is met by the next one."""
     workers = len(pool.pipes)
-    shares: list[list[tuple[int, str, str, int]]] = [[] for _ in range(workers)]
-    # senders spread over workers first, then everyone else round-robin
-    ordered = sorted(layout, key=lambda c: c.role != "send")
-    for i, c in enumerate(ordered):
-        shares[i % workers].append((cluster.ports[c.pod], c.room, c.role, c.sender))
+    shares = _shares(pool, cluster, sorted(layout, key=lambda c: c.role != "send"))
     settle(cluster)
+    marks = LogMarks([srv.log for srv in cluster.servers])
     started = time.perf_counter()
     connected = pool.ask(
         [
             {
                 "cmd": "connect",
-                "dialect": cluster.system,
+                "dialect": cluster.spec.dialect,
                 "host": HOST,
                 "conns": share,
                 "record_order": record_order,
@@ -196,6 +199,10 @@ def measured_run(
         lat.extend(part)
     lat_sorted = sorted(lat)
     server_cpu = cpu1 - cpu0
+    redis_cpu = redis1 - redis0
+    # Redis's CPU per room message, and the room messages per second one
+    # Redis core would carry at that cost
+    redis_us = 1e6 * redis_cpu / messages if messages and cluster.redis else None
     orders = [h for r in collected for h in r["orders"]]
     result.update(
         messages=messages,
@@ -215,38 +222,54 @@ def measured_run(
         server_cpu_us_per_delivery=round(1e6 * server_cpu / received, 2) if received else None,
         server_cpu_us_per_message=round(1e6 * server_cpu / messages, 1) if messages else None,
         server_cpu_cores=round(server_cpu / wall, 3),
-        redis_cpu_s=round(redis1 - redis0, 3),
+        redis_cpu_s=round(redis_cpu, 3),
+        redis_cpu_us_per_message=round(redis_us, 2) if redis_us else None,
+        redis_bound_messages_per_s=round(1e6 / redis_us) if redis_us else None,
         loadgen_cpu_cores=round((gen1 - gen0) / wall, 3),
         acks=sum(r["acks"] for r in collected),
         errors=sum(r["errors"] for r in collected),
         closed_by_server=sum(r["closed_by_server"] for r in collected),
         servers_alive=cluster.alive(),
+        peer_log=marks.scan(),  # what the servers logged from connect to collect
     )
     if record_order:
         result["distinct_orders"] = len(set(orders))
         result["complete_receivers"] = len(orders)
         result["fifo_violations"] = sum(r["fifo_violations"] for r in collected)
     pool.ask_all({"cmd": "disconnect"}, 30)
+    # the servers handle the closes after the clients are gone: what they log
+    # doing it (a consumer failing to leave its group) is the run's teardown
+    settle(cluster, timeout=10)
+    result["peer_log_teardown"] = marks.scan()
     if spy is not None:
         spy.wait(30)
     return result
+
+
+def _shares(pool: LoadPool, cluster: Cluster, layout: list[Conn]) -> list[list[Any]]:
+    """``layout`` dealt round-robin over the pool's workers, its rooms named
+    for this run."""
+    pool.runs += 1
+    tag = f"k{pool.runs}-"
+    shares: list[list[Any]] = [[] for _ in pool.pipes]
+    for i, c in enumerate(layout):
+        shares[i % len(shares)].append((cluster.ports[c.pod], tag + c.room, c.role, c.sender))
+    return shares
 
 
 def measured_connect(
     pool: LoadPool, cluster: Cluster, layout: list[Conn], settle_first: bool = True
 ) -> dict[str, Any]:
     """Open ``layout`` (idle connections); connect rate and RSS per connection."""
-    workers = len(pool.pipes)
-    shares: list[list[tuple[int, str, str, int]]] = [[] for _ in range(workers)]
-    for i, c in enumerate(layout):
-        shares[i % workers].append((cluster.ports[c.pod], c.room, c.role, c.sender))
+    shares = _shares(pool, cluster, layout)
     if settle_first:
         settle(cluster)
+    marks = LogMarks([srv.log for srv in cluster.servers])
     rss0 = cluster.rss_kb()
     started = time.perf_counter()
     replies = pool.ask(
         [
-            {"cmd": "connect", "dialect": cluster.system, "host": HOST, "conns": share}
+            {"cmd": "connect", "dialect": cluster.spec.dialect, "host": HOST, "conns": share}
             for share in shares
         ],
         timeout=300,
@@ -266,8 +289,11 @@ def measured_connect(
         "rss_after_kb": rss1,
         "kb_per_connection": round((rss1 - rss0) / connected, 2) if connected else None,
         "servers_alive": cluster.alive(),
+        "peer_log": marks.scan(),
     }
     if failed:
         result["first_connect_failure"] = next(r["first_failure"] for r in replies if r["failed"])
     pool.ask_all({"cmd": "disconnect"}, 60)
+    settle(cluster, timeout=10)
+    result["peer_log_teardown"] = marks.scan()
     return result

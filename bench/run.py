@@ -1,15 +1,17 @@
-"""The benchmark runner: chat-api against python-socketio, in one run.
+"""The benchmark runner: chat-api against its peers, in one run.
 
-    python -m bench                # the default run, a few minutes
-    python -m bench --quick        # seconds; checks that the harness works
-    python -m bench --workloads fanout,idle --systems chat-api
+    python -m bench                # the default run, about 12 minutes
+    python -m bench --quick        # about a minute; checks that the harness works
+    python -m bench --workloads fanout,idle --systems chat-api,django-channels
+    python -m bench --publish      # the default run, and its results into docs/
 
-For each workload, both systems run side by side (each on its own Redis and
+For each workload, every system runs side by side (each on its own Redis and
 pods, each with its own load-generator processes) and their runs alternate
-(A B A B ...), so drift of a shared machine hits both alike. The claim is the
-ratio between systems measured in the same run, not the absolute numbers.
-Results go to ``docs/benchmarks-results.json``, ``docs/benchmarks.md`` and
-``docs/benchmarks.png``.
+(A B C A B C ...), so drift of a shared machine hits all alike. The claim is
+the ratio between systems measured in the same run, not the absolute numbers.
+Results go to ``bench/results/benchmarks-results.json``, ``benchmarks.md``
+and ``benchmarks.png`` (git-ignored); only ``--publish`` writes
+``docs/benchmarks*`` and the README's table.
 """
 
 from __future__ import annotations
@@ -32,7 +34,11 @@ from typing import Any
 from .cluster import NODE_PEER, ROOT, SYSTEMS, Cluster, node_peer_ready
 from .loadgen import raise_nofile_limit
 from .loadpool import Conn, LoadPool, measured_connect, measured_run
+from .peerlog import failures_brief
 from .profile import summarize
+
+RESULTS = ROOT / "bench" / "results"
+DOCS = ROOT / "docs"
 
 
 @dataclass(frozen=True)
@@ -50,7 +56,8 @@ class Settings:
     fanout_seconds: float = 10.0
     rooms: int = 500
     room_members: int = 4
-    rooms_rates: tuple[int, ...] = (2_000, 6_000, 20_000)  # deliveries/s
+    rooms_rates: tuple[int, ...] = (2_000, 4_000, 6_000, 20_000)  # deliveries/s
+    rooms_repeated: int = 1  # how many of the lowest rates get ``reps`` runs; the rest one
     rooms_seconds: float = 8.0
     ladder: tuple[int, ...] = (
         2_500,
@@ -135,21 +142,30 @@ def idle_layout(s: Settings) -> list[Conn]:
 
 
 class Bench:
-    def __init__(self, s: Settings, systems: list[str], logdir: Path) -> None:
+    def __init__(
+        self,
+        s: Settings,
+        systems: list[str],
+        logdir: Path,
+        plan: dict[str, list[str]] | None = None,
+    ) -> None:
         self.s = s
         self.systems = systems
         self.logdir = logdir
+        # the systems of each workload (default: all of them in every one)
+        self.plan = plan or {}
+        self.current = ""
 
     def _with_clusters(
         self,
         body: Callable[[dict[str, tuple[Cluster, LoadPool]]], dict[str, Any]],
         workers: int | None = None,
     ) -> dict[str, Any]:
-        """Start every system's cluster and load generators, run ``body``, and
-        stop all of it whatever happens."""
+        """Start the cluster and load generators of every system of the
+        current workload, run ``body``, and stop all of it whatever happens."""
         with contextlib.ExitStack() as stack:
             clusters = {}
-            for system in self.systems:
+            for system in self.plan.get(self.current, self.systems):
                 cluster = Cluster(system, self.s.pods, self.logdir / system)
                 stack.callback(cluster.stop)
                 cluster.start()
@@ -189,7 +205,8 @@ class Bench:
             for target in s.rooms_rates:
                 rate = target / receivers / s.rooms  # messages/s per sender (one per room)
                 runs: dict[str, list[dict[str, Any]]] = {k: [] for k in clusters}
-                for rep in range(s.reps if target == s.rooms_rates[0] else 1):
+                repeated = target in s.rooms_rates[: s.rooms_repeated]
+                for rep in range(s.reps if repeated else 1):
                     for system, (cluster, pool) in clusters.items():
                         r = measured_run(
                             pool,
@@ -267,7 +284,12 @@ class Bench:
             runs = {}
             for system, (cluster, pool) in clusters.items():
                 r = measured_connect(pool, cluster, idle_layout(self.s))
-                log(f"idle {system}: {r}")
+                failed = failures_brief(r["peer_log"])
+                log(
+                    f"idle {system}: {r['connections']} connected ({r['connect_failures']} "
+                    f"failed), {r['connects_per_s']} connects/s, {r['kb_per_connection']} KB "
+                    f"RSS per connection" + (f"; FAILURES: {failed}" if failed else "")
+                )
                 runs[system] = r
             return {"connections": self.s.idle_connections, "runs": runs}
 
@@ -337,14 +359,24 @@ class Bench:
 
 def brief(r: dict[str, Any]) -> str:
     lat = r["latency_ms"]
-    return (
+    line = (
         f"{r['deliveries']}/{r['deliveries_expected']} delivered, loss {r['loss_pct']}%, "
         f"dups {r['duplicates']}, "
         f"p50 {lat['p50']:.1f} p99 {lat['p99']:.1f} max {lat['max']:.1f} ms, "
         f"server CPU {r['server_cpu_us_per_delivery']} us/delivery "
         f"{r['server_cpu_us_per_message']} us/message ({r['server_cpu_cores']} cores), "
+        f"Redis {r['redis_cpu_us_per_message']} us/message, "
         f"loadgen {r['loadgen_cpu_cores']} cores, sender late {r['sender_late_ms']} ms"
     )
+    failed = failures_brief(r["peer_log"])
+    if r["connect_failures"]:
+        failed += f"{'; ' if failed else ''}{r['connect_failures']} connects failed"
+        failed += f" (first: {r.get('first_connect_failure')})"
+    if r["closed_by_server"]:
+        failed += f"{'; ' if failed else ''}{r['closed_by_server']} closed by the server"
+    if not r["servers_alive"]:
+        failed += f"{'; ' if failed else ''}A POD DIED"
+    return line + (f"; FAILURES: {failed}" if failed else "")
 
 
 # -- machine ---------------------------------------------------------------------
@@ -387,6 +419,13 @@ def machine() -> dict[str, Any]:
                 "uvicorn",
                 "uvloop",
                 "websockets",
+                "channels",
+                "channels-redis",
+                "django",
+                "asgiref",
+                "msgpack",
+                "fastapi",
+                "starlette",
             )
         },
         "node": _node_versions(),
@@ -419,15 +458,43 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--systems",
         default=None,
-        help="comma-separated; default: all (node-socketio only if its npm packages are in)",
+        help="comma-separated; default: every system that can run here "
+        f"({', '.join(SYSTEMS)}); a system named here runs every workload asked for",
     )
     parser.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS))
     parser.add_argument("--pods", type=int, default=None)
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--workers", type=int, default=None, help="load-generator processes")
-    parser.add_argument("--out", default=str(ROOT / "docs"), help="where results go")
+    parser.add_argument(
+        "--rooms-rates",
+        default=None,
+        help="comma-separated deliveries/s of the small-rooms workload (default "
+        + ",".join(str(r) for r in Settings.rooms_rates)
+        + ")",
+    )
+    parser.add_argument("--out", default=None, help=f"where results go (default {RESULTS})")
     parser.add_argument("--name", default="benchmarks", help="file name stem of the results")
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help="also write the results to docs/benchmarks* and the README's table "
+        "(a full run only: not with --quick or fewer workloads)",
+    )
     args = parser.parse_args(argv)
+
+    workloads = [x for x in args.workloads.split(",") if x]
+    for w in workloads:
+        if w not in WORKLOADS:
+            parser.error(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
+    if args.publish:
+        if args.quick:
+            parser.error("--publish takes a full run: its toy numbers stay in bench/results/")
+        if set(workloads) != set(DEFAULT_WORKLOADS):
+            parser.error("--publish takes every default workload (the README table has them all)")
+        if args.rooms_rates is not None:
+            parser.error("--publish takes the default small-rooms rates")
+        if args.out is not None or args.name != "benchmarks":
+            parser.error("--publish writes docs/benchmarks*; --out and --name are for other runs")
 
     s = QUICK if args.quick else Settings()
     if args.pods is not None:
@@ -436,39 +503,60 @@ def main(argv: list[str] | None = None) -> None:
         s = Settings(**{**s.__dict__, "reps": args.reps})
     if args.workers is not None:
         s = Settings(**{**s.__dict__, "workers": args.workers})
-    if args.systems is None:
-        systems = [x for x in SYSTEMS if x != "node-socketio" or node_peer_ready()]
-    else:
-        systems = [x for x in args.systems.split(",") if x]
-        systems.sort(key=lambda x: SYSTEMS.index(x) if x in SYSTEMS else -1)
-    workloads = [x for x in args.workloads.split(",") if x]
-    for w in workloads:
-        if w not in WORKLOADS:
-            parser.error(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
-    for x in systems:
+    if args.rooms_rates is not None:
+        try:
+            rates = tuple(int(x) for x in args.rooms_rates.split(",") if x)
+        except ValueError:
+            parser.error(f"--rooms-rates: not a list of integers: {args.rooms_rates!r}")
+        if not rates or min(rates) <= 0:
+            parser.error("--rooms-rates: give one or more rates above 0")
+        s = Settings(**{**s.__dict__, "rooms_rates": rates})
+
+    named = args.systems is not None
+    wanted = [x for x in args.systems.split(",") if x] if named else list(SYSTEMS)
+    for x in wanted:
         if x not in SYSTEMS:
             parser.error(f"unknown system {x!r}; choose from {', '.join(SYSTEMS)}")
+    skipped: dict[str, str] = {}
+    for x in wanted:
+        why_not = SYSTEMS[x].missing()
+        if why_not:
+            skipped[x] = why_not
+            log(f"skipping {x}: {why_not}")
+    systems = [x for x in SYSTEMS if x in wanted and x not in skipped]
+    if not systems:
+        parser.error("no system to run: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    plan = {w: [x for x in systems if _runs(x, w, named)] for w in workloads}
 
     # SIGTERM unwinds like Ctrl-C, so every server started is stopped by PID
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     nofile = raise_nofile_limit()
-    out = Path(args.out)
+    out = Path(args.out) if args.out is not None else RESULTS
     out.mkdir(parents=True, exist_ok=True)
-    logdir = ROOT / "bench" / "results" / "logs"
+    logdir = RESULTS / "logs"
     results: dict[str, Any] = {
         "settings": s.__dict__,
         "systems": systems,
+        "skipped": skipped,
+        "plan": plan,
         "machine": machine(),
         "nofile_limit": nofile,
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
         "workloads": {},
+        "workload_seconds": {},
     }
-    bench = Bench(s, systems, logdir)
+    bench = Bench(s, systems, logdir, plan)
     t0 = time.perf_counter()
     for w in workloads:
-        log(f"workload {w}")
+        if not plan[w]:
+            log(f"workload {w}: no system runs it")
+            continue
+        log(f"workload {w}: {', '.join(plan[w])}")
+        bench.current = w
+        t1 = time.perf_counter()
         results["workloads"][w] = getattr(bench, w)()
+        results["workload_seconds"][w] = round(time.perf_counter() - t1, 1)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     results["machine"]["loadavg_end"] = os.getloadavg()
 
@@ -479,10 +567,19 @@ def main(argv: list[str] | None = None) -> None:
     from .report import update_readme, write_reports
 
     paths = write_reports(results, out, args.name)
-    if out.resolve() == (ROOT / "docs").resolve() and update_readme(ROOT / "README.md", results):
-        paths.append(ROOT / "README.md")
+    if args.publish:
+        paths += write_reports(results, DOCS, args.name)
+        if update_readme(ROOT / "README.md", results):
+            paths.append(ROOT / "README.md")
     log(f"done in {results['seconds']}s: " + ", ".join(str(p) for p in paths))
     print((out / f"{args.name}.md").read_text())
+
+
+def _runs(system: str, workload: str, named: bool) -> bool:
+    """Whether ``system`` runs ``workload``: a system named in --systems runs
+    every workload asked for; otherwise its entry says which it runs."""
+    chosen = SYSTEMS[system].workloads
+    return named or chosen is None or workload in chosen
 
 
 def dump(results: dict[str, Any], path: Path) -> None:

@@ -5,8 +5,9 @@ write per connection, so this client does as little as possible per frame:
 it splits the byte stream into frames by their headers, answers pings, and
 looks inside a text frame only for the benchmark's marker string
 ``"~sender.seq.stamp~"`` (found with ``bytes.find``, no JSON parsing). It
-speaks two dialects on top of WebSocket: chat-api's JSON frames and
-Socket.IO (Engine.IO v4 packets), which is what python-socketio serves.
+speaks three dialects on top of WebSocket: chat-api's JSON frames, Socket.IO
+(Engine.IO v4 packets, what python-socketio and Node socket.io serve), and
+the JSON frames of the Django Channels peer (``bench/peers/django_channels.py``).
 
 Client frames must be masked (RFC 6455 5.3); the mask key is all zeros, which
 leaves the payload unchanged, so a frame is header + key + payload.
@@ -56,6 +57,9 @@ class Dialect:
         """A text frame without a marker (welcome, acks, Engine.IO packets)."""
         raise NotImplementedError
 
+    def on_open(self, client: WsClient) -> None:
+        """The handshake is done (101); most dialects wait for a frame."""
+
 
 class ChatApi(Dialect):
     name = "chat-api"
@@ -80,8 +84,7 @@ class SocketIO(Dialect):
     """Engine.IO v4 over WebSocket, default namespace; the room is chosen by
     the ``room`` query parameter, which the peer server joins on connect."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    name = "socketio"
 
     def path(self, room: str) -> str:
         return f"/socket.io/?EIO=4&transport=websocket&room={room}"
@@ -107,11 +110,31 @@ class SocketIO(Dialect):
             client.errors += 1
 
 
-DIALECTS: Final[dict[str, Dialect]] = {
-    "chat-api": ChatApi(),
-    "python-socketio": SocketIO("python-socketio"),
-    "node-socketio": SocketIO("node-socketio"),
-}
+class DjangoChannels(Dialect):
+    """The Django Channels tutorial's shape: the room is in the URL, the
+    consumer joins its group before it accepts, so the handshake's 101 means
+    "in the room". A message frame is chat-api's; the consumer answers with
+    ``json.dumps`` output (a space after each colon)."""
+
+    name = "django-channels"
+
+    def path(self, room: str) -> str:
+        return f"/ws/chat/{room}/"
+
+    def message(self, room: str, marker: str, ref: int) -> bytes:
+        return b'{"type":"message","data":"%s","ref":%d}' % (marker.encode(), ref)
+
+    def on_open(self, client: WsClient) -> None:
+        client.mark_ready()
+
+    def on_control(self, client: WsClient, payload: bytes) -> None:
+        if payload.startswith(b'{"type": "ack"'):
+            client.acks += 1
+        elif payload.startswith(b'{"type": "error"'):
+            client.errors += 1
+
+
+DIALECTS: Final[dict[str, Dialect]] = {d.name: d for d in (ChatApi(), SocketIO(), DjangoChannels())}
 
 
 class Tally:
@@ -209,6 +232,7 @@ class WsClient(asyncio.Protocol):
             return False
         self._upgraded = True
         del buf[: end + 4]
+        self.dialect.on_open(self)
         return True
 
     def _frames(self, buf: bytes | bytearray, now: int) -> int:

@@ -1,18 +1,23 @@
-"""The benchmark harness still runs: ``python -m bench --quick`` on chat-api.
+"""The benchmark harness still runs: ``python -m bench --quick`` on chat-api,
+and the Django Channels peer serves the chat shape the load generator speaks.
 
-Not a timed test: it checks that the load generator, the runner and the
+Not timed tests: they check that the load generator, the runner and the
 reports work end to end, and that nothing was lost, duplicated or reordered
-per sender on the way.
+per sender on the way. The peer's test needs the ``bench`` extra, which
+``make test`` does not install: it skips without it.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from .redis_support import REDIS_SERVER
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,3 +74,47 @@ def test_bench_wakeups_runs() -> None:
     rows = [line for line in text.splitlines() if line.startswith("| ") and "µs" not in line]
     assert len(rows) == 6, text  # 3 frames, back to back and paced
     assert all(float(row.rsplit("|", 2)[1]) >= 0 for row in rows), text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("system", ["django-channels", "django-channels-pubsub"])
+def test_django_channels_peer_round_trip(system: str, tmp_path: Path) -> None:
+    absent = [m for m in ("channels", "channels_redis", "django", "uvicorn") if not _has(m)]
+    if absent:
+        pytest.skip(
+            f"the bench extra is not installed ({', '.join(absent)}): pip install -e '.[bench]'"
+        )
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not on PATH")
+    from bench.cluster import Cluster
+    from websockets.sync.client import connect
+
+    cluster = Cluster(system, 1, tmp_path)
+    try:
+        cluster.start()  # its own redis-server, one pod; waits for its port
+        url = f"ws://127.0.0.1:{cluster.ports[0]}/ws/chat/smoke/"
+        with connect(url, open_timeout=10) as listener, connect(url, open_timeout=10) as sender:
+            sender.send('{"type":"message","data":"~1.0.123~","ref":7}')
+            frames = [sender.recv(timeout=10) for _ in range(2)]  # its ack and its message
+            heard = listener.recv(timeout=10)
+        assert cluster.alive()
+    finally:
+        cluster.stop()
+    raw_ack = next(f for f in frames if '"ack"' in f)
+    assert isinstance(raw_ack, str)
+    assert raw_ack.startswith('{"type": "ack"')  # what the bench's client adapter looks for
+    ack = json.loads(raw_ack)
+    echoed = json.loads(next(f for f in frames if f is not raw_ack))
+    message = json.loads(heard)
+    assert ack["ref"] == 7
+    assert message == echoed  # the whole room, sender included, gets the same message
+    assert message["type"] == "message"
+    assert message["id"] == ack["id"]
+    assert message["room"] == "smoke"
+    assert message["data"] == "~1.0.123~"  # the marker the load generator finds
+    assert message["from"]
+    assert message["ts"] > 0
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
