@@ -11,18 +11,42 @@ import aiohttp
 import pytest
 
 from .redis_support import REDIS_SERVER, RedisServer
-from .support import Pod
+from .support import TRANSPORTS, Pod
 
 PodFactory = Callable[..., Pod]
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked ``contract`` (the protocol's contract) run on every
+    transport: their pods are served by aiohttp, and again by the ASGI
+    transport under uvicorn."""
+    if "transport" in metafunc.fixturenames and metafunc.definition.get_closest_marker("contract"):
+        metafunc.parametrize("transport", TRANSPORTS, indirect=True)
+
+
 @pytest.fixture
-def pod_factory() -> Iterator[PodFactory]:
+def transport(request: pytest.FixtureRequest) -> str:
+    """What serves this test's pods (``aiohttp`` unless the test is a
+    contract test, which runs on each); ``aiohttp_only`` tests skip ASGI."""
+    name: str = getattr(request, "param", "aiohttp")
+    marker = request.node.get_closest_marker("aiohttp_only")
+    if name != "aiohttp" and marker is not None:
+        pytest.skip(f"aiohttp transport only: {marker.args[0]}")
+    return name
+
+
+@pytest.fixture
+def pod_factory(transport: str) -> Iterator[PodFactory]:
     """Start pods with ``pod_factory(env, name=...)``; all are stopped afterwards."""
     pods: list[Pod] = []
 
-    def start(env: Mapping[str, str] | None = None, *, name: str | None = None) -> Pod:
-        pod = Pod(env, name=name or f"pod{len(pods) + 1}")
+    def start(
+        env: Mapping[str, str] | None = None,
+        *,
+        name: str | None = None,
+        transport_name: str | None = None,
+    ) -> Pod:
+        pod = Pod(env, name=name or f"pod{len(pods) + 1}", transport=transport_name or transport)
         pods.append(pod)
         return pod.start()
 

@@ -23,7 +23,22 @@ from typing import Any
 import aiohttp
 import orjson
 
-LISTENING = re.compile(r"listening on http://([\d.]+):(\d+)")
+LISTENING = re.compile(r"(?:listening|Uvicorn running) on http://([\d.]+):(\d+)")
+"""The line that says a pod is serving: chat-api's own, or uvicorn's."""
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRANSPORTS = ("aiohttp", "asgi")
+"""What serves a pod: ``python -m chat_api`` (aiohttp), or the FastAPI
+example on uvicorn (``examples/fastapi_chat.py``, the ASGI transport)."""
+
+
+def asgi_command(port: str) -> list[str]:
+    """uvicorn serving the FastAPI example on ``port`` (0: a free one)."""
+    return [
+        sys.executable, "-m", "uvicorn", "--app-dir", ROOT, "examples.fastapi_chat:app",
+        "--host", "127.0.0.1", "--port", port, "--no-access-log", "--ws-ping-interval", "0",
+    ]  # fmt: skip
+
+
 DEFAULT_TIMEOUT = 10.0
 
 
@@ -36,9 +51,11 @@ class Pod:
         *,
         name: str = "pod",
         command: list[str] | None = None,
+        transport: str = "aiohttp",
     ) -> None:
         self.name = name
-        self.command = command or [sys.executable, "-m", "chat_api"]
+        self.transport = transport
+        self._command = command
         self.env = {
             **os.environ,
             "HOST": "127.0.0.1",
@@ -58,6 +75,14 @@ class Pod:
         self._lock = threading.Lock()
 
     # -- process ------------------------------------------------------------
+
+    @property
+    def command(self) -> list[str]:
+        if self._command is not None:
+            return self._command
+        if self.transport == "asgi":
+            return asgi_command(self.env["PORT"])
+        return [sys.executable, "-m", "chat_api"]
 
     def start(self, timeout: float = DEFAULT_TIMEOUT) -> Pod:
         self._ready.clear()

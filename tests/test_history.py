@@ -6,9 +6,12 @@ import asyncio
 from typing import Any
 
 import aiohttp
+import pytest
 
 from .conftest import PodFactory
 from .support import Pod, connect, recv, recv_type, send
+
+pytestmark = pytest.mark.contract
 
 
 async def messages(ws: aiohttp.ClientWebSocketResponse, n: int) -> list[dict[str, Any]]:
@@ -141,9 +144,10 @@ async def test_epoch_change_after_a_restart_is_told(
 
 
 async def test_bad_catchup_parameters_are_refused(pod: Pod, session: aiohttp.ClientSession) -> None:
-    async with asyncio.timeout(10):
-        async with session.get(pod.ws_url("x", since="-1").replace("ws:", "http:")) as resp:
-            assert resp.status == 400
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        async with asyncio.timeout(10):
+            await session.ws_connect(pod.ws_url("x", since="-1"))
+    assert info.value.status == 400
     ws, _ = await connect(session, pod.ws_url())
     await send(ws, {"type": "join", "room": "x", "since": 1, "history": 2, "ref": 9})
     error = await recv_type(ws, "error")

@@ -22,6 +22,8 @@ from .support import (
     send,
 )
 
+pytestmark = pytest.mark.contract
+
 
 async def stats(session: aiohttp.ClientSession, pod: Pod) -> dict[str, Any]:
     result: dict[str, Any] = await get_json(session, f"{pod.base}/api/chat-api/ws/stats")
@@ -338,6 +340,7 @@ async def test_health_and_readiness(pod: Pod, session: aiohttp.ClientSession) ->
     assert ready["broadcaster"] == "local-only"
 
 
+@pytest.mark.aiohttp_only("the keepalive (WS_PING_INTERVAL) is the server's under ASGI")
 async def test_client_that_ignores_pings_is_dropped(
     pod_factory: PodFactory, session: aiohttp.ClientSession
 ) -> None:
@@ -376,6 +379,7 @@ async def test_client_that_ignores_pings_is_dropped(
     await alive.close()
 
 
+@pytest.mark.aiohttp_only("the keepalive (WS_PING_INTERVAL) is the server's under ASGI")
 async def test_a_quiet_client_that_answers_pings_stays(
     pod_factory: PodFactory, session: aiohttp.ClientSession
 ) -> None:

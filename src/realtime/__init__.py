@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from .rooms.timeline import Timeline, TimelineSettings
     from .session import Session
     from .transports.aiohttp import AiohttpTransport
+    from .transports.asgi import AsgiTransport
 
 _EXPORTS: dict[str, str] = {
     "Admission": "core.access",
@@ -90,11 +91,13 @@ _EXPORTS: dict[str, str] = {
     "TimelineSettings": "rooms.timeline",
     "Session": "session",
     "AiohttpTransport": "transports.aiohttp",
+    "AsgiTransport": "transports.asgi",
 }
 
 __all__ = [
     "Admission",
     "AiohttpTransport",
+    "AsgiTransport",
     "Backend",
     "BackendHandler",
     "BroadcastError",
