@@ -25,7 +25,7 @@ from realtime import (
     StateError,
 )
 from realtime.backends.base import Stamp, Unstored
-from realtime.backends.redis.log import parse_stamp
+from realtime.core.protocol import entry_payload
 from realtime.core.sequencer import Entry
 
 from .redis_support import RedisServer, quick_broadcaster
@@ -234,7 +234,7 @@ async def test_offsets_grow_by_one_and_entries_are_stamped(make: Factory) -> Non
         epoch,
         1,
     )
-    assert parse_stamp(sink.entries[2][1].payload) == (epoch, 3)
+    assert sink.entries[2][1].payload == entry_payload(message("r", 3).body(), epoch, 3)
 
 
 async def test_read_ranges_tail_and_epoch_mismatch(make: Factory) -> None:
@@ -252,7 +252,7 @@ async def test_read_ranges_tail_and_epoch_mismatch(make: Factory) -> None:
     other = await log.read("r", 7, 10, epoch="not-this-one")
     assert [e.offset for e in other.entries] == [4, 5, 6, 7, 8]
     # Replayed bytes are the live bytes.
-    assert got.entries[0].payload == message("r", 5).stamped(got.epoch or "", 5)
+    assert got.entries[0].payload == entry_payload(message("r", 5).body(), got.epoch or "", 5)
 
 
 async def test_idempotency_key_publishes_once(make: Factory) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ..core.exceptions import StateError
-from ..core.protocol import Message, encode_member_event, encode_presence
+from ..core.protocol import Message, encode_member_event, encode_presence, entry_payload
 from ..core.sequencer import Entry
 from .base import (
     PRESENCE_BURST,
@@ -122,7 +122,8 @@ class MemoryBackend:
             )
         state.newest += 1
         state.expires = now + self._history_ttl
-        entry = Entry(state.epoch, state.newest, message.stamped(state.epoch, state.newest))
+        payload = entry_payload(message.body(), state.epoch, state.newest)
+        entry = Entry(state.epoch, state.newest, payload)
         state.entries.append(entry)
         self._appended += 1
         stamp = Stamp(entry.epoch, entry.offset)

@@ -39,8 +39,8 @@ __all__ = [
     "encode_event",
     "encode_member_event",
     "encode_presence",
+    "entry_payload",
     "parse_catchup",
-    "stamp_body",
     "validate_room",
 ]
 
@@ -332,23 +332,20 @@ class Message:
 
     def body(self) -> bytes:
         """``encode()`` without its leading ``{"type":"message",``: what a
-        store prepends the offset and epoch to (see ``stamp_body``)."""
+        backend stores and carries; ``entry_payload`` makes it a frame."""
         return self.encode()[len(MESSAGE_PREFIX) :]
-
-    def stamped(self, epoch: str, offset: int) -> bytes:
-        """The client-facing JSON with the room ``offset`` and ``epoch``."""
-        return stamp_body(self.body(), epoch, offset)
 
 
 MESSAGE_PREFIX: Final = b'{"type":"message",'
 
 
-def stamp_body(body: bytes, epoch: str, offset: int) -> bytes:
-    """``{"type":"message","offset":N,"epoch":"E",`` + ``body``.
+def entry_payload(body: bytes, epoch: str, offset: int) -> bytes:
+    """A room message's frame as clients get it, with its room ``offset``
+    and ``epoch``: ``{"type":"message","offset":N,"epoch":"E",`` + ``body``.
 
-    The Redis script builds the very same bytes, so a message replayed from
-    history is byte-identical to the live one. ``epoch`` is hex, never
-    needing escapes."""
+    The one place this frame is built: live or replayed from history, on the
+    sending pod or another, a message's bytes are the same. ``epoch`` is hex,
+    never needing escapes."""
     return b'%s"offset":%d,"epoch":"%s",%s' % (MESSAGE_PREFIX, offset, epoch.encode(), body)
 
 

@@ -48,8 +48,8 @@ from ...core.exceptions import BroadcastError, StateError
 from ...core.protocol import Message
 from ...core.sequencer import Entry
 from ..base import BackendHandler, LinkState, OnAppended, Slice
-from .log import RedisRoomLog, parse_stamp
-from .names import Names
+from .log import RedisRoomLog
+from .names import Names, read_entry
 from .presence import RedisPresence
 from .publisher import Publisher
 from .resp import LINK_ERRORS, RedisAddress, describe
@@ -336,14 +336,13 @@ class RedisBackend:
             self.counters.malformed += 1
             return
         self.counters.received += 1
-        payload = data[cut + 1 :]
         try:
             if room is not None:
-                stamp = parse_stamp(payload)
-                if stamp is not None:
-                    handler.on_entry(room, Entry(stamp[0], stamp[1], payload))
+                entry = read_entry(data, cut + 1)
+                if entry is not None:
+                    handler.on_entry(room, entry)
                     return
-            handler.on_message(room, payload)
+            handler.on_message(room, data[cut + 1 :])
         except Exception:  # a bug above us must not cut the link for every room
             log.exception("delivering a message from redis failed (room=%s)", room)
 

@@ -3,15 +3,15 @@
 Per room, two keys in one hash slot (the ``{room}`` hash tag):
 
 * ``{prefix}:room:{<room>}:seq`` — a hash: ``epoch`` and the last ``offset``;
-* ``{prefix}:room:{<room>}:log`` — a stream capped at the history length, one
-  entry per message with ID ``<offset>-0`` and field ``m``: the stamped
-  client-ready JSON.
+* ``{prefix}:room:{<room>}:hist`` — a stream capped at the history length,
+  one entry per message with ID ``<offset>-0`` and field ``b``: the message's
+  body (``Message.body``; ``entry_payload`` makes the frame of it).
 
 Both expire ``history_ttl`` seconds after the room's last message; the next
 message then starts a new epoch at offset 1. ``APPEND`` does, atomically and
 in one round trip: the idempotency check, the epoch (created if missing), the
-offset (``HINCRBY``), the stamped JSON, ``XADD`` with ``MAXLEN``, the TTLs
-and the ``PUBLISH`` of the envelope on the room channel. ``READ`` returns the
+offset (``HINCRBY``), ``XADD`` with ``MAXLEN``, the TTLs and the ``PUBLISH``
+of the envelope (``names.py``) on the room channel. ``READ`` returns the
 room's epoch, newest and oldest offsets and a range of entries, atomically.
 """
 
@@ -19,34 +19,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...core.protocol import MESSAGE_PREFIX, Message
+from ...core.protocol import Message, entry_payload
 from ...core.sequencer import Entry
 from ..base import Slice, Stamp, new_epoch
 from .names import Names
 from .scripts import APPEND, READ
 
-__all__ = ["RedisRoomLog", "parse_stamp"]
-
-
-def parse_stamp(payload: bytes) -> tuple[str, int] | None:
-    """``(epoch, offset)`` of a stamped message payload, read from its fixed
-    prefix without decoding the JSON; None if it is not stamped."""
-    head = MESSAGE_PREFIX + b'"offset":'
-    if not payload.startswith(head):
-        return None
-    start = len(head)
-    comma = payload.find(b",", start, start + 20)
-    if comma < 0 or not payload.startswith(b'"epoch":"', comma + 1):
-        return None
-    epoch_start = comma + 10
-    quote = payload.find(b'"', epoch_start, epoch_start + 70)
-    if quote < 0:
-        return None
-    try:
-        offset = int(payload[start:comma])
-    except ValueError:
-        return None
-    return payload[epoch_start:quote].decode(), offset
+__all__ = ["RedisRoomLog"]
 
 
 class RedisRoomLog:
@@ -80,7 +59,6 @@ class RedisRoomLog:
             self.ttl_ms,
             message.body() if body is None else body,
             self.names.envelope,
-            MESSAGE_PREFIX,
         ]
 
     @staticmethod
@@ -98,10 +76,10 @@ class RedisRoomLog:
         if epoch_raw is None:
             return Slice(None, 0, 1, ())
         epoch = _text(epoch_raw)
-        entries = [
-            Entry(epoch, int(bytes(entry_id).split(b"-", 1)[0]), bytes(fields[1]))
-            for entry_id, fields in raw_entries
-        ]
+        entries = []
+        for entry_id, fields in raw_entries:
+            offset = int(bytes(entry_id).split(b"-", 1)[0])
+            entries.append(Entry(epoch, offset, entry_payload(bytes(fields[1]), epoch, offset)))
         if after < 0:
             entries.reverse()
         return Slice(epoch, int(newest), int(first), tuple(entries))

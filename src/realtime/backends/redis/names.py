@@ -7,7 +7,7 @@ For a deployment whose names start with ``prefix`` (``REDIS_CHANNEL_PREFIX``):
 ``{prefix}:room:<room>``                channel: a room's messages and presence events
 ``{prefix}:pod:<pod>``                  channel: a pod's heartbeat to itself
 ``{prefix}:room:{<room>}:seq``          hash: the room's ``epoch`` and last ``offset``
-``{prefix}:room:{<room>}:log``          stream: the room's history
+``{prefix}:room:{<room>}:hist``         stream: the room's history (message bodies)
 ``{prefix}:room:{<room>}:idem:<key>``   string: the offset an idempotency key got
 ``{prefix}:room:{<room>}:pods``         sorted set: pods with presence entries
 ``{prefix}:room:{<room>}:presence:<pod>``  hash: one pod's users in the room
@@ -16,13 +16,19 @@ For a deployment whose names start with ``prefix`` (``REDIS_CHANNEL_PREFIX``):
 A room's keys share the ``{<room>}`` hash tag, so they live in one slot (and
 on one shard of a Redis Cluster) and one script may touch them all.
 
-Envelope: what a pod publishes is ``<pod id>\\n<payload>``, so each pod can
-skip what it published itself (it delivered that already).
+Envelope: what a pod publishes starts with ``<pod id>\\n``, so each pod can
+skip what it published itself (it delivered that already). Then either an
+unordered message's frame (``{...}``: a global message, a presence event),
+or a room entry: ``<offset>:<epoch>\\n<body>`` (``entry_payload`` makes the
+frame of it, on every pod alike).
 """
 
 from __future__ import annotations
 
-__all__ = ["Names"]
+from ...core.protocol import entry_payload
+from ...core.sequencer import Entry
+
+__all__ = ["Names", "read_entry"]
 
 
 class Names:
@@ -50,7 +56,7 @@ class Names:
     def log_keys(self, room: str) -> tuple[str, str]:
         """The room's sequence hash and history stream."""
         base = self._room(room)
-        return f"{base}:seq", f"{base}:log"
+        return f"{base}:seq", f"{base}:hist"
 
     def idempotency_key(self, room: str, key: str) -> str:
         return f"{self._room(room)}:idem:{key}"
@@ -59,3 +65,17 @@ class Names:
         """The room's set of pods, and the base of each pod's presence hash."""
         base = self._room(room)
         return f"{base}:pods", f"{base}:presence:"
+
+
+def read_entry(data: bytes, start: int) -> Entry | None:
+    """The room entry of an envelope whose pod id ends before ``start``; None
+    if it carries an unordered message instead (or is not readable)."""
+    if data[start : start + 1] == b"{":
+        return None
+    end = data.find(b"\n", start)
+    offset, _, epoch = data[start:end].partition(b":")
+    if end < 0 or not epoch or not offset.isdigit():
+        return None
+    number = int(offset)
+    text = epoch.decode()
+    return Entry(text, number, entry_payload(data[end + 1 :], text, number))

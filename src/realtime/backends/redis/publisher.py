@@ -31,7 +31,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
-from ...core.protocol import Message, stamp_body
+from ...core.protocol import Message, entry_payload
 from ...core.sequencer import Entry
 from ..base import OnAppended, Unstored
 from .log import RedisRoomLog
@@ -212,7 +212,7 @@ class Publisher:
             if not stamp.duplicate:
                 room = item.message.room
                 assert room is not None
-                payload = stamp_body(item.body, stamp.epoch, stamp.offset)
+                payload = entry_payload(item.body, stamp.epoch, stamp.offset)
                 self._on_entry(room, Entry(stamp.epoch, stamp.offset, payload))
             item.done(stamp)
         if failed:
