@@ -316,9 +316,9 @@ class Message:
     def encode(self) -> bytes:
         """The client-facing JSON of this message, built once per broadcast.
 
-        Room messages are sent stamped (``stamped``); this form, without
-        ``offset`` and ``epoch``, is for global messages and for room
-        messages that could not be stored (link down)."""
+        Room messages are sent with their ``offset`` and ``epoch``
+        (``entry_payload``); this form, without them, is for global messages
+        and for room messages that could not be stored (link down)."""
         return orjson.dumps(
             {
                 "type": "message",

@@ -51,8 +51,9 @@ class Step:
 
 
 class SequencerState(enum.Enum):
-    SYNCING = "syncing"
-    """The room's position is not known yet: everything offered is held."""
+    NEW = "new"
+    """The room's position is not known yet (not ``placed``): everything
+    offered is held."""
     LIVE = "live"
     """Delivering in order; nothing is missing."""
     HOLDING = "holding"
@@ -75,7 +76,7 @@ class RoomSequencer:
     )
 
     def __init__(self, keep: int, *, max_pending: int = 10_000) -> None:
-        self.state = SequencerState.SYNCING
+        self.state = SequencerState.NEW
         self.epoch: str | None = None
         """The room's epoch as far as this pod knows (None: no message yet)."""
         self.last = 0
@@ -102,12 +103,12 @@ class RoomSequencer:
         offset assigned, and the stored tail (oldest first, up to ``last``).
 
         Called once the pod is sure to receive every later entry. Entries
-        held while syncing reached the pod after it subscribed: they are news
+        held before it reached the pod after it subscribed: they are news
         for members already in the room and are delivered, with any stored
         entry between them and the baseline.
         """
         step = Step()
-        if self.state is not SequencerState.SYNCING:
+        if self.state is not SequencerState.NEW:
             # A resync after the link came back: treat it as a fill.
             return self.fill(epoch, tail, newest=last, now=now)
         tail = [e for e in tail if e.epoch == epoch and e.offset <= last]
@@ -137,7 +138,7 @@ class RoomSequencer:
     def offer(self, entry: Entry, now: float) -> Step:
         """A room entry reached this pod, from any source."""
         step = Step()
-        if self.state is SequencerState.SYNCING:
+        if self.state is SequencerState.NEW:
             if len(self._pending) < self.max_pending:
                 self._pending.setdefault(entry.offset, entry)
             return step
@@ -159,7 +160,7 @@ class RoomSequencer:
         the store no longer has are skipped and counted in ``Step.lost``.
         """
         step = Step()
-        if self.state is SequencerState.SYNCING:
+        if self.state is SequencerState.NEW:
             return self.start(epoch, newest, entries, now=now)
         for entry in entries:
             if entry.epoch == epoch:
@@ -223,8 +224,9 @@ class RoomSequencer:
     # -- queries ------------------------------------------------------------
 
     @property
-    def synced(self) -> bool:
-        return self.state is not SequencerState.SYNCING
+    def placed(self) -> bool:
+        """Whether the room's position is known (``start`` was called)."""
+        return self.state is not SequencerState.NEW
 
     @property
     def held(self) -> int:

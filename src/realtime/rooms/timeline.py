@@ -239,7 +239,7 @@ class Timeline:
             frame: dict[str, Any] = {
                 "room": name,
                 "epoch": seq.epoch,
-                "offset": seq.last if seq.synced else None,
+                "offset": seq.last if seq.placed else None,
                 "replayed": len(entries),
                 "complete": complete,
             }
@@ -274,15 +274,15 @@ class Timeline:
         or history, ending at the room's last delivered offset."""
         settings = self.settings
         seq = room.seq
-        if not seq.synced:
+        if not seq.placed:
             if self._backend.state not in (LinkState.LOCAL_ONLY, LinkState.CONNECTED):
                 return [], False, "unavailable"  # no waiting while the link is down
             tried = await self._until(
                 room,
-                lambda: seq.synced or room.state is RoomState.RETRYING,
+                lambda: seq.placed or room.state is RoomState.RETRYING,
                 settings.sync_timeout,
             )
-            if not tried or not seq.synced:
+            if not tried or not seq.placed:
                 return [], False, "unavailable"
         since = catchup.since
         if since is not None and catchup.epoch in (None, seq.epoch):
@@ -329,7 +329,7 @@ class Timeline:
         seq = room.seq
         while True:
             try:
-                if seq.synced:
+                if seq.placed:
                     got = await self._backend.read(room.name, seq.last, keep, epoch=seq.epoch)
                 else:
                     got = await self._backend.read(room.name, -1, keep)
@@ -341,7 +341,7 @@ class Timeline:
                 room.move(RoomState.READING)
                 continue
             now = self._clock()
-            if seq.synced:
+            if seq.placed:
                 step = seq.fill(got.epoch, got.entries, newest=got.newest, now=now)
                 self.counters.recovered += len(step.deliver)
             else:
