@@ -141,6 +141,14 @@ class Session:
             conn.close(CloseCode.INTERNAL_ERROR, "internal error")
             return None
 
+    def receive_control(self) -> bool:
+        """A ping from the client: it counts against the same rate limit as
+        text frames. Returns whether to answer it (over the limit it is
+        dropped, unanswered; a flood is closed with 1008)."""
+        if self.conn.state is not ConnectionState.OPEN:
+            return False
+        return self._node.settings.limits.rate_per_second <= 0 or self._within_rate(None)
+
     def receive_binary(self) -> None:
         """A binary frame: not part of the protocol."""
         self.conn.close(
@@ -151,9 +159,10 @@ class Session:
         self._node.counters.errors_sent += 1
         self._node.hub.send_to(self.conn, encode_error(exc.code, exc.message, exc.ref))
 
-    def _within_rate(self, raw: str | bytes) -> bool:
-        """Apply the rate limit: answer a frame over it with ``rate_limited``
-        (dropping it), close a flood with 1008."""
+    def _within_rate(self, raw: str | bytes | None) -> bool:
+        """Apply the rate limit: answer a text frame over it with
+        ``rate_limited`` (dropping it; a control frame, ``raw`` None, is
+        dropped silently), close a flood with 1008."""
         now = time.monotonic()
         limiter = self._limiter
         if limiter is None:
@@ -169,11 +178,13 @@ class Session:
             counters.closed_rate_abuse += 1
             self.conn.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
             return False
+        counters.rate_limited += 1
+        if raw is None:
+            return False
         try:
             ref = decode_client_frame(raw).ref
         except ProtocolError as exc:
             ref = exc.ref
-        counters.rate_limited += 1
         counters.errors_sent += 1
         message = f"over {limiter.rate:g} frames per second; this frame was dropped"
         self._node.hub.send_to(self.conn, encode_error(ErrorCode.RATE_LIMITED, message, ref))

@@ -9,17 +9,32 @@ buffer is the bounded send buffer (see ``core.connection``), and a broadcast
 builds its RFC 6455 frame once for every member (``rfc6455.text_frame``).
 Nor does a connection cost a timer: one pod-wide keepalive tick pings the
 clients that have gone quiet and closes those that do not answer.
+
+The closing handshake is the transport's own (RFC 6455 section 7.1.1),
+whoever starts it and why — a policy close, a slow consumer, token expiry,
+shutdown, keepalive, a protocol error aiohttp's parser found: the close
+frame goes out behind what is queued, nothing is delivered after it, the
+write side is half-closed, and what the client still sends is read and
+dropped until its own Close, its EOF or ``close_timeout``, and only then is
+the TCP connection closed. (Closing it with unread bytes in the receive
+buffer would turn the close into a reset, and the client's kernel would
+throw away the close frame and everything before it.) To read and drop
+without aiohttp, each socket puts a thin protocol (``_Socket``) in front of
+aiohttp's: it follows the client's frame boundaries, which also lets it
+refuse unmasked client frames (1002, section 5.1) and too large ones (1009)
+before they are buffered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from typing import Any
+from typing import Any, Final, cast
 
 from aiohttp import WSMsgType, web
 
-from ..core.connection import ConnectionState, Outgoing
+from ..core.connection import Connection, ConnectionState, Outgoing
 from ..core.exceptions import Refused
 from ..core.hub import LocalHub
 from ..core.protocol import CloseCode
@@ -43,7 +58,7 @@ class AiohttpTransport:
         # aiohttp refuses a message of exactly max_msg_size bytes. (Computed
         # once: an int this large is a new object each time, kept per socket.)
         self._max_msg_size = node.settings.limits.max_message_bytes + 1
-        self._closer = _Closer(close_timeout)
+        self._closing = _Closing(close_timeout)
         self._keepalive = _Keepalive(node.hub, ping_interval)
 
     def routes(self, prefix: str = "") -> list[web.RouteDef]:
@@ -52,10 +67,10 @@ class AiohttpTransport:
 
     async def close_all(self) -> int:
         """Close every connection with 1001 and wait (up to the close
-        timeout) for the close frames to go out. Returns how many."""
+        timeout) for the closing handshakes to end. Returns how many."""
         count = self._node.close_connections()
         self._keepalive.stop()
-        await self._closer.wait()
+        await self._closing.wait()
         return count
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -91,17 +106,22 @@ class AiohttpTransport:
                 elif kind is WSMsgType.BINARY:
                     session.receive_binary()
                 elif kind is WSMsgType.PING:
-                    conn.deliver(_Frame(pong_frame(msg.data)))
+                    if session.receive_control():
+                        conn.deliver(_Frame(pong_frame(msg.data)))
                 elif kind is not WSMsgType.PONG:  # CLOSE, CLOSING, CLOSED, ERROR
-                    return ws
+                    break
+            # The closing handshake is under way (whoever began it): wait for
+            # its end, which the close timeout bounds.
+            await sock.gone
         finally:
             session.closed()
+        return ws
 
     async def _accept(
         self, request: web.Request, handshake: Any, granted: Any
     ) -> tuple[web.WebSocketResponse, Session | None, _Socket | None]:
         """Accept the WebSocket; no session if the client vanished meanwhile."""
-        ws = web.WebSocketResponse(
+        ws = _WebSocket(
             max_msg_size=self._max_msg_size,
             # Pings and pongs reach the reader loop: the keepalive tick pings,
             # the reader loop answers the client's pings itself.
@@ -113,10 +133,36 @@ class AiohttpTransport:
         io = request.transport
         if io is None or io.is_closing():
             return ws, None, None
-        sock = _Socket(self._closer, ws, io)
+        sock = _Socket(io, self._closing, self._max_msg_size - 1)
         session = Session.open(self._node, sock, handshake, granted)
+        ws.conn = sock.conn = session.conn
         self._keepalive.arm()
         return ws, session, sock
+
+
+class _WebSocket(web.WebSocketResponse):
+    """aiohttp's WebSocket, whose closes all go through the transport's
+    closing handshake (aiohttp closes by itself on a protocol error, on a
+    client's Close and on EOF)."""
+
+    conn: Connection | None = None
+
+    async def close(
+        self, *, code: int = CloseCode.NORMAL, message: bytes = b"", drain: bool = True
+    ) -> bool:
+        conn = self.conn
+        if conn is None:  # not ours yet (the upgrade)
+            return await super().close(code=code, message=message, drain=drain)
+        conn.close(code, message.decode(errors="replace") or _REASONS.get(code, ""))
+        return True
+
+
+_REASONS: dict[int, str] = {
+    CloseCode.NORMAL: "",
+    CloseCode.PROTOCOL_ERROR: "protocol error",
+    CloseCode.INVALID_PAYLOAD: "invalid UTF-8 in a text frame",
+    CloseCode.MESSAGE_TOO_BIG: "message too big",
+}
 
 
 class _Frame(Outgoing):
@@ -133,68 +179,190 @@ class _Frame(Outgoing):
 
 _PING = _Frame(PING_FRAME)
 
+_OP_CLOSE: Final = 0x8
 
-class _Socket:
-    """The ``Transport`` of one connection: frames straight to aiohttp's
-    asyncio transport."""
 
-    __slots__ = ("_closer", "_io", "_ws", "quiet_ticks")
+class _Socket(asyncio.Protocol):
+    """One connection's socket: the ``Transport`` the connection writes to
+    (frames straight to aiohttp's asyncio transport), and the protocol in
+    front of aiohttp's that reads what the client sends."""
 
-    def __init__(self, closer: _Closer, ws: web.WebSocketResponse, io: asyncio.Transport) -> None:
-        self._closer = closer
-        self._ws = ws
+    __slots__ = (
+        "_closing",
+        "_head",
+        "_inner",
+        "_io",
+        "_limit",
+        "_message",
+        "_skip",
+        "_timer",
+        "closing",
+        "conn",
+        "gone",
+        "quiet_ticks",
+    )
+
+    def __init__(self, io: asyncio.Transport, closing: _Closing, limit: int) -> None:
         self._io = io
+        self._closing = closing
+        self._inner = cast(asyncio.Protocol, io.get_protocol())
+        self._limit = limit
+        """Largest message a client may send (its frames' payloads summed)."""
+        self._head = b""
+        """The start of a frame header split across reads."""
+        self._skip = 0
+        """Payload bytes of the current frame still to come."""
+        self._message = 0
+        """Payload bytes of the data message being received so far."""
+        self._timer: asyncio.TimerHandle | None = None
+        self.closing = False
+        """Our Close is sent: nothing more is written, what comes is dropped."""
+        self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        """Resolves when the TCP connection is closed."""
         self.quiet_ticks = 0
         """Keepalive ticks since the client last sent a frame."""
+        self.conn: Connection | None = None
+        """The connection this socket serves, once it is one."""
+        io.set_protocol(self)
+
+    # -- the connection's Transport -------------------------------------------
 
     def write(self, out: Outgoing) -> None:
-        if not self._io.is_closing():
+        if not self.closing:
             self._io.write(out.encoded(text_frame))
 
     def buffered(self) -> int:
         return self._io.get_write_buffer_size()
 
     def close(self, code: int, reason: str) -> None:
-        self._closer.close_soon(self._ws, self._io, code, reason)
+        """Begin the closing handshake: our Close behind what is queued,
+        then the write side half-closed; the connection is cut if it has
+        not ended within the close timeout."""
+        if self.closing:
+            return
+        self.closing = True
+        io = self._io
+        if io.is_closing():
+            return
+        io.write(close_frame(code, reason))
+        if io.can_write_eof():
+            io.write_eof()
+        io.resume_reading()  # aiohttp may have paused it; what comes is dropped now
+        self._timer = asyncio.get_running_loop().call_later(self._closing.timeout, io.abort)
+        self._closing.add(self)
+
+    # -- asyncio.Protocol, in front of aiohttp's ---------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        verdict = self._frames(data)
+        if self.closing:
+            if verdict == _CLOSE_SEEN:
+                self._io.close()  # the handshake is done: close first, as a server should
+            return
+        if verdict in (_OK, _CLOSE_SEEN):  # the client's Close: aiohttp answers it
+            self._inner.data_received(data)
+        elif verdict == _UNMASKED:
+            self._fail(CloseCode.PROTOCOL_ERROR, "client frames must be masked")
+        else:
+            self._fail(CloseCode.MESSAGE_TOO_BIG, "message too big")
+
+    def _fail(self, code: int, reason: str) -> None:
+        """The client broke the protocol: close through the connection, so
+        that it is served no more."""
+        if self.conn is not None:
+            self.conn.close(code, reason)
+        else:
+            self.close(code, reason)
+
+    def _frames(self, data: bytes) -> int:
+        """Follow the client's frame boundaries through ``data``: ``_OK``,
+        or why to stop (an unmasked frame, a message over the limit, a Close
+        seen while closing)."""
+        n = len(data)
+        pos = self._skip
+        if pos >= n:
+            self._skip = pos - n
+            return _OK
+        if self._head:
+            data = self._head + data[pos:]
+            n = len(data)
+            pos = 0
+            self._head = b""
+        seen = _OK
+        while pos < n:
+            if n - pos < 2:
+                self._head = data[pos:]
+                return seen
+            first, second = data[pos], data[pos + 1]
+            if not second & 0x80:
+                return _UNMASKED
+            length = second & 0x7F
+            size = 6 if length < 126 else 8 if length == 126 else 14
+            if n - pos < size:
+                self._head = data[pos:]
+                return seen
+            if length == 126:
+                length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+            elif length == 127:
+                length = int.from_bytes(data[pos + 2 : pos + 10], "big")
+            opcode = first & 0x0F
+            if opcode < _OP_CLOSE:  # a data frame or a continuation
+                message = self._message + length
+                if message > self._limit:
+                    return _TOO_BIG
+                self._message = 0 if first & 0x80 else message
+            elif opcode == _OP_CLOSE:
+                seen = _CLOSE_SEEN
+            pos += size + length
+        self._skip = pos - n
+        return seen
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._closing.discard(self)
+        if not self.gone.done():
+            self.gone.set_result(None)
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
 
 
-class _Closer:
-    """Closes sockets on request without making the caller await: each
-    close that needs a task is kept here until it ends (``wait``)."""
+_OK: Final = 0
+_UNMASKED: Final = 1
+_TOO_BIG: Final = 2
+_CLOSE_SEEN: Final = 3
+
+
+class _Closing:
+    """The sockets whose closing handshake is under way, so that shutdown
+    can wait (at most the close timeout) for them to end."""
 
     def __init__(self, timeout: float) -> None:
-        self._timeout = timeout
-        self._closing: set[asyncio.Task[bool]] = set()
+        self.timeout = timeout
+        self._sockets: set[_Socket] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
 
-    def close_soon(
-        self, ws: web.WebSocketResponse, io: asyncio.Transport, code: int, reason: str
-    ) -> None:
-        """Send a close frame now; cut the TCP connection if the client has
-        not let go within the timeout (a client that stopped reading would
-        otherwise hold its unsent buffer forever)."""
-        if ws.closed or io.is_closing():
-            return
-        loop = asyncio.get_running_loop()
-        loop.call_later(self._timeout, io.abort)
-        if ws.prepared and code == CloseCode.TRY_AGAIN_LATER:
-            # The buffer is full: put the close frame behind it and let the
-            # reader loop end when the transport goes.
-            io.write(close_frame(code, reason))
-            io.close()
-            return
-        task = loop.create_task(ws.close(code=code, message=reason.encode(), drain=False))
-        self._closing.add(task)
-        task.add_done_callback(self._close_done)
+    def add(self, sock: _Socket) -> None:
+        self._sockets.add(sock)
+        self._idle.clear()
 
-    def _close_done(self, task: asyncio.Task[Any]) -> None:
-        self._closing.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.warning("closing a connection failed: %r", exc)
+    def discard(self, sock: _Socket) -> None:
+        self._sockets.discard(sock)
+        if not self._sockets:
+            self._idle.set()
 
     async def wait(self) -> None:
-        """Wait, up to the timeout, for the closes under way to finish."""
-        if self._closing:
-            await asyncio.wait(set(self._closing), timeout=self._timeout)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), self.timeout + 1.0)
 
 
 class _Keepalive:
