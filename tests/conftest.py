@@ -18,11 +18,18 @@ PodFactory = Callable[..., Pod]
 
 @pytest.fixture
 def pod_factory() -> Iterator[PodFactory]:
-    """Start pods with ``pod_factory(env, name=...)``; all are stopped afterwards."""
+    """Start pods with ``pod_factory(env, name=..., cwd=...)``; all are stopped
+    afterwards. ``cwd`` is where the pod looks for a ``.env`` (default: tests/,
+    which has none)."""
     pods: list[Pod] = []
 
-    def start(env: Mapping[str, str] | None = None, *, name: str | None = None) -> Pod:
-        pod = Pod(env, name=name or f"pod{len(pods) + 1}")
+    def start(
+        env: Mapping[str, str] | None = None,
+        *,
+        name: str | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+    ) -> Pod:
+        pod = Pod(env, name=name or f"pod{len(pods) + 1}", cwd=cwd)
         pods.append(pod)
         return pod.start()
 
