@@ -209,6 +209,7 @@ async def connect(
     async with asyncio.timeout(DEFAULT_TIMEOUT):
         ws = await session.ws_connect(url, **kwargs)
     welcome = await recv(ws)
+    assert isinstance(welcome, dict), f"no welcome: {welcome!r}"
     assert welcome["type"] == "welcome", welcome
     return ws, welcome
 
