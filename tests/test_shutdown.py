@@ -11,7 +11,17 @@ import aiohttp
 import pytest
 
 from .conftest import PodFactory
-from .support import Pod, connect, eventually, recv, recv_type, send
+from .support import (
+    Pod,
+    connect,
+    eventually,
+    raw_ws_connect,
+    read_frame,
+    read_until_close,
+    recv,
+    recv_type,
+    send,
+)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -87,3 +97,33 @@ def test_console_script_starts_the_same_service() -> None:
         assert pod.stop() == 0
     finally:
         pod.kill()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="server defect: no closing handshake: the pod closes each TCP connection right "
+    "after its 1001 instead of waiting (up to WS_CLOSE_TIMEOUT) for the client's close, so a "
+    "client that never answers cannot hold a shutdown up",
+)
+def test_shutdown_timeout_forces_the_exit_when_a_client_never_closes(
+    pod_factory: PodFactory,
+) -> None:
+    timeout = 2.0
+    pod = pod_factory({"SHUTDOWN_TIMEOUT": str(timeout), "WS_CLOSE_TIMEOUT": "60"})
+    sock = raw_ws_connect(pod.port, "/api/chat-api/ws/general")
+    try:
+        assert read_frame(sock) is not None  # welcome
+        started = time.monotonic()
+        pod.signal(signal.SIGTERM)
+        _, close = read_until_close(sock)
+        assert close is not None
+        assert close.close == (1001, "server shutting down")
+        # ...and this client never answers it, nor lets go.
+        code = pod.wait(timeout=timeout + 10)
+        elapsed = time.monotonic() - started
+    finally:
+        sock.close()
+    assert "exiting anyway" in pod.log, pod.log
+    assert timeout * 0.75 <= elapsed < timeout + 3, elapsed
+    assert code == 0
+    assert "Traceback" not in pod.log
