@@ -264,7 +264,8 @@ async def close_while_sending(
     session: aiohttp.ClientSession, pod: Pod, kind: str
 ) -> tuple[aiohttp.WSMsgType, Any]:
     """A client that sends non-stop and trips a close: what it reads last."""
-    ws = await session.ws_connect(pod.ws_url("general"), autoclose=False)
+    async with asyncio.timeout(10):
+        ws = await session.ws_connect(pod.ws_url("general"), autoclose=False)
     await recv(ws)  # welcome
 
     async def keep_sending() -> None:

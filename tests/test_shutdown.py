@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import sys
 import time
@@ -61,13 +62,14 @@ async def test_readiness_turns_false_and_new_connections_are_refused_while_drain
     pod.signal(signal.SIGTERM)
 
     async def not_ready() -> bool:
-        async with session.get(f"{pod.base}/readyz") as resp:
+        async with asyncio.timeout(10), session.get(f"{pod.base}/readyz") as resp:
             body = await resp.json()
             return resp.status == 503 and body["ready"] is False and body["draining"] is True
 
     await eventually(not_ready)
     with pytest.raises(aiohttp.WSServerHandshakeError) as info:
-        await session.ws_connect(pod.ws_url("a"))
+        async with asyncio.timeout(10):
+            await session.ws_connect(pod.ws_url("a"))
     assert info.value.status == 503
     # Existing connections are still served during the drain delay...
     await send(ws, {"type": "message", "data": "still served"})
