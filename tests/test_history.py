@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import aiohttp
@@ -10,7 +11,7 @@ import pytest
 
 from .conftest import PodFactory
 from .security_support import handshake
-from .support import Pod, connect, recv, recv_type, send
+from .support import Pod, connect, eventually, recv, recv_type, send
 
 
 async def messages(ws: aiohttp.ClientWebSocketResponse, n: int) -> list[dict[str, Any]]:
@@ -264,3 +265,68 @@ async def test_non_ascii_digits_in_catchup_parameters_are_refused_with_400(
     name, _, value = query.partition("=")
     status, body, _ = await handshake(session, pod.ws_url("x", **{name: value}))
     assert status == 400, body
+
+
+async def test_resume_ahead_of_the_room_is_unknown_offset(
+    pod: Pod, session: aiohttp.ClientSession
+) -> None:
+    sender, _ = await connect(session, pod.ws_url("ahead"))
+    await send_many(sender, ["1", "2", "3"])
+    epoch = (await messages(sender, 3))[0]["epoch"]
+    ws, _ = await connect(session, pod.ws_url("ahead", since="99", epoch=epoch))
+    sync = await recv_type(ws, "sync")
+    assert (sync["complete"], sync["reason"], sync["replayed"]) == (False, "unknown_offset", 0)
+    await send(sender, {"type": "message", "data": "4"})
+    assert (await recv_type(ws, "message"))["offset"] == 4  # live from here
+    await sender.close()
+    await ws.close()
+
+
+async def test_since_0_without_epoch_gets_everything_kept(
+    pod: Pod, session: aiohttp.ClientSession
+) -> None:
+    sender, _ = await connect(session, pod.ws_url("fresh"))
+    await send_many(sender, ["1", "2", "3"])
+    await messages(sender, 3)
+    ws, _ = await connect(session, pod.ws_url("fresh", since="0"))
+    sync = await recv_type(ws, "sync")
+    assert (sync["complete"], sync["replayed"], sync["first"], sync["offset"]) == (True, 3, 1, 3)
+    assert [m["data"] for m in await messages(ws, 3)] == ["1", "2", "3"]
+    await sender.close()
+    await ws.close()
+
+
+@pytest.mark.slow
+async def test_a_rooms_history_expires_history_ttl_after_its_last_message(
+    pod_factory: PodFactory, session: aiohttp.ClientSession
+) -> None:
+    ttl = 2.0
+    pod = pod_factory({"HISTORY_TTL": str(ttl)})
+    ws, _ = await connect(session, pod.ws_url("brief"))
+    await send(ws, {"type": "message", "data": "old"})
+    sent_at = time.monotonic()
+    old = await recv_type(ws, "message")
+    await ws.close()
+
+    async def resume() -> dict[str, Any]:
+        back, _ = await connect(session, pod.ws_url("brief", since="0", epoch=old["epoch"]))
+        sync = await recv_type(back, "sync")
+        await back.close()
+        return sync
+
+    # Kept at first...
+    assert (await resume())["replayed"] == 1
+    # ...and gone once HISTORY_TTL has passed (not before).
+
+    async def expired() -> bool:
+        return (await resume())["epoch"] is None
+
+    await eventually(expired, timeout=ttl + 10, interval=0.2)
+    assert time.monotonic() - sent_at >= ttl * 0.9
+    # The next message starts a new epoch at offset 1.
+    ws, _ = await connect(session, pod.ws_url("brief"))
+    await send(ws, {"type": "message", "data": "new"})
+    new = await recv_type(ws, "message")
+    assert new["offset"] == 1
+    assert new["epoch"] != old["epoch"]
+    await ws.close()
