@@ -14,6 +14,7 @@ from collections import Counter
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from .conftest import PodFactory, redis_pod_env
@@ -92,12 +93,22 @@ async def test_every_pod_reaches_every_pod_in_rooms_and_globally_exactly_once(
 
     room_texts = {f"room from pod{i + 1}" for i in range(count)}
     global_texts = {f"global from pod{i + 1}" for i in range(count)}
+    ids: dict[str, set[str]] = {}
     for ws in rooms:  # room members are connections too: they get global messages
-        got = Counter(m["data"] for m in await messages(ws, 2 * count + 2))
+        frames = await messages(ws, 2 * count + 2)
+        got = Counter(m["data"] for m in frames)
         assert got == Counter(room_texts | global_texts | {"room end", "global end"})
+        for m in frames:
+            ids.setdefault(m["data"], set()).add(m["id"])
     for ws in everyone:
-        got = Counter(m["data"] for m in await messages(ws, count + 1))
+        frames = await messages(ws, count + 1)
+        got = Counter(m["data"] for m in frames)
         assert got == Counter(global_texts | {"global end"})
+        for m in frames:
+            ids.setdefault(m["data"], set()).add(m["id"])
+    # One id per message on every pod, and no two messages share one.
+    assert all(len(seen) == 1 for seen in ids.values()), ids
+    assert len(set().union(*ids.values())) == len(ids)
 
     for pod in pods:
 
@@ -284,6 +295,9 @@ async def test_a_pod_started_while_redis_is_down_joins_once_it_starts(
                 "broadcaster": "connecting",
                 "link_up": False,
             }
+            stats = await broadcaster_stats(session, pod)
+            assert stats["state"] == "connecting"
+            assert stats["connect_failures"] >= 1
         # local delivery works without Redis
         a, _ = await connect(session, pod1.ws_url("general"))
         b, _ = await connect(session, pod2.ws_url("general"))
@@ -377,3 +391,56 @@ async def test_many_messages_across_pods_keep_each_senders_order(
     assert got == list(range(count))
     await sender.close()
     await receiver.close()
+
+
+async def test_the_broadcaster_block_and_envelopes_that_are_not_ours(
+    pod_factory: PodFactory,
+    redis_server: RedisServer,
+    channel_prefix: str,
+    session: aiohttp.ClientSession,
+) -> None:
+    pod = start_cluster(pod_factory, redis_server, channel_prefix, 1)[0]
+    ws, _ = await connect(session, pod.ws_url("general"))
+    await wait_numsub(redis_server, f"{channel_prefix}:room:general", 1)
+
+    async def all_subscribed() -> bool:  # the global one, its heartbeat, the room
+        stats = await broadcaster_stats(session, pod)
+        return stats["subscribed_channels"] == stats["wanted_channels"] == 3
+
+    await eventually(all_subscribed)
+    stats = await broadcaster_stats(session, pod)
+    assert set(stats) >= {
+        "kind", "state", "pod", "channel_prefix", "published", "received", "skipped_own",
+        "malformed", "publish_failures", "publish_queue", "reconnects", "connect_failures",
+        "heartbeat_timeouts", "last_heartbeat_age", "subscribed_channels", "wanted_channels",
+        "appended", "append_failures", "history_reads",
+    }  # fmt: skip
+    assert (stats["kind"], stats["pod"], stats["channel_prefix"]) == (
+        "redis",
+        pod.name,
+        channel_prefix,
+    )
+    assert int(redis_server.command("PUBSUB", "NUMPAT")) == 0  # never PSUBSCRIBE
+
+    # Whatever else is published on our channels is skipped and counted.
+    for channel in ("room:general", "global"):
+        for junk in (b"not an envelope", b'{"pod": "elsewhere"}', b"\xff\x00"):
+            redis_server.command("PUBLISH", f"{channel_prefix}:{channel}", junk)
+
+    async def counted() -> bool:
+        return int((await broadcaster_stats(session, pod))["malformed"]) >= 6
+
+    await eventually(counted)
+    # ...and nothing of it reached the member: the next frame but presence
+    # events is the probe's pong.
+    await send(ws, {"type": "ping", "ref": "probe"})
+    async with asyncio.timeout(10):
+        while True:
+            msg = await ws.receive()
+            assert msg.type is aiohttp.WSMsgType.TEXT, msg
+            frame = orjson.loads(msg.data)
+            if frame["type"] not in ("member_joined", "member_left", "presence"):
+                break
+    assert frame == {"type": "pong", "ref": "probe"}
+    await ws.close()
+    assert_clean_exit(pod)
