@@ -11,7 +11,8 @@ import aiohttp
 import pytest
 
 from .conftest import PodFactory, redis_pod_env
-from .support import DEFAULT_TIMEOUT, Pod, connect, get_json, recv_type, send
+from .security_support import SECRET, claims, hs_token
+from .support import DEFAULT_TIMEOUT, Pod, connect, eventually, get_json, recv, recv_type, send
 
 
 async def presence_of(ws: aiohttp.ClientWebSocketResponse, room: str) -> list[dict[str, Any]]:
@@ -96,3 +97,61 @@ async def test_presence_across_pods_and_cleanup_after_kill(
     assert time.monotonic() - killed < ttl + ttl / 3 + 2.0
     assert [m["name"] for m in await presence_of(ann, "lobby")] == ["Ann"]
     await ann.close()
+
+
+async def test_a_user_with_several_connections_is_one_member(
+    pod_factory: PodFactory, session: aiohttp.ClientSession
+) -> None:
+    pod = pod_factory({"AUTH_ENABLED": "true", "AUTH_JWT_SECRET": SECRET})
+    admin = {"Authorization": f"Bearer {hs_token(claims('ops', admin=True))}"}
+
+    def url(sub: str, name: str, **query: str) -> str:
+        return pod.ws_url("lobby", access_token=hs_token(claims(sub, name=name)), **query)
+
+    async def names() -> list[str]:
+        route = f"{pod.base}/api/chat-api/rooms/lobby/presence"
+        async with asyncio.timeout(DEFAULT_TIMEOUT), session.get(route, headers=admin) as resp:
+            return [m["name"] for m in (await resp.json())["members"]]
+
+    async def listed(expected: list[str]) -> None:
+        async def check() -> bool:
+            return await names() == expected
+
+        await eventually(check)
+
+    watcher, _ = await connect(session, url("w", "Watcher"))
+    events: list[dict[str, Any]] = []
+
+    async def record() -> None:
+        while isinstance(frame := await recv(watcher, timeout=60), dict):
+            if frame["type"] in ("member_joined", "member_left"):
+                events.append(frame)
+
+    recording = asyncio.create_task(record())
+    try:
+        first, _ = await connect(session, url("u1", "Ann"))
+        second, _ = await connect(session, url("u1", "Ann"))  # the same user again
+        await listed(["Watcher", "Ann"])  # once
+        await first.close()  # Ann is still here, on her second connection
+        bob, _ = await connect(session, url("u2", "Bob"))
+        await listed(["Watcher", "Ann", "Bob"])
+        await second.close()  # now she has gone
+        carol, _ = await connect(session, url("u3", "Carol"))
+        await listed(["Watcher", "Bob", "Carol"])
+        # Events are not replayed: a newcomer asking for history gets none.
+        late, _ = await connect(session, url("u4", "Dan", history="10"))
+        sync = await recv_type(late, "sync")
+        assert (sync["replayed"], sync["complete"]) == (0, True)
+
+        async def dan_announced() -> bool:  # the last write: all before it is in
+            return any(e["user"]["name"] == "Dan" for e in events)
+
+        await eventually(dan_announced)
+    finally:
+        recording.cancel()
+        await asyncio.gather(recording, return_exceptions=True)
+    ann = [e["type"] for e in events if e["user"]["name"] == "Ann"]
+    assert ann == ["member_joined", "member_left"], events
+    assert all("offset" not in e for e in events)  # not part of the room's offsets
+    for ws in (watcher, bob, carol, late):
+        await ws.close()
