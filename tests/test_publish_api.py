@@ -75,6 +75,15 @@ async def test_idempotency_key_delivers_a_retry_once(
     await ws.close()
 
 
+async def test_an_idempotency_key_of_128_printable_characters_is_taken(
+    keyed_pod: Pod, session: aiohttp.ClientSession
+) -> None:
+    key = "".join(chr(c) for c in range(0x21, 0x7F))[:128].ljust(128, "k")
+    first = await post(session, keyed_pod, "news", {"data": 1}, headers={"Idempotency-Key": key})
+    again = await post(session, keyed_pod, "news", {"data": 1, "idempotency_key": key})
+    assert (first[0], again[0], again[1]["duplicate"]) == (201, 200, True)
+
+
 async def test_without_idempotency_key_each_request_publishes(
     keyed_pod: Pod, session: aiohttp.ClientSession
 ) -> None:
@@ -100,6 +109,10 @@ async def test_key_is_required_and_checked(
         ("news", [1], "missing_data"),
         ("news", {"data": 1, "from": "me"}, "invalid_from"),
         ("news", {"data": 1, "idempotency_key": "has space"}, "invalid_idempotency_key"),
+        ("news", {"data": 1, "idempotency_key": "k" * 129}, "invalid_idempotency_key"),
+        ("news", {"data": 1, "idempotency_key": ""}, "invalid_idempotency_key"),
+        ("news", {"data": 1, "idempotency_key": "caf\u00e9"}, "invalid_idempotency_key"),
+        ("news", {"data": 1, "idempotency_key": 42}, "invalid_idempotency_key"),
     ],
 )
 async def test_bad_requests_are_refused(
