@@ -437,6 +437,30 @@ async def test_jwks_keys_are_fetched_cached_and_rotated(
         pod.wait_for_log(r"fetched the JWKS from http://127\.0\.0\.1:\d+/\.well-known/jwks\.json")
 
 
+@pytest.mark.slow
+async def test_jwks_keys_are_fetched_again_after_the_cache_time(
+    pod_factory: PodFactory, session: aiohttp.ClientSession, rsa_pair: KeyPair
+) -> None:
+    cache = 1.0
+    async with jwks_server([rsa_pair]) as idp:
+        pod = pod_factory(
+            {"AUTH_ENABLED": "true", "AUTH_JWKS_URL": idp.url, "AUTH_JWKS_CACHE_SECONDS": "1"}
+        )
+        url = pod.ws_url("r", access_token=key_token(claims("k"), rsa_pair))
+        ws, _ = await connect(session, url)
+        await ws.close()
+        assert idp.requests == 1
+
+        async def fetched_again() -> bool:  # a known kid: only the cache time refetches
+            ws, _ = await connect(session, url)
+            await ws.close()
+            return idp.requests == 2
+
+        await eventually(fetched_again, timeout=cache + 10, interval=0.1)
+        first, second = idp.request_times
+        assert second - first >= cache * 0.9  # not before the cache time
+
+
 async def test_jwks_unreachable_answers_503_not_401_and_recovers(
     pod_factory: PodFactory, session: aiohttp.ClientSession, rsa_pair: KeyPair
 ) -> None:
