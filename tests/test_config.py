@@ -75,6 +75,12 @@ def test_readme_configuration_table_lists_every_setting() -> None:
         ({"REDIS_URL": "http://example"}, "REDIS_URL"),
         ({"REDIS_CHANNEL_PREFIX": "a*b"}, "REDIS_CHANNEL_PREFIX"),
         ({"WS_PING_INTERVAL": "nan"}, "WS_PING_INTERVAL"),
+        # the drain delay counts against the shutdown timeout
+        ({"SHUTDOWN_DRAIN_DELAY": "10", "SHUTDOWN_TIMEOUT": "10"}, "SHUTDOWN_DRAIN_DELAY"),
+        (
+            {"REDIS_HEARTBEAT_INTERVAL": "5", "REDIS_HEARTBEAT_TIMEOUT": "5"},
+            "REDIS_HEARTBEAT_TIMEOUT",
+        ),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], key: str) -> None:
