@@ -155,3 +155,62 @@ async def test_a_user_with_several_connections_is_one_member(
     assert all("offset" not in e for e in events)  # not part of the room's offsets
     for ws in (watcher, bob, carol, late):
         await ws.close()
+
+
+@pytest.mark.slow
+async def test_clients_of_a_pod_shut_down_gracefully_move_without_a_leave_join_storm(
+    pod_factory: PodFactory,
+    session: aiohttp.ClientSession,
+    shared_redis_url: str,
+    channel_prefix: str,
+) -> None:
+    ttl = 3.0
+    env = redis_pod_env(
+        shared_redis_url,
+        channel_prefix,
+        PRESENCE_TTL=str(ttl),
+        AUTH_ENABLED="true",
+        AUTH_JWT_SECRET=SECRET,
+    )
+    a, b = pod_factory(env, name="pod-a"), pod_factory(env, name="pod-b")
+
+    def url(pod: Pod, sub: str, name: str) -> str:
+        return pod.ws_url("lobby", access_token=hs_token(claims(sub, name=name)))
+
+    bob, _ = await connect(session, url(b, "u-bob", "Bob"))
+    ann, _ = await connect(session, url(a, "u-ann", "Ann"))
+    await event_for(bob, "member_joined", "Ann")
+    events: list[dict[str, Any]] = []
+
+    async def record() -> None:
+        while isinstance(frame := await recv(bob, timeout=60), dict):
+            if frame["type"] in ("member_joined", "member_left", "presence"):
+                events.append(frame)
+
+    recording = asyncio.create_task(record())
+    try:
+        assert a.stop() == 0  # graceful: Ann gets 1001 and reconnects to pod b
+        while isinstance(closed := await recv(ann), dict):
+            pass  # its own presence events
+        assert closed.data == 1001
+        ann, _ = await connect(session, url(b, "u-ann", "Ann"))
+        # Pod a's entries expire within the TTL and are pruned by pod b's next
+        # refresh (a third of it later): silence for that long, and a little
+        # more, is the behaviour under test.
+        await asyncio.sleep(ttl + ttl / 3 + 1.0)
+        carol, _ = await connect(session, url(b, "u-carol", "Carol"))
+
+        async def carol_announced() -> bool:  # later writes come later
+            return any(e.get("user", {}).get("name") == "Carol" for e in events)
+
+        await eventually(carol_announced)
+    finally:
+        recording.cancel()
+        await asyncio.gather(recording, return_exceptions=True)
+    about_ann = [e for e in events if e.get("user", {}).get("name") == "Ann"]
+    assert about_ann == [], events
+    assert not [e for e in events if e["type"] == "presence"], events
+    names = sorted(m["name"] for m in await presence_of(bob, "lobby"))
+    assert names == ["Ann", "Bob", "Carol"]
+    for ws in (ann, bob, carol):
+        await ws.close()
