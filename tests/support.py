@@ -24,6 +24,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 LISTENING = re.compile(r"listening on http://([\d.]+):(\d+)")
 DEFAULT_TIMEOUT = 10.0
@@ -203,7 +204,7 @@ async def recv_type(
 
 
 async def connect(
-    session: aiohttp.ClientSession, url: str, **kwargs: Any
+    session: aiohttp.ClientSession, url: str | URL, **kwargs: Any
 ) -> tuple[aiohttp.ClientWebSocketResponse, dict[str, Any]]:
     """Open a WebSocket and read its welcome frame."""
     async with asyncio.timeout(DEFAULT_TIMEOUT):

@@ -321,14 +321,16 @@ async def test_claim_names_are_configurable(
         }
     )
     token = hs_token(
-        claims(
-            "u-7",
-            display="Grace Hopper",
-            name="not this one",
-            rooms=["ignored-*"],  # the default claim names mean nothing now
-            admin=True,
-            **{"https://chat.example/rooms": ["team-*"]},
-        )
+        {
+            **claims(
+                "u-7",
+                display="Grace Hopper",
+                name="not this one",
+                rooms=["ignored-*"],  # the default claim names mean nothing now
+                admin=True,
+            ),
+            "https://chat.example/rooms": ["team-*"],
+        }
     )
     ws, welcome = await connect(session, pod.ws_url("team-a", access_token=token))
     assert welcome["user"] == {"id": "u-7", "name": "Grace Hopper"}

@@ -98,18 +98,17 @@ async def test_a_join_with_bad_catch_up_fields_is_invalid_frame(
     pod: Pod, session: aiohttp.ClientSession
 ) -> None:
     ws, _ = await connect(session, pod.ws_url())
-    for n, bad in enumerate(
-        [
-            {"since": -1},
-            {"since": "3"},
-            {"since": 1.5},
-            {"since": True},
-            {"history": -2},
-            {"history": "x"},
-            {"since": 1, "epoch": "e" * 65},
-            {"since": 1, "epoch": 7},
-        ]
-    ):
+    cases: list[dict[str, Any]] = [
+        {"since": -1},
+        {"since": "3"},
+        {"since": 1.5},
+        {"since": True},
+        {"history": -2},
+        {"history": "x"},
+        {"since": 1, "epoch": "e" * 65},
+        {"since": 1, "epoch": 7},
+    ]
+    for n, bad in enumerate(cases):
         await send(ws, {"type": "join", "room": "x", "ref": n, **bad})
         error = await recv_type(ws, "error")
         assert (error["code"], error["ref"]) == ("invalid_frame", n), bad

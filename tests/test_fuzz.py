@@ -82,9 +82,11 @@ def payload(kind: str, value: Any) -> str | bytes:
     if kind == "json":
         return json.dumps(value)
     if kind == "deep":
-        return '{"type": "message", "data": ' + "[" * value + "]" * value + "}"
+        depth: int = value
+        return '{"type": "message", "data": ' + "[" * depth + "]" * depth + "}"
     if kind == "big":
-        return '{"type": "message", "data": "' + "x" * (MAX_BYTES + value) + '"}'
+        extra: int = value
+        return '{"type": "message", "data": "' + "x" * (MAX_BYTES + extra) + '"}'
     if kind == "flood":
         return b"".join(
             client_frame(OP_TEXT, b'{"type": "ping", "ref": %d}' % n) for n in range(value)

@@ -405,7 +405,7 @@ async def test_the_broadcaster_block_and_envelopes_that_are_not_ours(
 
     async def all_subscribed() -> bool:  # the global one, its heartbeat, the room
         stats = await broadcaster_stats(session, pod)
-        return stats["subscribed_channels"] == stats["wanted_channels"] == 3
+        return bool(stats["subscribed_channels"] == stats["wanted_channels"] == 3)
 
     await eventually(all_subscribed)
     stats = await broadcaster_stats(session, pod)
