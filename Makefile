@@ -24,8 +24,15 @@ $(BENCH_STAMP): $(STAMP)
 run: $(STAMP)
 	$(BIN)/chat-api
 
+# Without a browser, the browser tests skip with a loud reason; when CI is set
+# (to anything but 0 or false) or CHAT_API_REQUIRE_BROWSER=1 (.ci/run sets
+# it), a missing browser fails the run here, and the browser tests fail too.
 test: $(STAMP)
-	scripts/ensure-chromium
+	@scripts/ensure-chromium || case "$${CHAT_API_REQUIRE_BROWSER:-}:$${CI:-}" in \
+		1:*) echo "make test: a browser is required (CHAT_API_REQUIRE_BROWSER=1)" >&2; exit 1;; \
+		*:|*:0|*:false) ;; \
+		*) echo "make test: a browser is required (CI is set)" >&2; exit 1;; \
+	esac
 	scripts/ensure-docker
 	$(BIN)/ruff check src tests bench scripts examples
 	$(BIN)/mypy

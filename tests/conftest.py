@@ -37,16 +37,24 @@ def transport(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def pod_factory(transport: str) -> Iterator[PodFactory]:
-    """Start pods with ``pod_factory(env, name=...)``; all are stopped afterwards."""
+    """Start pods with ``pod_factory(env, name=..., cwd=..., transport_name=...)``;
+    all are stopped afterwards. ``cwd`` is where the pod looks for a ``.env``
+    (default: tests/, which has none)."""
     pods: list[Pod] = []
 
     def start(
         env: Mapping[str, str] | None = None,
         *,
         name: str | None = None,
+        cwd: str | os.PathLike[str] | None = None,
         transport_name: str | None = None,
     ) -> Pod:
-        pod = Pod(env, name=name or f"pod{len(pods) + 1}", transport=transport_name or transport)
+        pod = Pod(
+            env,
+            name=name or f"pod{len(pods) + 1}",
+            cwd=cwd,
+            transport=transport_name or transport,
+        )
         pods.append(pod)
         return pod.start()
 

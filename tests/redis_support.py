@@ -4,6 +4,12 @@
 waits until it answers PING, and can stop, kill, pause (SIGSTOP), resume
 (SIGCONT) and restart it on the same port. Nothing here sleeps for a fixed
 time: every wait is on a condition with a deadline.
+
+A missing ``redis-server`` is a reason to skip (``RuntimeError`` from
+``RedisServer()``); one that is installed but does not start is a failure
+(``RedisStartError``, which no ``except RuntimeError`` turns into a skip), with
+the server's own output in the message. The one exception: a TLS server from
+a ``redis-server`` built without TLS is ``TlsUnsupported`` (a ``RuntimeError``).
 """
 
 from __future__ import annotations
@@ -27,6 +33,14 @@ REDIS_SERVER = os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
 START_TIMEOUT = 10.0
 
 
+class RedisStartError(Exception):
+    """An installed redis-server did not start: a failure, never a skip."""
+
+
+class TlsUnsupported(RuntimeError):
+    """This redis-server was built without TLS (a reason to skip TLS tests)."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -46,6 +60,7 @@ class RedisServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self._dir = tempfile.TemporaryDirectory(prefix="chat-api-redis-")
         self.socket_path = os.path.join(self._dir.name, "redis.sock")
+        self.log_path = os.path.join(self._dir.name, "redis.log")
         self.ca_file = os.path.join(self._dir.name, "ca.pem")
         if tls:
             try:
@@ -96,14 +111,31 @@ class RedisServer:
                     "--tls-ca-cert-file", self.ca_file,
                     "--tls-auth-clients", "no",
                 ]  # fmt: skip
-            self.proc = subprocess.Popen(
-                args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
-            )
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(
+                    args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                )
             if self._wait_ready(port):
                 self.port = port
                 return self
             self._reap()
-        raise RuntimeError("redis-server did not start")
+            output = self.output()
+            if self.tls and "tls-port" in output and "Bad directive" in output:
+                self._dir.cleanup()  # nothing to stop: the server is gone
+                raise TlsUnsupported(f"{REDIS_SERVER} was built without TLS")
+            if "Address already in use" not in output:
+                break  # not a port race: trying again would fail the same way
+        message = f"{REDIS_SERVER} did not start:\n{self.output()[-2000:]}"
+        self._dir.cleanup()
+        raise RedisStartError(message)
+
+    def output(self) -> str:
+        """What redis-server printed (all its starts)."""
+        try:
+            with open(self.log_path, errors="replace") as log:
+                return log.read()
+        except FileNotFoundError:
+            return ""
 
     def _wait_ready(self, port: int) -> bool:
         deadline = time.monotonic() + START_TIMEOUT

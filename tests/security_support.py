@@ -89,16 +89,19 @@ def forge_hs256(payload: dict[str, Any], key: bytes) -> str:
 
 @dataclass
 class JwksServer:
-    """Serves ``keys`` at ``url``; counts requests; can answer 500."""
+    """Serves ``keys`` at ``url``; counts (and times) requests; can answer 500."""
 
     keys: list[KeyPair]
     url: str = ""
     requests: int = 0
+    request_times: list[float] = field(default_factory=list)
+    """``time.monotonic()`` of each request."""
     failing: bool = False
     runner: web.AppRunner | None = field(default=None, repr=False)
 
     async def _jwks(self, request: web.Request) -> web.Response:
         self.requests += 1
+        self.request_times.append(time.monotonic())
         if self.failing:
             return web.Response(status=500, text="down")
         return web.json_response({"keys": [k.jwk() for k in self.keys]})

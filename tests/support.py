@@ -13,15 +13,18 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 LISTENING = re.compile(r"(?:listening|Uvicorn running) on http://([\d.]+):(\d+)")
 """The line that says a pod is serving: chat-api's own, or uvicorn's."""
@@ -51,10 +54,13 @@ class Pod:
         *,
         name: str = "pod",
         command: list[str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
         transport: str = "aiohttp",
     ) -> None:
         self.name = name
         self.transport = transport
+        # tests/ by default: no stray .env is read from the checkout
+        self.cwd = os.fspath(cwd) if cwd is not None else os.path.dirname(os.path.abspath(__file__))
         self._command = command
         self.env = {
             **os.environ,
@@ -92,7 +98,7 @@ class Pod:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            cwd=os.path.dirname(os.path.abspath(__file__)),  # no stray .env
+            cwd=self.cwd,
         )
         self._pump_thread = threading.Thread(target=self._pump, args=(self.proc,), daemon=True)
         self._pump_thread.start()
@@ -223,18 +229,22 @@ async def recv_type(
 
 
 async def connect(
-    session: aiohttp.ClientSession, url: str, **kwargs: Any
+    session: aiohttp.ClientSession, url: str | URL, **kwargs: Any
 ) -> tuple[aiohttp.ClientWebSocketResponse, dict[str, Any]]:
     """Open a WebSocket and read its welcome frame."""
     async with asyncio.timeout(DEFAULT_TIMEOUT):
         ws = await session.ws_connect(url, **kwargs)
     welcome = await recv(ws)
+    assert isinstance(welcome, dict), f"no welcome: {welcome!r}"
     assert welcome["type"] == "welcome", welcome
     return ws, welcome
 
 
 async def send(ws: aiohttp.ClientWebSocketResponse, frame: dict[str, Any]) -> None:
-    await ws.send_str(orjson.dumps(frame).decode())
+    # A send waits for the transport to drain: a server that stops reading
+    # would hold it forever.
+    async with asyncio.timeout(DEFAULT_TIMEOUT):
+        await ws.send_str(orjson.dumps(frame).decode())
 
 
 def raw_ws_connect(port: int, path: str, *, rcvbuf: int | None = None) -> socket.socket:
@@ -264,3 +274,98 @@ def raw_ws_connect(port: int, path: str, *, rcvbuf: int | None = None) -> socket
         sock.close()
         raise ConnectionError(f"handshake refused: {status.decode()}")
     return sock
+
+
+# -- raw WebSocket frames (RFC 6455 5.2), for clients that misbehave on purpose --
+
+OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x2, 0x8, 0x9, 0xA
+
+
+@dataclass(frozen=True)
+class RawFrame:
+    """One frame as a raw client read it off the socket."""
+
+    opcode: int
+    payload: bytes
+
+    @property
+    def close(self) -> tuple[int, str]:
+        """The code and reason of a close frame."""
+        assert self.opcode == OP_CLOSE, self
+        if len(self.payload) < 2:
+            return 1005, ""
+        (code,) = struct.unpack("!H", self.payload[:2])
+        return code, self.payload[2:].decode()
+
+
+def client_frame(opcode: int, payload: bytes, *, mask: bool = True) -> bytes:
+    """A complete client frame; ``mask=False`` breaks RFC 6455 on purpose."""
+    n = len(payload)
+    bit = 0x80 if mask else 0
+    if n < 126:
+        head = struct.pack("!BB", 0x80 | opcode, bit | n)
+    elif n < 1 << 16:
+        head = struct.pack("!BBH", 0x80 | opcode, bit | 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x80 | opcode, bit | 127, n)
+    if not mask:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def _read_exactly(sock: socket.socket, n: int) -> bytes | None:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def read_frame(sock: socket.socket) -> RawFrame | None:
+    """The next server frame (servers never mask), or None at end of stream.
+    Blocks up to the socket's timeout; raises ``TimeoutError`` after it."""
+    head = _read_exactly(sock, 2)
+    if head is None:
+        return None
+    n = head[1] & 0x7F
+    if n == 126:
+        ext = _read_exactly(sock, 2)
+        n = struct.unpack("!H", ext)[0] if ext else -1
+    elif n == 127:
+        ext = _read_exactly(sock, 8)
+        n = struct.unpack("!Q", ext)[0] if ext else -1
+    payload = _read_exactly(sock, n) if n >= 0 else None
+    if payload is None:
+        raise AssertionError("the stream ended inside a frame")
+    return RawFrame(head[0] & 0x0F, payload)
+
+
+def read_until_close(sock: socket.socket) -> tuple[list[RawFrame], RawFrame | None]:
+    """Read frames until a close frame (returned second) or the end of the
+    stream (None second: the server went without a close frame)."""
+    frames: list[RawFrame] = []
+    while True:
+        try:
+            frame = read_frame(sock)
+        except ConnectionResetError:
+            return frames, None
+        if frame is None:
+            return frames, None
+        if frame.opcode == OP_CLOSE:
+            return frames, frame
+        frames.append(frame)
+
+
+def wait_for_eof(sock: socket.socket) -> str:
+    """Block (up to the socket's timeout) until the server ends the TCP
+    connection; how: ``"fin"`` or ``"reset"``. Data still arriving is read
+    and dropped."""
+    while True:
+        try:
+            if not sock.recv(65536):
+                return "fin"
+        except ConnectionResetError:
+            return "reset"

@@ -225,16 +225,19 @@ def test_room_patterns() -> None:
 async def test_token_expiring_mid_connection_closes_with_1008(
     pod_factory: PodFactory, session: aiohttp.ClientSession
 ) -> None:
-    pod = pod_factory({**HS_ENV, "AUTH_LEEWAY_SECONDS": "0"})
-    short = hs_token(claims("erin", ttl=2))
-    ws, _ = await connect(session, pod.ws_url("general", access_token=short))
+    leeway = 1.0
+    pod = pod_factory({**HS_ENV, "AUTH_LEEWAY_SECONDS": str(leeway)})
+    short = claims("erin", ttl=3)
+    ws, _ = await connect(session, pod.ws_url("general", access_token=hs_token(short)))
     other, _ = await connect(session, pod.ws_url("general", access_token=hs_token(claims("f"))))
-    started = time.monotonic()
     while isinstance(msg := await recv(ws, timeout=DEFAULT_TIMEOUT), dict):
         pass  # presence events
+    closed_at = time.time()
     assert msg.type is aiohttp.WSMsgType.CLOSE
     assert (msg.data, msg.extra) == (1008, "token expired")
-    assert time.monotonic() - started < 4
+    # Not before exp + leeway (50 ms for timer granularity), nor long after.
+    assert closed_at >= short["exp"] + leeway - 0.05, closed_at - short["exp"]
+    assert closed_at < short["exp"] + leeway + 5, closed_at - short["exp"]
     s = await stats(session, pod)
     assert s["policy_closes"]["token_expired"] == 1
     assert s["rooms"] == {"general": 1}
@@ -242,6 +245,120 @@ async def test_token_expiring_mid_connection_closes_with_1008(
     await send(other, {"type": "ping", "ref": 1})
     assert (await recv_type(other, "pong"))["ref"] == 1
     await other.close()
+
+
+async def test_default_leeway_is_30_seconds(
+    pod_factory: PodFactory, session: aiohttp.ClientSession
+) -> None:
+    pod = pod_factory(HS_ENV)  # AUTH_LEEWAY_SECONDS not set
+    now = int(time.time())
+    recent = hs_token({**claims("recent"), "exp": now - 10})
+    ws, welcome = await connect(session, pod.ws_url("general", access_token=recent))
+    assert welcome["user"]["id"] == "recent"
+    await ws.close()
+    old = hs_token({**claims("old"), "exp": now - 60})
+    assert await refused_status(session, pod.ws_url("general", access_token=old)) == 401
+    # nbf gets the same leeway: 10 s ahead is accepted, 60 s ahead refused.
+    early = hs_token({**claims("early"), "nbf": now + 10})
+    ws, _ = await connect(session, pod.ws_url("general", access_token=early))
+    await ws.close()
+    too_early = hs_token({**claims("too-early"), "nbf": now + 60})
+    assert await refused_status(session, pod.ws_url("general", access_token=too_early)) == 401
+
+    # A token 28 s past exp lives on until exp + 30 s, and no longer.
+    dying = {**claims("dying"), "exp": now - 28}
+    ws, _ = await connect(session, pod.ws_url("general", access_token=hs_token(dying)))
+    while isinstance(msg := await recv(ws, timeout=DEFAULT_TIMEOUT), dict):
+        pass  # presence events
+    closed_at = time.time()
+    assert (msg.data, msg.extra) == (1008, "token expired")
+    assert dying["exp"] + 30 - 0.05 <= closed_at < dying["exp"] + 30 + 5
+
+
+@pytest.mark.parametrize(
+    ("alg", "secret_bytes"),
+    [("HS256", 32), ("HS384", 48), ("HS512", 64)],
+)
+async def test_hs384_and_hs512_with_a_long_enough_secret(
+    pod_factory: PodFactory, session: aiohttp.ClientSession, alg: str, secret_bytes: int
+) -> None:
+    secret = os.urandom(secret_bytes // 2).hex()  # exactly secret_bytes characters
+    pod = pod_factory(
+        {"AUTH_ENABLED": "true", "AUTH_JWT_SECRET": secret, "AUTH_JWT_ALGORITHMS": alg}
+    )
+    pod.wait_for_log(rf"tokens verified with AUTH_JWT_SECRET, algorithms {alg}$")
+    token = hs_token(claims(f"user-{alg}"), secret=secret, alg=alg)
+    ws, welcome = await connect(session, pod.ws_url("general", access_token=token))
+    assert welcome["user"]["id"] == f"user-{alg}"
+    await ws.close()
+    if alg != "HS256":  # only the configured algorithm, even with the right secret
+        wrong_alg = hs_token(claims(), secret=secret, alg="HS256")
+        assert await refused_status(session, pod.ws_url("general", access_token=wrong_alg)) == 401
+
+
+@pytest.mark.parametrize(("alg", "secret_bytes"), [("HS384", 47), ("HS512", 63)])
+def test_hs384_and_hs512_refuse_a_short_secret(alg: str, secret_bytes: int) -> None:
+    env = {
+        "AUTH_ENABLED": "true",
+        "AUTH_JWT_SECRET": "s" * secret_bytes,
+        "AUTH_JWT_ALGORITHMS": alg,
+    }
+    with pytest.raises(ConfigError) as info:
+        Config.load(env, env_file=None)
+    assert info.value.key == "AUTH_JWT_SECRET"
+    assert "s" * secret_bytes not in str(info.value)
+
+
+async def test_claim_names_are_configurable(
+    pod_factory: PodFactory, session: aiohttp.ClientSession
+) -> None:
+    pod = pod_factory(
+        {
+            **HS_ENV,
+            "AUTH_NAME_CLAIM": "display",
+            "AUTH_ROOMS_CLAIM": "https://chat.example/rooms",
+            "AUTH_ADMIN_CLAIM": "ops",
+        }
+    )
+    token = hs_token(
+        {
+            **claims(
+                "u-7",
+                display="Grace Hopper",
+                name="not this one",
+                rooms=["ignored-*"],  # the default claim names mean nothing now
+                admin=True,
+            ),
+            "https://chat.example/rooms": ["team-*"],
+        }
+    )
+    ws, welcome = await connect(session, pod.ws_url("team-a", access_token=token))
+    assert welcome["user"] == {"id": "u-7", "name": "Grace Hopper"}
+    await send(ws, {"type": "join", "room": "ignored-x", "ref": 1})
+    assert (await recv_type(ws, "error"))["code"] == "forbidden_room"
+    await send(ws, {"type": "join", "room": "team-b", "ref": 2})
+    assert (await recv_type(ws, "joined"))["room"] == "team-b"
+    await ws.close()
+    assert await refused_status(session, pod.ws_url("ignored-x", access_token=token)) == 403
+    # Without the name claim: the sub.
+    ws, welcome = await connect(
+        session, pod.ws_url("team-a", access_token=hs_token(claims("u-8", name="Nope")))
+    )
+    assert welcome["user"] == {"id": "u-8", "name": "u-8"}
+    await ws.close()
+
+    # Stats: "admin": true no longer opens them; "ops": true does.
+    stats_url = f"{pod.base}/api/chat-api/ws/stats"
+    for token, expected in (
+        (hs_token(claims("a", admin=True)), 403),
+        (hs_token(claims("b", ops="true")), 403),
+        (hs_token(claims("c", ops=True)), 200),
+    ):
+        async with (
+            asyncio.timeout(DEFAULT_TIMEOUT),
+            session.get(stats_url, headers=bearer(token)) as resp,
+        ):
+            assert resp.status == expected, token
 
 
 # -- public keys and JWKS -----------------------------------------------------------
@@ -320,6 +437,30 @@ async def test_jwks_keys_are_fetched_cached_and_rotated(
         mixed = key_token(claims(), KeyPair(ec_pair.private, "rsa-2", "ES256"))
         assert await refused_status(session, pod.ws_url(access_token=mixed)) == 401
         pod.wait_for_log(r"fetched the JWKS from http://127\.0\.0\.1:\d+/\.well-known/jwks\.json")
+
+
+@pytest.mark.slow
+async def test_jwks_keys_are_fetched_again_after_the_cache_time(
+    pod_factory: PodFactory, session: aiohttp.ClientSession, rsa_pair: KeyPair
+) -> None:
+    cache = 1.0
+    async with jwks_server([rsa_pair]) as idp:
+        pod = pod_factory(
+            {"AUTH_ENABLED": "true", "AUTH_JWKS_URL": idp.url, "AUTH_JWKS_CACHE_SECONDS": "1"}
+        )
+        url = pod.ws_url("r", access_token=key_token(claims("k"), rsa_pair))
+        ws, _ = await connect(session, url)
+        await ws.close()
+        assert idp.requests == 1
+
+        async def fetched_again() -> bool:  # a known kid: only the cache time refetches
+            ws, _ = await connect(session, url)
+            await ws.close()
+            return idp.requests == 2
+
+        await eventually(fetched_again, timeout=cache + 10, interval=0.1)
+        first, second = idp.request_times
+        assert second - first >= cache * 0.9  # not before the cache time
 
 
 async def test_jwks_unreachable_answers_503_not_401_and_recovers(

@@ -7,9 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from chat_api.config import Config, ConfigError, redact_url
+
+from .conftest import PodFactory
+from .support import connect
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,6 +75,12 @@ def test_readme_configuration_table_lists_every_setting() -> None:
         ({"REDIS_URL": "http://example"}, "REDIS_URL"),
         ({"REDIS_CHANNEL_PREFIX": "a*b"}, "REDIS_CHANNEL_PREFIX"),
         ({"WS_PING_INTERVAL": "nan"}, "WS_PING_INTERVAL"),
+        # the drain delay counts against the shutdown timeout
+        ({"SHUTDOWN_DRAIN_DELAY": "10", "SHUTDOWN_TIMEOUT": "10"}, "SHUTDOWN_DRAIN_DELAY"),
+        (
+            {"REDIS_HEARTBEAT_INTERVAL": "5", "REDIS_HEARTBEAT_TIMEOUT": "5"},
+            "REDIS_HEARTBEAT_TIMEOUT",
+        ),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], key: str) -> None:
@@ -105,3 +115,20 @@ def test_bad_value_stops_the_process_naming_the_variable() -> None:
     assert result.returncode == 2
     assert "PORT" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_a_pod_reads_dot_env_from_its_working_directory_and_the_environment_wins(
+    pod_factory: PodFactory, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    (tmp_path / ".env").write_text(
+        "# settings for this test\nMAX_ROOMS_PER_CONNECTION=3\nMAX_MESSAGE_BYTES=2048\n"
+    )
+    pod = pod_factory({"MAX_MESSAGE_BYTES": "4096"}, cwd=tmp_path)
+    ws, welcome = await connect(session, pod.ws_url("general"))
+    assert welcome["limits"] == {"max_message_bytes": 4096, "max_rooms": 3}
+    await ws.close()
+    # The same pod started elsewhere (tests/, no .env) has the defaults.
+    plain = pod_factory({"MAX_MESSAGE_BYTES": "4096"})
+    ws, welcome = await connect(session, plain.ws_url("general"))
+    assert welcome["limits"] == {"max_message_bytes": 4096, "max_rooms": 10}
+    await ws.close()

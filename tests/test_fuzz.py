@@ -6,8 +6,11 @@ Each example opens its own connection, sends a few frames, and after each
 one a ``ping`` probe: frames are handled in order, so the ``pong`` proves the
 frame was handled and the connection is usable, and every frame before it
 must have been answered. A frame that breaks a policy must instead close the
-connection with one of the documented codes. Bounded: a fixed number of
-examples, a deadline per example and a wall-clock budget for the lot.
+connection with the code documented for it (``expected_close``), and only
+that one: binary 1003, text that is not UTF-8 1007, over the size limit 1009,
+a flood 1008. After such a frame the client sends nothing more and reads
+until the close. Bounded: a fixed number of examples, a deadline per example
+and a wall-clock budget for the lot.
 """
 
 from __future__ import annotations
@@ -26,11 +29,16 @@ from websockets.frames import Close
 from websockets.sync.client import ClientConnection, connect
 
 from .conftest import PodFactory
-from .support import DEFAULT_TIMEOUT, Pod
+from .support import DEFAULT_TIMEOUT, OP_TEXT, Pod, client_frame
 
 MAX_BYTES = 4096
 BUDGET_S = 25.0
-CLOSE_CODES = {1003, 1007, 1008, 1009}
+RATE, BURST, MAX_REFUSED = 50, 50, 20
+"""A few frames per example stay far under the burst; a flood goes over it."""
+REASONS = {
+    1003: "binary frames are not supported; send JSON text frames",
+    1008: "rate limit exceeded",
+}
 
 scalars = (
     st.none()
@@ -65,6 +73,8 @@ actions = st.one_of(
     st.tuples(st.just("binary"), st.binary(max_size=64)),
     st.tuples(st.just("deep"), st.integers(1, 3000)),
     st.tuples(st.just("big"), st.integers(0, MAX_BYTES)),
+    # ping frames in one write: the burst, then more than MAX_REFUSED over it
+    st.tuples(st.just("flood"), st.integers(BURST + MAX_REFUSED + 30, 3 * BURST)),
 )
 
 
@@ -72,13 +82,38 @@ def payload(kind: str, value: Any) -> str | bytes:
     if kind == "json":
         return json.dumps(value)
     if kind == "deep":
-        return '{"type": "message", "data": ' + "[" * value + "]" * value + "}"
+        depth: int = value
+        return '{"type": "message", "data": ' + "[" * depth + "]" * depth + "}"
     if kind == "big":
-        return '{"type": "message", "data": "' + "x" * (MAX_BYTES + value) + '"}'
+        extra: int = value
+        return '{"type": "message", "data": "' + "x" * (MAX_BYTES + extra) + '"}'
+    if kind == "flood":
+        return b"".join(
+            client_frame(OP_TEXT, b'{"type": "ping", "ref": %d}' % n) for n in range(value)
+        )
     return value  # type: ignore[no-any-return]
 
 
-def play(pod: Pod, steps: list[tuple[str, Any]]) -> None:
+def expected_close(kind: str, data: str | bytes) -> int | None:
+    """The close code this frame must get; None: it must be answered and
+    leave the connection open."""
+    if kind == "binary":
+        return 1003
+    if kind == "flood":
+        return 1008
+    raw = data.encode() if isinstance(data, str) else data
+    if len(raw) > MAX_BYTES:
+        return 1009
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        assert kind == "raw", kind  # the only kind sent as undecoded bytes
+        return 1007
+    return None
+
+
+def play(pod: Pod, steps: list[tuple[str, Any]]) -> int:
+    """Play one example on a fresh connection; returns the floods played."""
     with connect(
         pod.ws_url("general"),
         compression=None,
@@ -90,20 +125,40 @@ def play(pod: Pod, steps: list[tuple[str, Any]]) -> None:
         assert json.loads(ws.recv(timeout=DEFAULT_TIMEOUT))["type"] == "welcome"
         for n, (kind, value) in enumerate(steps):
             data = payload(kind, value)
-            closed: Close | None = None
+            expected = expected_close(kind, data)
+            if kind == "flood":
+                assert isinstance(data, bytes)
+                ws.socket.sendall(data)  # one write: the pod reads it all at once
+            elif kind == "raw":
+                ws.send(data, text=True)
+            else:
+                ws.send(data)
+            if expected is not None:
+                closed = read_until_closed(ws)
+                assert closed.code == expected, (kind, f"{data!r:.80}", closed)
+                if expected in REASONS:
+                    assert closed.reason == REASONS[expected], closed
+                return int(kind == "flood")
             try:
-                if kind == "raw":
-                    ws.send(data, text=True)
-                else:
-                    ws.send(data)
                 answers = probe(ws, f"probe-{n}")
             except ConnectionClosed as exc:
-                closed = exc.rcvd or Close(0, "closed without a close frame")
-            if closed is not None:
-                assert closed.code in CLOSE_CODES, (kind, closed)
-                return
-            assert kind != "binary", "a binary frame did not close the connection"
+                raise AssertionError(f"{kind} {data!r:.80} closed the connection: {exc}") from None
             assert answers >= 1, f"{kind} {data!r:.80} went unanswered"
+    return 0
+
+
+def read_until_closed(ws: ClientConnection) -> Close:
+    """Read (and check) what arrives until the pod closes; the close frame it
+    sent (code 1006 if none came)."""
+    deadline = time.monotonic() + DEFAULT_TIMEOUT
+    while True:
+        try:
+            raw = ws.recv(timeout=max(0.01, deadline - time.monotonic()))
+        except ConnectionClosed as exc:
+            return exc.rcvd or Close(1006, "closed without a close frame")
+        frame = json.loads(raw)
+        assert isinstance(frame, dict), raw
+        assert isinstance(frame.get("type"), str), raw
 
 
 def probe(ws: ClientConnection, ref: str) -> int:
@@ -136,13 +191,14 @@ def test_fuzzed_frames_never_hurt_the_pod(pod_factory: PodFactory) -> None:
     pod = pod_factory(
         {
             "MAX_MESSAGE_BYTES": str(MAX_BYTES),
-            # High enough that the frames themselves are what gets tested.
-            "RATE_LIMIT_PER_SECOND": "1000",
-            "RATE_LIMIT_BURST": "1000",
+            "RATE_LIMIT_PER_SECOND": str(RATE),
+            "RATE_LIMIT_BURST": str(BURST),
+            "RATE_LIMIT_MAX_REFUSED": str(MAX_REFUSED),
         }
     )
     ends = time.monotonic() + BUDGET_S
     played = [0]
+    floods = [0]
 
     @settings(
         max_examples=400,
@@ -154,7 +210,7 @@ def test_fuzzed_frames_never_hurt_the_pod(pod_factory: PodFactory) -> None:
     def fuzz(steps: list[tuple[str, Any]]) -> None:
         if time.monotonic() > ends:
             return  # over the budget: the remaining examples pass trivially
-        play(pod, steps)
+        floods[0] += play(pod, steps)
         played[0] += 1
 
     fuzz()
@@ -182,6 +238,7 @@ def test_fuzzed_frames_never_hurt_the_pod(pod_factory: PodFactory) -> None:
         assert stats["connections"]["accepted"] == played[0] + 2
         assert stats["errors_sent"] > 0
         assert stats["slow_client_disconnects"] == 0
+        assert stats["policy_closes"] == {"rate_limit": floods[0], "token_expired": 0}
 
     assert "Traceback" not in pod.log
     assert " ERROR " not in pod.log

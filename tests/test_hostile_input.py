@@ -33,11 +33,12 @@ async def still_usable(
 
 
 async def expect_close(ws: aiohttp.ClientWebSocketResponse) -> tuple[int, str]:
-    while True:
-        msg = await recv(ws)
-        if not isinstance(msg, dict):
-            assert msg.type is aiohttp.WSMsgType.CLOSE, msg
-            return msg.data, msg.extra
+    async with asyncio.timeout(DEFAULT_TIMEOUT):
+        while True:
+            msg = await recv(ws)
+            if not isinstance(msg, dict):
+                assert msg.type is aiohttp.WSMsgType.CLOSE, msg
+                return msg.data, msg.extra
 
 
 # -- frames answered with an error frame --------------------------------------------
@@ -77,7 +78,8 @@ async def test_malformed_frames_get_an_error_frame(
     a, _ = await connect(session, pod.ws_url("general"))
     b, _ = await connect(session, pod.ws_url("general"))
     for raw, code in MALFORMED:
-        await a.send_str(raw)
+        async with asyncio.timeout(DEFAULT_TIMEOUT):
+            await a.send_str(raw)
         error = await recv_type(a, "error")
         assert error["code"] == code, (raw[:40], error)
         assert len(error["message"]) < 200  # the frame is not echoed back
@@ -102,7 +104,8 @@ async def test_odd_but_valid_data_is_relayed_unchanged(
         frame = await recv_type(a, "message")
         assert frame["data"] == data
     # Integers beyond 64 bits arrive as the nearest double.
-    await a.send_str('{"type": "message", "data": 123456789012345678901234567890}')
+    async with asyncio.timeout(DEFAULT_TIMEOUT):
+        await a.send_str('{"type": "message", "data": 123456789012345678901234567890}')
     assert (await recv_type(a, "message"))["data"] == 1.2345678901234568e29
     # Unknown fields are ignored; "from" cannot be set by the client.
     await send(a, {"type": "message", "data": 1, "from": "admin", "id": "x", "ts": 0})
@@ -191,7 +194,8 @@ async def test_bad_room_names_in_the_url_are_refused_before_the_upgrade(
 async def test_invalid_utf8_closes_with_1007(pod: Pod, session: aiohttp.ClientSession) -> None:
     a, _ = await connect(session, pod.ws_url("general"))
     b, _ = await connect(session, pod.ws_url("general"))
-    await a.send_frame(b'{"type":"message","data":"\xff\xfe"}', aiohttp.WSMsgType.TEXT)
+    async with asyncio.timeout(DEFAULT_TIMEOUT):
+        await a.send_frame(b'{"type":"message","data":"\xff\xfe"}', aiohttp.WSMsgType.TEXT)
     code, _ = await expect_close(a)
     assert code == 1007
     await send(b, {"type": "ping", "ref": 1})
@@ -212,9 +216,11 @@ async def test_frame_size_limit_closes_with_1009(
         empty = orjson.dumps({"type": "message", "data": ""}).decode()
         return empty[:-2] + "x" * (n - len(empty)) + '"}'
 
-    await a.send_str(sized(1024))  # exactly the limit: accepted
+    async with asyncio.timeout(DEFAULT_TIMEOUT):
+        await a.send_str(sized(1024))  # exactly the limit: accepted
     assert len((await recv_type(b, "message"))["data"]) == 1024 - len(sized(0))
-    await a.send_str(sized(1025))
+    async with asyncio.timeout(DEFAULT_TIMEOUT):
+        await a.send_str(sized(1025))
     code, _ = await expect_close(a)
     assert code == 1009
     await send(b, {"type": "ping", "ref": 1})
@@ -224,7 +230,8 @@ async def test_frame_size_limit_closes_with_1009(
 
 async def test_binary_frames_close_with_1003(pod: Pod, session: aiohttp.ClientSession) -> None:
     a, _ = await connect(session, pod.ws_url("general"))
-    await a.send_bytes(orjson.dumps({"type": "message", "data": 1}))
+    async with asyncio.timeout(DEFAULT_TIMEOUT):
+        await a.send_bytes(orjson.dumps({"type": "message", "data": 1}))
     assert await expect_close(a) == (1003, "binary frames are not supported; send JSON text frames")
 
 

@@ -80,13 +80,22 @@ async def flood(
     count: int,
     pause_every: int = 0,
     midway: asyncio.Event | None = None,
-) -> None:
-    for n in range(count):
+    until: asyncio.Event | None = None,
+) -> int:
+    """Send ``count`` messages; with ``until``, go on (up to 10x) until it is
+    set and a tenth of ``count`` more have been sent after it. ``midway`` is
+    set a third of the way. Returns how many were sent."""
+    n = after = 0
+    while n < count or (until is not None and after < count // 10 and n < 10 * count):
         await send(ws, {"type": "message", "data": {"s": tag, "n": n}})
         if pause_every and n % pause_every == 0:
             await asyncio.sleep(0.005)  # steady traffic, not one burst
         if midway is not None and n == count // 3:
             midway.set()
+        if until is not None and until.is_set():
+            after += 1
+        n += 1
+    return n
 
 
 def assert_complete(frames: list[dict[str, Any]], first: int, last: int) -> None:
@@ -256,18 +265,23 @@ async def test_history_on_join_during_cross_pod_traffic_has_no_gap_or_duplicate(
 ) -> None:
     a, b = two_pods(pod_factory, shared_redis_url, channel_prefix)
     sender = await Reader.open(session, a)
-    total = 400
-    midway = asyncio.Event()
-    flooding = asyncio.create_task(flood(sender.ws, "A", total, pause_every=2, midway=midway))
+    midway, synced = asyncio.Event(), asyncio.Event()
+    # 400 at least, and on until every joiner has its sync (and 40 more): the
+    # catch-ups surely happen during the traffic, however slow the machine.
+    flooding = asyncio.create_task(
+        flood(sender.ws, "A", 400, pause_every=2, midway=midway, until=synced)
+    )
     await asyncio.wait_for(midway.wait(), 30)
     # Joined on the other pod while messages keep coming (its first join there
     # also subscribes the pod to the room mid-traffic).
     joiners = await asyncio.gather(
         *(Reader.open(session, pod, history="50") for pod in (b, b, a, b))
     )
-    await asyncio.wait_for(flooding, 60)
+    synced.set()
+    total = await asyncio.wait_for(flooding, 60)
     for joiner in joiners:
         replayed = joiner.sync["replayed"]
+        assert 400 // 3 <= joiner.sync["offset"] < total, (joiner.sync, total)
         await joiner.wait_for(total - joiner.sync["offset"] + replayed)
         first = joiner.frames[0]["offset"]
         assert replayed > 0

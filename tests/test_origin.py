@@ -12,6 +12,7 @@ import pytest
 from chat_api.origin import OriginPolicy
 
 from .conftest import PodFactory
+from .security_support import handshake
 from .support import DEFAULT_TIMEOUT, Pod, connect, get_json
 
 
@@ -105,3 +106,26 @@ async def test_allowed_origins_list_and_star(
 )
 def test_same_origin_rule(origin: str | None, host: str | None, allowed: bool) -> None:
     assert OriginPolicy().allows(origin, host) is allowed
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="server defect: the own-origin rule trusts the Host header, so a foreign page "
+    "whose host name resolves to the pod (DNS rebinding) passes as the pod's own origin",
+)
+async def test_a_foreign_origin_with_a_matching_host_header_is_refused(
+    pod: Pod, session: aiohttp.ClientSession
+) -> None:
+    # What a browser sends from http://evil.example:PORT/ once evil.example
+    # resolves to 127.0.0.1: Origin and Host agree, and neither is the pod's.
+    host = f"evil.example:{pod.port}"
+    status, _, _ = await handshake(
+        session, pod.ws_url("general"), {"Origin": f"http://{host}", "Host": host}
+    )
+    assert status == 403
+    # The pod's own origin still works.
+    own = f"127.0.0.1:{pod.port}"
+    status, _, _ = await handshake(
+        session, pod.ws_url("general"), {"Origin": f"http://{own}", "Host": own}
+    )
+    assert status == 101

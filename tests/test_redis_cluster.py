@@ -14,10 +14,11 @@ from collections import Counter
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from .conftest import PodFactory, redis_pod_env
-from .redis_support import RedisServer, free_port
+from .redis_support import RedisServer, TlsUnsupported, free_port
 from .support import Pod, connect, eventually, get_json, recv_type, send
 
 pytestmark = pytest.mark.slow
@@ -92,12 +93,22 @@ async def test_every_pod_reaches_every_pod_in_rooms_and_globally_exactly_once(
 
     room_texts = {f"room from pod{i + 1}" for i in range(count)}
     global_texts = {f"global from pod{i + 1}" for i in range(count)}
+    ids: dict[str, set[str]] = {}
     for ws in rooms:  # room members are connections too: they get global messages
-        got = Counter(m["data"] for m in await messages(ws, 2 * count + 2))
+        frames = await messages(ws, 2 * count + 2)
+        got = Counter(m["data"] for m in frames)
         assert got == Counter(room_texts | global_texts | {"room end", "global end"})
+        for m in frames:
+            ids.setdefault(m["data"], set()).add(m["id"])
     for ws in everyone:
-        got = Counter(m["data"] for m in await messages(ws, count + 1))
+        frames = await messages(ws, count + 1)
+        got = Counter(m["data"] for m in frames)
         assert got == Counter(global_texts | {"global end"})
+        for m in frames:
+            ids.setdefault(m["data"], set()).add(m["id"])
+    # One id per message on every pod, and no two messages share one.
+    assert all(len(seen) == 1 for seen in ids.values()), ids
+    assert len(set().union(*ids.values())) == len(ids)
 
     for pod in pods:
 
@@ -284,6 +295,9 @@ async def test_a_pod_started_while_redis_is_down_joins_once_it_starts(
                 "broadcaster": "connecting",
                 "link_up": False,
             }
+            stats = await broadcaster_stats(session, pod)
+            assert stats["state"] == "connecting"
+            assert stats["connect_failures"] >= 1
         # local delivery works without Redis
         a, _ = await connect(session, pod1.ws_url("general"))
         b, _ = await connect(session, pod2.ws_url("general"))
@@ -314,9 +328,15 @@ async def test_the_password_never_reaches_logs_stats_or_readyz(
         pod = start_cluster(pod_factory, redis_server, channel_prefix, 1)[0]
         await wait_links(session, [pod], up=True)
         for path in ("/readyz", "/api/chat-api/ws/stats"):
-            async with session.get(pod.base + path) as resp:
-                assert secret not in await resp.text()
-        assert "***" in pod.log
+            async with asyncio.timeout(10), session.get(pod.base + path) as resp:
+                assert resp.status == 200
+                text = await resp.text()
+            assert secret not in text
+            assert "redis://" not in text  # no URL at all
+            assert f"127.0.0.1:{redis_server.port}" not in text
+        stats = await broadcaster_stats(session, pod)
+        assert (stats["kind"], stats["state"]) == ("redis", "connected")
+        assert "***" in pod.log  # the URL was logged, redacted
         assert_clean_exit(pod)
         assert secret not in pod.log
     finally:
@@ -371,3 +391,118 @@ async def test_many_messages_across_pods_keep_each_senders_order(
     assert got == list(range(count))
     await sender.close()
     await receiver.close()
+
+
+async def test_the_broadcaster_block_and_envelopes_that_are_not_ours(
+    pod_factory: PodFactory,
+    redis_server: RedisServer,
+    channel_prefix: str,
+    session: aiohttp.ClientSession,
+) -> None:
+    pod = start_cluster(pod_factory, redis_server, channel_prefix, 1)[0]
+    ws, _ = await connect(session, pod.ws_url("general"))
+    await wait_numsub(redis_server, f"{channel_prefix}:room:general", 1)
+
+    async def all_subscribed() -> bool:  # the global one, its heartbeat, the room
+        stats = await broadcaster_stats(session, pod)
+        return bool(stats["subscribed_channels"] == stats["wanted_channels"] == 3)
+
+    await eventually(all_subscribed)
+    stats = await broadcaster_stats(session, pod)
+    assert set(stats) >= {
+        "kind", "state", "pod", "channel_prefix", "published", "received", "skipped_own",
+        "malformed", "publish_failures", "publish_queue", "reconnects", "connect_failures",
+        "heartbeat_timeouts", "last_heartbeat_age", "subscribed_channels", "wanted_channels",
+        "appended", "append_failures", "history_reads",
+    }  # fmt: skip
+    assert (stats["kind"], stats["pod"], stats["channel_prefix"]) == (
+        "redis",
+        pod.name,
+        channel_prefix,
+    )
+    assert int(redis_server.command("PUBSUB", "NUMPAT")) == 0  # never PSUBSCRIBE
+
+    # Whatever else is published on our channels is skipped and counted.
+    for channel in ("room:general", "global"):
+        for junk in (b"not an envelope", b'{"pod": "elsewhere"}', b"\xff\x00"):
+            redis_server.command("PUBLISH", f"{channel_prefix}:{channel}", junk)
+
+    async def counted() -> bool:
+        return int((await broadcaster_stats(session, pod))["malformed"]) >= 6
+
+    await eventually(counted)
+    # ...and nothing of it reached the member: the next frame but presence
+    # events is the probe's pong.
+    await send(ws, {"type": "ping", "ref": "probe"})
+    async with asyncio.timeout(10):
+        while True:
+            msg = await ws.receive()
+            assert msg.type is aiohttp.WSMsgType.TEXT, msg
+            frame = orjson.loads(msg.data)
+            if frame["type"] not in ("member_joined", "member_left", "presence"):
+                break
+    assert frame == {"type": "pong", "ref": "probe"}
+    await ws.close()
+    assert_clean_exit(pod)
+
+
+def url_form(server: RedisServer, form: str) -> str:
+    """README's REDIS_URL forms: redis://:password@host:6379/0,
+    unix:///run/redis.sock?password=…&db=0, rediss://… with
+    ?ssl_ca_certs=/path/ca.pem, or with ?ssl_cert_reqs=none."""
+    return {
+        "password-and-db": server.url.replace("/0", "/3"),
+        "unix": f"{server.unix_url}&db=2",
+        "rediss-ca": server.url,
+        "rediss-no-verify": server.url.split("?")[0] + "?ssl_cert_reqs=none",
+    }[form]
+
+
+def form_server(form: str) -> RedisServer:
+    try:
+        return RedisServer(password=f"pw-{form}", tls=form.startswith("rediss")).start()
+    except TlsUnsupported as exc:
+        pytest.skip(str(exc))
+    except RuntimeError as exc:  # no openssl to make certificates with
+        pytest.skip(f"cannot make certificates here: {exc}")
+
+
+@pytest.mark.parametrize("form", ["password-and-db", "unix", "rediss-ca", "rediss-no-verify"])
+async def test_each_documented_redis_url_form_links_two_pods(
+    pod_factory: PodFactory, channel_prefix: str, session: aiohttp.ClientSession, form: str
+) -> None:
+    server = form_server(form)
+    try:
+        pods = start_cluster(pod_factory, url_form(server, form), channel_prefix, 2)
+        await wait_links(session, pods, up=True)
+        a, _ = await connect(session, pods[0].ws_url("general"))
+        b, _ = await connect(session, pods[1].ws_url("general"))
+        await wait_numsub(server, f"{channel_prefix}:room:general", 2)
+        await send(a, {"type": "message", "data": form})
+        assert (await recv_type(b, "message"))["data"] == form
+        await a.close()
+        await b.close()
+        if form != "unix":  # (that one: the next test)
+            for pod in pods:
+                assert_clean_exit(pod)
+                assert f"pw-{form}" not in pod.log
+    finally:
+        server.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="server defect (found here): the password of a unix:// REDIS_URL (?password=) "
+    "is logged in clear at start-up ('cross-pod fan-out through unix://...?password=...')",
+)
+async def test_the_password_of_a_unix_url_stays_out_of_the_log(
+    pod_factory: PodFactory, channel_prefix: str, session: aiohttp.ClientSession
+) -> None:
+    server = form_server("unix")
+    try:
+        pod = start_cluster(pod_factory, url_form(server, "unix"), channel_prefix, 1)[0]
+        await wait_links(session, [pod], up=True)
+        assert_clean_exit(pod)
+        assert "pw-unix" not in pod.log
+    finally:
+        server.close()

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import jwt
@@ -121,8 +122,13 @@ async def test_tokens_and_secrets_never_reach_logs_stats_or_answers(
         ):
             assert resp.status == 401
             answers.append(await resp.text())
-    for path in ("/readyz", "/healthz", "/api/chat-api/rooms/general/presence"):
+    for path, status in (
+        ("/readyz", 200),
+        ("/healthz", 200),
+        ("/api/chat-api/rooms/general/presence", 401),  # protected like the stats
+    ):
         async with asyncio.timeout(DEFAULT_TIMEOUT), session.get(pod.base + path) as resp:
+            assert resp.status == status, path
             answers.append(await resp.text())
 
     pod.wait_for_log(r"redis reconnect attempt \d+ failed")
@@ -139,6 +145,26 @@ async def test_tokens_and_secrets_never_reach_logs_stats_or_answers(
     assert "Traceback" not in log
 
 
+SECRET_SETTINGS = ("AUTH_JWT_SECRET", "STATS_TOKEN", "PUBLISH_API_KEY")
+
+
+def secret_values(env: dict[str, str]) -> list[str]:
+    """The secret parts of ``env``: whole secret settings, and the password of
+    ``REDIS_URL`` (the rest of that URL is not secret and may be shown)."""
+    found = [value for key, value in env.items() if key in SECRET_SETTINGS]
+    if "REDIS_URL" in env:
+        password = urlsplit(env["REDIS_URL"]).password
+        assert password, f"this case has no password to hide: {env['REDIS_URL']}"
+        found.append(password)
+    assert found, f"this case has no secret to hide: {env}"
+    return found
+
+
+def test_secret_values_finds_the_redis_password() -> None:
+    env = {"REDIS_URL": "redis://user:hunter2-redis-pw@127.0.0.1:6379/0", "PORT": "x"}
+    assert secret_values(env) == ["hunter2-redis-pw"]
+
+
 @pytest.mark.parametrize(
     "env",
     [
@@ -146,16 +172,13 @@ async def test_tokens_and_secrets_never_reach_logs_stats_or_answers(
         {"AUTH_ENABLED": "true", "AUTH_JWT_SECRET": "x" * 40, "AUTH_JWKS_URL": "https://a/j"},
         {"REDIS_URL": "http://user:hunter2-redis-pw@127.0.0.1:6379/0"},
         {"REDIS_URL": "redis://user:hunter2-redis-pw@127.0.0.1:6379/0", "PORT": "x"},
+        {"REDIS_URL": "redis://:hunter2-redis-pw@127.0.0.1:6379/0", "REDIS_CHANNEL_PREFIX": "a*"},
         {"STATS_TOKEN": "tok-hunter2", "PORT": "99999"},
+        {"PUBLISH_API_KEY": "pub-hunter2", "SHUTDOWN_TIMEOUT": "0"},
     ],
 )
 def test_configuration_errors_do_not_show_secret_values(env: dict[str, str]) -> None:
-    secret_values = [
-        value
-        for key, value in env.items()
-        if key in ("AUTH_JWT_SECRET", "STATS_TOKEN") or key == "REDIS_URL"
-    ]
-    hidden = [v.split(":")[-1].split("@")[0] if "@" in v else v for v in secret_values]
+    hidden = secret_values(env)
     with pytest.raises(ConfigError) as info:
         Config.load(env, env_file=None)
     for value in hidden:
@@ -170,8 +193,9 @@ def test_configuration_errors_do_not_show_secret_values(env: dict[str, str]) -> 
         cwd=Path(__file__).parent,
     )
     assert result.returncode == 2
+    assert f"{info.value.key}:" in result.stderr  # the error was printed...
     for value in hidden:
-        assert value not in result.stderr + result.stdout
+        assert value not in result.stderr + result.stdout  # ...without the secret
 
 
 def test_secrets_are_hidden_from_the_config_repr() -> None:

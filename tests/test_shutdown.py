@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import sys
 import time
@@ -11,7 +12,17 @@ import aiohttp
 import pytest
 
 from .conftest import PodFactory
-from .support import Pod, connect, eventually, recv, recv_type, send
+from .support import (
+    Pod,
+    connect,
+    eventually,
+    raw_ws_connect,
+    read_frame,
+    read_until_close,
+    recv,
+    recv_type,
+    send,
+)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -51,13 +62,14 @@ async def test_readiness_turns_false_and_new_connections_are_refused_while_drain
     pod.signal(signal.SIGTERM)
 
     async def not_ready() -> bool:
-        async with session.get(f"{pod.base}/readyz") as resp:
+        async with asyncio.timeout(10), session.get(f"{pod.base}/readyz") as resp:
             body = await resp.json()
             return resp.status == 503 and body["ready"] is False and body["draining"] is True
 
     await eventually(not_ready)
     with pytest.raises(aiohttp.WSServerHandshakeError) as info:
-        await session.ws_connect(pod.ws_url("a"))
+        async with asyncio.timeout(10):
+            await session.ws_connect(pod.ws_url("a"))
     assert info.value.status == 503
     # Existing connections are still served during the drain delay...
     await send(ws, {"type": "message", "data": "still served"})
@@ -87,3 +99,27 @@ def test_console_script_starts_the_same_service() -> None:
         assert pod.stop() == 0
     finally:
         pod.kill()
+
+
+def test_shutdown_timeout_forces_the_exit_when_a_client_never_closes(
+    pod_factory: PodFactory,
+) -> None:
+    timeout = 2.0
+    pod = pod_factory({"SHUTDOWN_TIMEOUT": str(timeout), "WS_CLOSE_TIMEOUT": "60"})
+    sock = raw_ws_connect(pod.port, "/api/chat-api/ws/general")
+    try:
+        assert read_frame(sock) is not None  # welcome
+        started = time.monotonic()
+        pod.signal(signal.SIGTERM)
+        _, close = read_until_close(sock)
+        assert close is not None
+        assert close.close == (1001, "server shutting down")
+        # ...and this client never answers it, nor lets go.
+        code = pod.wait(timeout=timeout + 10)
+        elapsed = time.monotonic() - started
+    finally:
+        sock.close()
+    assert "exiting anyway" in pod.log, pod.log
+    assert timeout * 0.75 <= elapsed < timeout + 3, elapsed
+    assert code == 0
+    assert "Traceback" not in pod.log

@@ -12,6 +12,7 @@ import pytest
 
 from .conftest import PodFactory
 from .support import (
+    DEFAULT_TIMEOUT,
     Pod,
     connect,
     eventually,
@@ -171,7 +172,8 @@ async def test_bad_frames_get_an_error_and_the_connection_stays_usable(
 ) -> None:
     a, _ = await connect(session, pod.ws_url("general"))
     b, _ = await connect(session, pod.ws_url("general"))
-    await a.send_str(raw)
+    async with asyncio.timeout(DEFAULT_TIMEOUT):
+        await a.send_str(raw)
     error = await recv_type(a, "error")
     assert error["code"] == code
     assert error["message"]
@@ -185,7 +187,8 @@ async def test_bad_frames_get_an_error_and_the_connection_stays_usable(
 async def test_binary_frame_is_closed_with_1003(pod: Pod, session: aiohttp.ClientSession) -> None:
     a, _ = await connect(session, pod.ws_url("general"))
     other, _ = await connect(session, pod.ws_url("general"))
-    await a.send_bytes(b"\x00\x01")
+    async with asyncio.timeout(DEFAULT_TIMEOUT):
+        await a.send_bytes(b"\x00\x01")
     msg = await recv(a)
     assert msg.type is aiohttp.WSMsgType.CLOSE
     assert msg.data == 1003
@@ -213,7 +216,8 @@ async def test_invalid_room_in_url_is_refused_before_upgrade(
     pod: Pod, session: aiohttp.ClientSession
 ) -> None:
     with pytest.raises(aiohttp.WSServerHandshakeError) as info:
-        await session.ws_connect(pod.ws_url("bad*room"))
+        async with asyncio.timeout(DEFAULT_TIMEOUT):
+            await session.ws_connect(pod.ws_url("bad*room"))
     assert info.value.status == 400
 
 
@@ -340,13 +344,20 @@ async def test_health_and_readiness(pod: Pod, session: aiohttp.ClientSession) ->
     assert ready["broadcaster"] == "local-only"
 
 
+# The pong deadline is half the ping interval: 1 s, which a loaded machine
+# still meets (0.2 s, before, it might not).
+PING_INTERVAL = "2.0"
+
+
+@pytest.mark.slow
 @pytest.mark.aiohttp_only("the keepalive (WS_PING_INTERVAL) is the server's under ASGI")
 async def test_client_that_ignores_pings_is_dropped(
     pod_factory: PodFactory, session: aiohttp.ClientSession
 ) -> None:
-    pod = pod_factory({"WS_PING_INTERVAL": "0.4"})
+    pod = pod_factory({"WS_PING_INTERVAL": PING_INTERVAL})
     # A client that never reads is deaf (and this one would not answer anyway).
-    deaf = await session.ws_connect(pod.ws_url("general"), autoping=False)
+    async with asyncio.timeout(DEFAULT_TIMEOUT):
+        deaf = await session.ws_connect(pod.ws_url("general"), autoping=False)
     alive, _ = await connect(session, pod.ws_url("general"))
     frames: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -361,7 +372,7 @@ async def test_client_that_ignores_pings_is_dropped(
             s = await stats(session, pod)
             return s["connections"]["open"] == 1 and s["rooms"] == {"general": 1}
 
-        await eventually(only_alive_left, timeout=10)
+        await eventually(only_alive_left, timeout=20)
         # What the deaf client was sent is still in its buffer: the close says why.
         async with asyncio.timeout(10):
             while (msg := await deaf.receive()).type is not aiohttp.WSMsgType.CLOSE:
@@ -379,21 +390,23 @@ async def test_client_that_ignores_pings_is_dropped(
     await alive.close()
 
 
+@pytest.mark.slow
 @pytest.mark.aiohttp_only("the keepalive (WS_PING_INTERVAL) is the server's under ASGI")
 async def test_a_quiet_client_that_answers_pings_stays(
     pod_factory: PodFactory, session: aiohttp.ClientSession
 ) -> None:
-    pod = pod_factory({"WS_PING_INTERVAL": "0.4"})
+    pod = pod_factory({"WS_PING_INTERVAL": PING_INTERVAL})
     ws, _ = await connect(session, pod.ws_url("general"), autoping=False)
     # Several pings, each answered, and nothing else sent: the client is
-    # quiet but alive, and outlives many pong deadlines.
+    # quiet but alive, and outlives several pong deadlines.
     pings = 0
-    while pings < 4:
+    while pings < 3:
         msg = await ws.receive(timeout=10)
         assert msg.type in (aiohttp.WSMsgType.PING, aiohttp.WSMsgType.TEXT), msg
         if msg.type is aiohttp.WSMsgType.PING:  # (TEXT: presence events)
             pings += 1
-            await ws.pong(msg.data)
+            async with asyncio.timeout(DEFAULT_TIMEOUT):
+                await ws.pong(msg.data)
     assert (await stats(session, pod))["connections"]["open"] == 1
     await send(ws, {"type": "ping", "ref": 1})
     assert await recv_type(ws, "pong") == {"type": "pong", "ref": 1}
@@ -405,8 +418,53 @@ async def test_a_client_ping_is_answered_with_its_payload(
 ) -> None:
     ws, _ = await connect(session, pod.ws_url("general"), autoping=False)
     for payload in (b"", b"are you there", bytes(range(125))):  # 125: the most allowed
-        await ws.ping(payload)
+        async with asyncio.timeout(DEFAULT_TIMEOUT):
+            await ws.ping(payload)
         msg = await ws.receive(timeout=10)
         assert msg.type is aiohttp.WSMsgType.PONG
         assert msg.data == payload
     await ws.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="server defect: after leaving its URL room, a message without 'room' still goes "
+    "to that room (it should get not_in_room)",
+)
+async def test_a_message_without_room_after_leaving_the_url_room_is_not_in_room(
+    pod: Pod, session: aiohttp.ClientSession
+) -> None:
+    a, _ = await connect(session, pod.ws_url("general"))
+    b, _ = await connect(session, pod.ws_url("general"))
+    await send(a, {"type": "leave", "room": "general"})
+    await recv_type(a, "left")
+    await send(a, {"type": "message", "data": "ghost", "ref": 5})
+    answer = await recv(a)  # the next frame but presence events answers it
+    while answer["type"] in ("member_joined", "member_left", "presence"):
+        answer = await recv(a)
+    assert (answer["type"], answer.get("code"), answer["ref"]) == ("error", "not_in_room", 5)
+    await assert_silent(b)
+    await a.close()
+    await b.close()
+
+
+async def test_joining_twice_is_harmless_and_leaving_twice_is_not_in_room(
+    pod: Pod, session: aiohttp.ClientSession
+) -> None:
+    a, _ = await connect(session, pod.ws_url("general"))
+    b, _ = await connect(session, pod.ws_url("side"))
+    for ref in (1, 2):
+        await send(a, {"type": "join", "room": "side", "ref": ref})
+        assert await recv_type(a, "joined") == {"type": "joined", "room": "side", "ref": ref}
+    assert (await stats(session, pod))["rooms"] == {"general": 1, "side": 2}
+    await send(b, {"type": "message", "data": "once"})
+    assert (await recv_type(a, "message"))["data"] == "once"
+    await assert_silent(a)  # delivered once, not once per join
+    await send(a, {"type": "leave", "room": "side", "ref": 3})
+    assert await recv_type(a, "left") == {"type": "left", "room": "side", "ref": 3}
+    await send(a, {"type": "leave", "room": "side", "ref": 4})
+    error = await recv_type(a, "error")
+    assert (error["code"], error["ref"]) == ("not_in_room", 4)
+    assert (await stats(session, pod))["rooms"] == {"general": 1, "side": 1}
+    await a.close()
+    await b.close()

@@ -13,10 +13,9 @@ clients that have gone quiet and closes those that do not answer.
 The closing handshake is the transport's own (RFC 6455 section 7.1.1),
 whoever starts it and why — a policy close, a slow consumer, token expiry,
 shutdown, keepalive, a protocol error aiohttp's parser found: the close
-frame goes out behind what is queued, nothing is delivered after it, the
-write side is half-closed, and what the client still sends is read and
-dropped until its own Close, its EOF or ``close_timeout``, and only then is
-the TCP connection closed. (Closing it with unread bytes in the receive
+frame goes out behind what is queued, nothing is delivered after it, and
+what the client still sends is read and dropped until its own Close, its
+EOF or ``close_timeout``; only then is the TCP connection closed. (Closing it with unread bytes in the receive
 buffer would turn the close into a reset, and the client's kernel would
 throw away the close frame and everything before it.) To read and drop
 without aiohttp, each socket puts a thin protocol (``_Socket``) in front of
@@ -235,9 +234,9 @@ class _Socket(asyncio.Protocol):
         return self._io.get_write_buffer_size()
 
     def close(self, code: int, reason: str) -> None:
-        """Begin the closing handshake: our Close behind what is queued,
-        then the write side half-closed; the connection is cut if it has
-        not ended within the close timeout."""
+        """Begin the closing handshake: our Close behind what is queued;
+        the connection is closed once the client's Close is in (or its EOF),
+        and cut if neither has come within the close timeout."""
         if self.closing:
             return
         self.closing = True
@@ -245,8 +244,6 @@ class _Socket(asyncio.Protocol):
         if io.is_closing():
             return
         io.write(close_frame(code, reason))
-        if io.can_write_eof():
-            io.write_eof()
         io.resume_reading()  # aiohttp may have paused it; what comes is dropped now
         self._timer = asyncio.get_running_loop().call_later(self._closing.timeout, io.abort)
         self._closing.add(self)
@@ -283,6 +280,7 @@ class _Socket(asyncio.Protocol):
         if pos >= n:
             self._skip = pos - n
             return _OK
+        self._skip = 0
         if self._head:
             data = self._head + data[pos:]
             n = len(data)
