@@ -243,6 +243,26 @@ def _asgi_missing() -> str | None:
     return _modules_missing("uvicorn", "fastapi")
 
 
+BASELINE_ENV = "BENCH_BASELINE_SRC"
+"""The ``src/`` directory of another checkout (an earlier commit, say) whose
+chat-api the ``chat-api-baseline`` system runs, for before/after figures in
+one run: ``git worktree add /tmp/base <rev>``, then
+``BENCH_BASELINE_SRC=/tmp/base/src``."""
+
+
+def _baseline_env(p: PodArgs) -> dict[str, str]:
+    return {**_chat_api_env(p), "PYTHONPATH": os.environ.get(BASELINE_ENV, "")}
+
+
+def _baseline_missing() -> str | None:
+    src = os.environ.get(BASELINE_ENV, "")
+    if not src:
+        return f"{BASELINE_ENV} is not set (the src/ of the checkout to compare with)"
+    if not (Path(src) / "chat_api" / "__main__.py").is_file():
+        return f"{BASELINE_ENV}={src} has no chat_api package"
+    return None
+
+
 def _readyz(port: int) -> bool:
     return http_status(f"http://{HOST}:{port}/readyz") == 200
 
@@ -267,6 +287,15 @@ SYSTEMS: dict[str, System] = {
             env=_chat_api_env,
             ready=_readyz,
             redis="shared",
+        ),
+        System(
+            "chat-api-baseline",
+            dialect="chat-api",
+            command=lambda _: [sys.executable, "-m", "chat_api"],
+            env=_baseline_env,
+            ready=_readyz,
+            redis="shared",
+            missing=_baseline_missing,
         ),
         System(
             "chat-api-asgi",
