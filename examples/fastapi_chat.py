@@ -39,7 +39,8 @@ from chat_api.origin import OriginPolicy
 from realtime import AsgiTransport, Handshake, Identity, Node, Refused, guest_identity
 
 config = Config.load()
-origins = OriginPolicy(config.allowed_origins)
+# The pod's own origins: PUBLIC_URL, and localhost (on any port: uvicorn's is not known here).
+origins = OriginPolicy(config.allowed_origins, public_url=config.public_url, host=config.host)
 
 SESSIONS: dict[str, Identity] = {}
 """Your app's sessions (a table in your database); a dict for the example."""

@@ -264,6 +264,7 @@ class ReplyCutter:
         self.port = 0
         self.cut = 0
         self._marker: bytes | None = None
+        self._hold = False
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -276,8 +277,12 @@ class ReplyCutter:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def arm(self, marker: bytes) -> None:
+    def arm(self, marker: bytes, *, hold: bool = False) -> None:
+        """Lose the answer to the next command holding ``marker``: cut the
+        connection then (the default), or, with ``hold``, keep it open and
+        forward nothing more (the client waits for an answer that never comes)."""
         self._marker = marker
+        self._hold = hold
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -305,6 +310,8 @@ class ReplyCutter:
             while data := await server_r.read(65536):
                 if cutting.is_set():  # the marked command's answer: lose it
                     self.cut += 1
+                    if self._hold:
+                        await asyncio.Event().wait()  # until the test stops the proxy
                     break
                 client_w.write(data)
             client_w.transport.abort()

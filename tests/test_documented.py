@@ -75,7 +75,7 @@ async def test_stats_have_every_documented_field(pod: Pod, session: aiohttp.Clie
     assert set(s["timeline"]) == {
         "rooms", "rooms_holding", "held", "entries", "delivered", "duplicates_dropped",
         "gap_repairs", "lost", "epoch_changes", "replayed", "history_reads", "recovered",
-        "unstamped", "unknown",
+        "unstamped", "unknown", "memory_bytes", "memory_shed",
     }  # fmt: skip
     assert set(s["presence"]) == {"rooms", "members", "events_sent", "failures", "ttl_s"}
     assert s["presence"]["ttl_s"] == 15.0  # PRESENCE_TTL's default

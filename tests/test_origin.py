@@ -40,11 +40,12 @@ async def test_default_allows_own_origin_and_no_origin_only(
     assert await status_for(session, url, f"http://127.0.0.1:{pod.port}") == 101
     assert await status_for(session, url, f"HTTP://127.0.0.1:{pod.port}/") == 101
     # A page elsewhere opens a socket in the victim's browser: refused.
+    assert await status_for(session, url, f"http://localhost:{pod.port}") == 101
     for foreign in (
         "http://evil.example",
         f"http://evil.example:{pod.port}",
         f"http://127.0.0.1:{pod.port + 1}",
-        f"http://localhost:{pod.port}",
+        f"http://localhost:{pod.port + 1}",
         f"https://127.0.0.1:{pod.port}.evil.example",
         "null",
         "garbage",
@@ -52,7 +53,7 @@ async def test_default_allows_own_origin_and_no_origin_only(
         assert await status_for(session, url, foreign) == 403, foreign
     s = await stats(session, pod)
     assert s["refused"] == {"403": 7}
-    assert s["connections"]["accepted"] == 3
+    assert s["connections"]["accepted"] == 4
     assert s["rooms"] == {}
 
 
@@ -86,33 +87,42 @@ async def test_allowed_origins_list_and_star(
 
 
 @pytest.mark.parametrize(
-    ("origin", "host", "allowed"),
+    ("origin", "allowed"),
     [
-        (None, "chat.example.com", True),
-        ("https://chat.example.com", "chat.example.com", True),  # TLS proxy, Host kept
-        ("https://chat.example.com", "chat.example.com:443", True),
-        ("http://chat.example.com", "chat.example.com:80", True),
-        ("https://chat.example.com", "chat.example.com:8000", False),
-        ("https://chat.example.com:8443", "chat.example.com:8443", True),
-        ("http://[::1]:8000", "[::1]:8000", True),
-        ("https://evil.example", "chat.example.com", False),
-        ("https://chat.example.com.evil.example", "chat.example.com", False),
-        ("https://chat.example.com", None, False),
-        ("null", "chat.example.com", False),
-        ("file://", "chat.example.com", False),
-        ("https://chat.example.com/path", "chat.example.com", False),
-        ("https://chat.example.com:99999", "chat.example.com", False),
+        (None, True),  # not a browser
+        ("https://chat.example.com", True),  # PUBLIC_URL
+        ("https://chat.example.com:443", True),
+        ("https://CHAT.example.com/", True),
+        ("http://chat.example.com", False),  # another scheme
+        ("https://chat.example.com:8443", False),  # another port
+        ("http://127.0.0.1:8000", True),  # the page the pod serves itself
+        ("http://localhost:8000", True),
+        ("http://[::1]:8000", True),
+        ("http://10.1.2.3:8000", True),  # HOST
+        ("http://127.0.0.1:8001", False),
+        ("https://evil.example", False),
+        ("https://chat.example.com.evil.example", False),
+        ("null", False),
+        ("file://", False),
+        ("https://chat.example.com/path", False),
+        ("https://chat.example.com:99999", False),
     ],
 )
-def test_same_origin_rule(origin: str | None, host: str | None, allowed: bool) -> None:
-    assert OriginPolicy().allows(origin, host) is allowed
+def test_own_origins_come_from_the_configuration(origin: str | None, allowed: bool) -> None:
+    policy = OriginPolicy(public_url="https://chat.example.com/app", host="10.1.2.3", port=8000)
+    assert policy.allows(origin) is allowed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server defect: the own-origin rule trusts the Host header, so a foreign page "
-    "whose host name resolves to the pod (DNS rebinding) passes as the pod's own origin",
-)
+def test_without_a_known_port_any_port_on_localhost_is_own() -> None:
+    policy = OriginPolicy(host="0.0.0.0")
+    assert policy.allows("http://localhost:1234")
+    assert policy.allows("http://127.0.0.1:8001")
+    assert not policy.allows("http://0.0.0.0:8000")  # not an address a page comes from
+    assert not policy.allows("https://chat.example.com")
+    policy.serving_at(8000)
+    assert not policy.allows("http://localhost:1234")
+
+
 async def test_a_foreign_origin_with_a_matching_host_header_is_refused(
     pod: Pod, session: aiohttp.ClientSession
 ) -> None:

@@ -490,11 +490,6 @@ async def test_each_documented_redis_url_form_links_two_pods(
         server.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server defect (found here): the password of a unix:// REDIS_URL (?password=) "
-    "is logged in clear at start-up ('cross-pod fan-out through unix://...?password=...')",
-)
 async def test_the_password_of_a_unix_url_stays_out_of_the_log(
     pod_factory: PodFactory, channel_prefix: str, session: aiohttp.ClientSession
 ) -> None:

@@ -426,11 +426,6 @@ async def test_a_client_ping_is_answered_with_its_payload(
     await ws.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server defect: after leaving its URL room, a message without 'room' still goes "
-    "to that room (it should get not_in_room)",
-)
 async def test_a_message_without_room_after_leaving_the_url_room_is_not_in_room(
     pod: Pod, session: aiohttp.ClientSession
 ) -> None:

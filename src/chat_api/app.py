@@ -13,7 +13,9 @@ import contextlib
 import gc
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -25,7 +27,16 @@ from .auth import Authenticator, make_identify, stats_guard
 from .config import Config, ConfigError, redact_url
 from .origin import OriginPolicy
 
-__all__ = ["CONFIG", "NODE", "TRANSPORT", "create_app", "make_node", "node_settings", "serve"]
+__all__ = [
+    "CONFIG",
+    "NODE",
+    "ORIGINS",
+    "TRANSPORT",
+    "create_app",
+    "make_node",
+    "node_settings",
+    "serve",
+]
 
 log = logging.getLogger("chat_api")
 
@@ -34,6 +45,7 @@ SERVICE_NAME = "chat-api"
 CONFIG = web.AppKey("config", Config)
 NODE = web.AppKey("node", Node)
 TRANSPORT = web.AppKey("transport", AiohttpTransport)
+ORIGINS = web.AppKey("origins", OriginPolicy)
 
 
 def node_settings(config: Config) -> NodeSettings:
@@ -44,6 +56,9 @@ def node_settings(config: Config) -> NodeSettings:
         backend_url=config.redis_url,
         history_length=config.history_length,
         history_ttl=config.history_ttl,
+        history_max_bytes=config.history_max_bytes,
+        memory_bytes=config.history_memory_bytes,
+        idempotency_keys=config.idempotency_keys,
         gap_wait=config.gap_wait,
         presence_ttl=config.presence_ttl,
         limits=Limits(
@@ -65,9 +80,15 @@ def node_settings(config: Config) -> NodeSettings:
     )
 
 
-def make_node(config: Config, auth: Authenticator | None = None) -> Node:
+def make_node(
+    config: Config, auth: Authenticator | None = None, origins: OriginPolicy | None = None
+) -> Node:
     """The pod's ``Node``, with the service's identify hook (origin check,
     then the token or a guest name); ``ConfigError`` for a bad ``REDIS_URL``."""
+    if origins is None:
+        origins = OriginPolicy(
+            config.allowed_origins, public_url=config.public_url, host=config.host, port=config.port
+        )
     if not config.local_only:
         log.info(
             "cross-pod fan-out through %s (channels %s:*)",
@@ -77,7 +98,7 @@ def make_node(config: Config, auth: Authenticator | None = None) -> Node:
     try:
         return Node(
             node_settings(config),
-            identify=make_identify(OriginPolicy(config.allowed_origins), auth),
+            identify=make_identify(origins, auth),
         )
     except (BroadcastError, ValueError) as exc:
         raise ConfigError("REDIS_URL", str(exc)) from None
@@ -86,20 +107,28 @@ def make_node(config: Config, auth: Authenticator | None = None) -> Node:
 def create_app(config: Config) -> web.Application:
     """Build the node and its transport for ``config`` and mount the routes."""
     auth = Authenticator(config) if config.auth_enabled else None
-    node = make_node(config, auth)
+    origins = OriginPolicy(
+        config.allowed_origins, public_url=config.public_url, host=config.host, port=config.port
+    )
+    node = make_node(config, auth, origins)
     transport = AiohttpTransport(
-        node, ping_interval=config.ws_ping_interval, close_timeout=config.ws_close_timeout
+        node,
+        ping_interval=config.ws_ping_interval,
+        close_timeout=config.ws_close_timeout,
+        upgrade_timeout=config.http_request_timeout,
     )
     app = web.Application(client_max_size=64 * 1024)
     app[CONFIG] = config
     app[NODE] = node
     app[TRANSPORT] = transport
+    app[ORIGINS] = origins
     register_routes(
         app,
         node=node,
         transport=transport,
         publish_api_key=config.publish_api_key,
         max_message_bytes=config.max_message_bytes,
+        read_timeout=config.http_request_timeout,
         stats_guard=stats_guard(config, auth),
     )
     app.cleanup_ctx.append(_run_node)
@@ -145,8 +174,15 @@ async def serve(config: Config) -> None:
     """
     app = create_app(config)
     logfilter.install()
-    runner = web.AppRunner(
-        app, handle_signals=False, access_log=None, shutdown_timeout=config.ws_close_timeout
+    runner = _Runner(
+        app,
+        max_pending=config.max_pending_connections,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=config.ws_close_timeout,
+        # Bounds a connection that sends no request, or drips its headers,
+        # and an idle keep-alive one (WebSockets are not kept alive: exempt).
+        keepalive_timeout=config.http_request_timeout,
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -159,6 +195,7 @@ async def serve(config: Config) -> None:
         site = web.TCPSite(runner, config.host, config.port)
         await site.start()
         host, port = runner.addresses[0][:2]
+        app[ORIGINS].serving_at(port)
         mode = "local-only (REDIS_URL is not set)" if config.local_only else "cluster (Redis)"
         # Everything built so far (modules, app, config) lives as long as the
         # process: out of the collector's sight, a full collection walks only
@@ -184,3 +221,60 @@ async def serve(config: Config) -> None:
         except TimeoutError:
             log.warning("shutdown took longer than %.1fs; exiting anyway", config.shutdown_timeout)
     log.info("stopped")
+
+
+class _Runner(web.AppRunner):
+    """aiohttp's runner, with a cap on the TCP connections that are not (yet)
+    WebSockets: past ``max_pending``, new ones are cut at once."""
+
+    def __init__(self, app: web.Application, *, max_pending: int, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._max_pending = max_pending
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        if not self._max_pending:
+            return server
+        return cast(web.Server, _PendingCap(server, self.app[NODE], self._max_pending))
+
+
+class _PendingCap:
+    """A protocol factory in front of aiohttp's server that refuses a new TCP
+    connection while ``cap`` are open that are not WebSockets. (The count is
+    read again every 50 ms, and estimated in between, so an accept costs no
+    walk over every connection.)"""
+
+    def __init__(self, server: web.Server, node: Node, cap: int) -> None:
+        self._server = server
+        self._node = node
+        self._cap = cap
+        self._pending = 0
+        self._counted_at = 0.0
+        self.refused = 0
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        now = time.monotonic()
+        if now - self._counted_at > 0.05:
+            self._counted_at = now
+            self._pending = len(self._server.connections) - self._node.hub.connection_count
+        if self._pending >= self._cap:
+            self.refused += 1
+            if self.refused == 1 or self.refused % 1000 == 0:
+                log.warning(
+                    "%d pending connections: refusing new ones (%d so far)",
+                    self._pending,
+                    self.refused,
+                )
+            return _Refuse()
+        self._pending += 1
+        return self._server()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+
+class _Refuse(asyncio.Protocol):
+    """Closes a connection as soon as it is made."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cast(asyncio.Transport, transport).abort()

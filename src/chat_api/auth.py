@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import re
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -81,15 +80,19 @@ def bearer_token(headers: Mapping[str, str], query: Mapping[str, str]) -> str | 
 class RoomPatterns:
     """The rooms a token may join: exact names, or patterns where ``*``
     stands for any run of characters (``team-*``). Only ``*`` alone admits
-    the global channel."""
+    the global channel.
 
-    __slots__ = ("_global", "_regex", "patterns")
+    Matching takes time linear in the room name per pattern, whatever the
+    pattern (``a*a*a*a*b`` as a regex would backtrack): each part between
+    stars is found leftmost, in order, which is exact for ``*``-only globs."""
+
+    __slots__ = ("_exact", "_global", "_globs", "patterns")
 
     def __init__(self, patterns: list[str]) -> None:
         self.patterns = patterns
         self._global = "*" in patterns
-        parts = (".*".join(re.escape(p) for p in pattern.split("*")) for pattern in patterns)
-        self._regex = re.compile("|".join(f"(?:{p})" for p in parts)) if patterns else None
+        self._exact = frozenset(p for p in patterns if "*" not in p)
+        self._globs = [tuple(p.split("*")) for p in patterns if "*" in p]
 
     @classmethod
     def from_claim(cls, claim: object) -> RoomPatterns:
@@ -107,7 +110,24 @@ class RoomPatterns:
     def __call__(self, room: str | None) -> bool:
         if room is None:
             return self._global
-        return self._regex is not None and self._regex.fullmatch(room) is not None
+        return room in self._exact or any(_glob_match(parts, room) for parts in self._globs)
+
+
+def _glob_match(parts: tuple[str, ...], name: str) -> bool:
+    """Whether ``name`` matches the glob whose ``*``-separated parts these are."""
+    first, *middle, last = parts
+    if len(name) < len(first) + len(last) or not name.startswith(first):
+        return False
+    end = len(name) - len(last)
+    if not name.endswith(last):
+        return False
+    pos = len(first)
+    for part in middle:
+        found = name.find(part, pos, end)
+        if found < 0:
+            return False
+        pos = found + len(part)
+    return True
 
 
 def _default_algorithms(key: Any) -> tuple[str, ...]:

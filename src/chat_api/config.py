@@ -18,9 +18,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from dotenv import dotenv_values
+
+from .origin import parse_origin
 
 __all__ = ["Config", "ConfigError", "redact_url"]
 
@@ -162,7 +164,13 @@ class Config:
         "ALLOWED_ORIGINS",
         (),
         "Browser origins that may open WebSockets, comma-separated, or * for any "
-        "(empty: this service's own origin only).",
+        "(empty: this service's own origins only: PUBLIC_URL, and localhost or HOST on PORT).",
+    )
+    public_url: str = _setting(
+        "PUBLIC_URL",
+        "",
+        "The address users reach the service by (https://chat.example.com, behind a proxy): "
+        "pages of its origin may open WebSockets.",
     )
     max_message_bytes: int = _setting(
         "MAX_MESSAGE_BYTES",
@@ -184,6 +192,20 @@ class Config:
         10000,
         "Open WebSocket connections per pod; more are refused with HTTP 503 (0: no cap).",
         minimum=0,
+    )
+    max_pending_connections: int = _setting(
+        "MAX_PENDING_CONNECTIONS",
+        1000,
+        "TCP connections per pod that are not WebSockets (requests under way, idle keep-alive); "
+        "more are cut at once (0: no cap).",
+        minimum=0,
+    )
+    http_request_timeout: float = _setting(
+        "HTTP_REQUEST_TIMEOUT",
+        10.0,
+        "Seconds a client has to send a whole HTTP request (headers, a body) and to finish the "
+        "WebSocket upgrade; idle keep-alive connections are closed after it too.",
+        minimum=0.5,
     )
     rate_limit_per_second: float = _setting(
         "RATE_LIMIT_PER_SECOND",
@@ -220,6 +242,27 @@ class Config:
         "HISTORY_LENGTH",
         100,
         "Messages kept per room for history on join and for resume.",
+        minimum=1,
+    )
+    history_max_bytes: int = _setting(
+        "HISTORY_MAX_BYTES",
+        1048576,
+        "Bytes of messages a room keeps in its history (with HISTORY_LENGTH: the oldest go "
+        "when either is reached).",
+        minimum=1024,
+    )
+    history_memory_bytes: int = _setting(
+        "HISTORY_MEMORY_BYTES",
+        67108864,
+        "Bytes of recent messages a pod keeps in memory for catch-up (local-only: the history), "
+        "all rooms together; past it, the least recently used rooms' are dropped.",
+        minimum=65536,
+    )
+    idempotency_keys: int = _setting(
+        "IDEMPOTENCY_KEYS",
+        1000,
+        "Message keys (the message frame's key, the publish API's Idempotency-Key) a room "
+        "remembers within HISTORY_TTL; past it, the oldest are forgotten.",
         minimum=1,
     )
     history_ttl: float = _setting(
@@ -370,6 +413,8 @@ def _validate_security(config: Config) -> None:
             raise ConfigError(
                 "ALLOWED_ORIGINS", f"{origin!r} is not * or an origin like https://chat.example.com"
             )
+    if config.public_url and parse_origin(config.public_url, path=True) is None:
+        raise ConfigError("PUBLIC_URL", "must be an http:// or https:// URL with a host name")
     if config.auth_jwks_url and urlsplit(config.auth_jwks_url).scheme not in ("http", "https"):
         raise ConfigError("AUTH_JWKS_URL", "must be an http:// or https:// URL")
     for name in config.auth_jwt_algorithms:
@@ -411,19 +456,7 @@ def _validate_security(config: Config) -> None:
 
 
 def _is_origin(value: str) -> bool:
-    parts = urlsplit(value)
-    try:
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError:
-        return False
-    return (
-        parts.scheme in ("http", "https")
-        and bool(parts.hostname)
-        and parts.path in ("", "/")
-        and not parts.query
-        and not parts.fragment
-        and parts.username is None
-    )
+    return "@" not in value and parse_origin(value) is not None
 
 
 def _default_pod_id() -> str:
@@ -431,11 +464,22 @@ def _default_pod_id() -> str:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, for logs and stats."""
+    """``url`` with every password replaced by ``***``, for logs and stats:
+    the one in the address (``user:password@host``) and a ``password=`` in
+    the query (``unix://...?password=``)."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    if parts.password is not None:
+        user = parts.username or ""
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        parts = parts._replace(netloc=f"{user}:***@{netloc}")
+    if parts.query:
+        query = [
+            (k, "***" if k.lower() == "password" else v)
+            for k, v in parse_qsl(parts.query, keep_blank_values=True)
+        ]
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    redacted = urlunsplit(parts)
+    head = f"{parts.scheme}://"
+    if url.startswith(head) and not redacted.startswith(head):  # unix:///path
+        redacted = head + redacted[len(parts.scheme) + 1 :]
+    return redacted

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import hashlib
 import itertools
 import logging
 import os
@@ -82,6 +83,13 @@ class NodeSettings:
     """Messages kept per room for history and resume."""
     history_ttl: float = 3600.0
     """Seconds a room's history and offsets are kept after its last message."""
+    history_max_bytes: int = 1 << 20
+    """Bytes of messages a room's history keeps (with ``history_length``)."""
+    memory_bytes: int = 64 << 20
+    """Bytes of recent messages the pod keeps in memory, all rooms together
+    (local-only: the history as well)."""
+    idempotency_keys: int = 1000
+    """Message keys a room remembers (within ``history_ttl``)."""
     gap_wait: float = 0.25
     """Seconds a missing offset is waited for before it is read from history."""
     sync_timeout: float = 5.0
@@ -147,6 +155,9 @@ class Node:
             name=settings.name,
             history_length=settings.history_length,
             history_ttl=settings.history_ttl,
+            history_max_bytes=settings.history_max_bytes,
+            memory_bytes=settings.memory_bytes,
+            idempotency_keys=settings.idempotency_keys,
             redis=settings.redis,
         )
         self.timeline = Timeline(
@@ -156,6 +167,8 @@ class Node:
                 keep=settings.history_length,
                 gap_wait=settings.gap_wait,
                 sync_timeout=settings.sync_timeout,
+                max_bytes=settings.history_max_bytes,
+                memory_bytes=settings.memory_bytes,
             ),
             clock=clock,
         )
@@ -300,10 +313,19 @@ class Node:
 
     # -- publishing ---------------------------------------------------------------
 
+    def message_id(self, room: str | None, key: str | None = None) -> str:
+        """The id of a new message: fresh, unique across pods; or, for a
+        message with a key, the same for every resend of it, on any pod (so
+        a duplicate's ack names the stored message)."""
+        if key is None:
+            return self.new_message_id()
+        named = f"{room}\0{key}".encode()
+        return "k-" + hashlib.blake2b(named, digest_size=10).hexdigest()
+
     def publish(
         self,
         message: Message,
-        done: Callable[[Stamp | None], None] | None = None,
+        done: OnAppended | None = None,
         *,
         key: str | None = None,
         local_fallback: bool = True,
@@ -311,43 +333,36 @@ class Node:
         """Send a message to its room (or, with no room, to everyone) on every pod.
 
         A room message is stamped, stored and published by the backend and
-        delivered here in offset order; ``done`` gets its stamp, or None if
-        it could not be stored. Then, with ``local_fallback``, it still
-        reaches this pod's members, without offset; if the answer was lost
-        on the way (it may have been stored), the room is read again instead,
-        so it arrives once, in order, if it was stored. A global message has
-        no stamp: ``done`` gets None once it is sent.
+        delivered here in offset order; ``done`` gets its ``Stamp`` (with
+        ``duplicate`` set for a ``key`` stored already), or why there is
+        none (``Unstored``). A message that could not be stored (``FAILED``)
+        still reaches this pod's members without offset, with
+        ``local_fallback``; if the answer was lost on the way (``UNKNOWN``:
+        it may have been stored), the room is read again instead, so it
+        arrives once, in order, if it was stored. A global message has no
+        stamp and takes no key: ``done`` is not called.
         """
         room = message.room
         if room is None:
             self.backend.publish(None, message.encode())
-            if done is not None:
-                done(None)
             return
         self.backend.append(message, self._appended(message, done, local_fallback), key=key)
 
     def _appended(
-        self,
-        message: Message,
-        done: Callable[[Stamp | None], None] | None,
-        local_fallback: bool,
+        self, message: Message, done: OnAppended | None, local_fallback: bool
     ) -> OnAppended:
         room = message.room
         assert room is not None  # only room messages are appended
 
         def outcome(result: Stamp | Unstored) -> None:
-            if isinstance(result, Stamp):
-                if done is not None:
-                    done(result)
-                return
             if result is Unstored.UNKNOWN:
                 self.timeline.counters.unknown += 1
                 self.timeline.reread(room)
-            elif local_fallback:
+            elif result is Unstored.FAILED and local_fallback:
                 self.timeline.counters.unstamped += 1
                 self.on_message(room, message.encode())
             if done is not None:
-                done(None)
+                done(result)
 
         return outcome
 

@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Awaitable
 
-from .backends import Stamp
+from .backends import Stamp, Unstored
 from .core.access import Admission, Handshake
 from .core.connection import Connection, ConnectionState, Transport
 from .core.exceptions import BroadcastError, ProtocolError
@@ -247,14 +247,13 @@ class Session:
         conn = self.conn
         node = self._node
         room = conn.default_room if frame.room is None else frame.room
-        if frame.room is not None and frame.room not in conn.rooms:
+        if room is not None and room not in conn.rooms:  # never joined, or left since
             raise ProtocolError(
-                ErrorCode.NOT_IN_ROOM,
-                f"join room {frame.room!r} before sending to it",
-                ref=frame.ref,
+                ErrorCode.NOT_IN_ROOM, f"join room {room!r} before sending to it", ref=frame.ref
             )
+        key = None if room is None else frame.key  # messages to everyone are not stored
         message = Message(
-            id=node.new_message_id(),
+            id=node.message_id(room, key),
             room=room,
             sender=conn.identity,
             ts=time.time_ns() // 1_000_000,
@@ -267,20 +266,29 @@ class Session:
             if ref is not None:
                 node.hub.send_to(conn, encode_ack(ref, message.id, None))
             return
-        if ref is None:
-            node.publish(message)
-            return
 
-        def acked(stamp: Stamp | None) -> None:
-            node.hub.send_to(
-                conn,
-                encode_ack(
+        def acked(outcome: Stamp | Unstored) -> None:
+            if outcome is Unstored.CONFLICT:
+                self._error(
+                    ProtocolError(
+                        ErrorCode.KEY_CONFLICT,
+                        f"key {key!r} was used for another message in room {room!r}",
+                        ref=ref,
+                    )
+                )
+            elif ref is None:
+                return
+            elif isinstance(outcome, Stamp):
+                ack = encode_ack(
                     ref,
                     message.id,
                     room,
-                    epoch=None if stamp is None else stamp.epoch,
-                    offset=None if stamp is None else stamp.offset,
-                ),
-            )
+                    epoch=outcome.epoch,
+                    offset=outcome.offset,
+                    duplicate=outcome.duplicate,
+                )
+                node.hub.send_to(conn, ack)
+            else:  # not stored: this pod's members got it without offset, or none did
+                node.hub.send_to(conn, encode_ack(ref, message.id, room))
 
-        node.publish(message, acked)
+        node.publish(message, acked if ref is not None or key is not None else None, key=key)

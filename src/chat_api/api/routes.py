@@ -28,6 +28,7 @@ def register_routes(
     transport: AiohttpTransport,
     publish_api_key: str = "",
     max_message_bytes: int = 65536,
+    read_timeout: float = 10.0,
     stats_guard: StatsGuard | None = None,
 ) -> None:
     """Mount the WebSocket routes under ``/api/chat-api``, health, and the page.
@@ -54,7 +55,9 @@ def register_routes(
     app.router.add_routes(transport.routes(f"{API_PREFIX}/ws"))
     app.router.add_post(
         f"{API_PREFIX}/rooms/{{room}}/messages",
-        publish_handler(node, publish_api_key, max_bytes=max_message_bytes),
+        publish_handler(
+            node, publish_api_key, max_bytes=max_message_bytes, read_timeout=read_timeout
+        ),
     )
     app.router.add_get(
         f"{API_PREFIX}/rooms/{{room}}/presence", presence_handler(node.presence, stats_guard)

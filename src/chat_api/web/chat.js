@@ -6,8 +6,10 @@
 //
 // The wire protocol is docs/protocol.md. In short: connect to
 // /api/chat-api/ws/{room}?name=..[&access_token=..], get a `welcome`, send
-// {"type":"message","data":{"text":..},"ref":n}, get `message` frames (yours
-// too) and an `ack` per ref; `error` frames leave the connection open.
+// {"type":"message","data":{"text":..},"ref":n,"key":k}, get `message` frames
+// (yours too) and an `ack` per ref; `error` frames leave the connection open.
+// Every message carries a random key, kept for its resends (after a reconnect,
+// or "Send again"): the server stores a key's message once.
 
 const WS_PATH = "/api/chat-api/ws/";
 const ROOM_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$/;
@@ -49,6 +51,7 @@ const ERROR_TEXT = {
   too_many_rooms: "You are in too many rooms at once.",
   forbidden_room: "You are not allowed in that room.",
   rate_limited: "You are sending messages too fast. Wait a moment, then send again.",
+  key_conflict: "The server already has another message under this one's key.",
   unavailable: "The service is briefly unavailable. Try again in a moment.",
 };
 
@@ -275,8 +278,16 @@ function setEntryStatus(entry, status, text, canRetry = false) {
   entry.retry.hidden = !canRetry;
 }
 
+/** A random message key: a UUID where the page is a secure context, else 128
+ * random bits in hex (crypto.getRandomValues works everywhere). */
+function newKey() {
+  if (typeof crypto.randomUUID === "function") return crypto.randomUUID();
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
 function newEntry(text) {
-  const entry = { ref: state.nextRef++, text, room: state.room, status: "" };
+  const entry = { ref: state.nextRef++, key: newKey(), text, room: state.room, status: "" };
   entry.el = messageElement(state.me ? state.me.name : state.name, Date.now(), { text }, true);
   entry.el.classList.add("pending");
   entry.note = el("span", "note");
@@ -294,7 +305,8 @@ function transmit(entry) {
     queue(entry);
     return;
   }
-  const frame = { type: "message", data: { text: entry.text }, ref: entry.ref };
+  // The same key every time this message is sent: a resend is stored once.
+  const frame = { type: "message", data: { text: entry.text }, ref: entry.ref, key: entry.key };
   if (entry.room !== state.room) frame.room = entry.room;
   ws.send(JSON.stringify(frame));
   state.inflight.set(entry.ref, entry);
@@ -327,12 +339,14 @@ function flushOutbox() {
 }
 
 /** Messages sent but not acknowledged when a connection ends may or may not
- * have reached the room: say so, and let the user send them again. */
-function failInflight(why) {
-  for (const entry of state.inflight.values()) {
-    setEntryStatus(entry, "unconfirmed", `Not confirmed: ${why} It may not have been delivered.`, true);
-  }
+ * have reached the room: they go back to the outbox, ahead of what was
+ * written since, and are sent again, with their keys, once the page is back
+ * online (a duplicate's ack confirms the stored one). */
+function requeueInflight() {
+  const unacked = [...state.inflight.values()];
   state.inflight.clear();
+  state.outbox = [...unacked, ...state.outbox].slice(0, MAX_QUEUED);
+  for (const entry of unacked) setEntryStatus(entry, "queued", WAIT_OFFLINE);
 }
 
 function onAck(frame) {
@@ -592,7 +606,7 @@ function refuse(text) {
 function onClose(event) {
   const welcomed = state.welcomed;
   state.ws = null;
-  failInflight("the connection ended before the server confirmed it.");
+  requeueInflight();
   if (event.code === 1008) {
     // Policy: an expired token, a flood of frames, or another refusal.
     const reason = event.reason || "not allowed";

@@ -21,6 +21,8 @@ from .base import (
     Slice,
     Stamp,
     Unstored,
+    content_digest,
+    key_field,
     new_epoch,
 )
 from .memory import MemoryBackend, MemoryPresence
@@ -40,6 +42,8 @@ __all__ = [
     "Slice",
     "Stamp",
     "Unstored",
+    "content_digest",
+    "key_field",
     "new_epoch",
     "open_backend",
 ]
@@ -71,13 +75,22 @@ def open_backend(
     name: str = "realtime",
     history_length: int = 100,
     history_ttl: float = 3600.0,
+    history_max_bytes: int = 1 << 20,
+    memory_bytes: int = 64 << 20,
+    idempotency_keys: int = 1000,
     redis: RedisOptions | None = None,
 ) -> Backend:
     """The backend for ``url`` (empty: local-only). Raises ``BroadcastError``
     for a URL no backend takes (its scheme, or a value that does not parse);
     nothing is connected until the backend is started."""
     if not url:
-        return MemoryBackend(history_length=history_length, history_ttl=history_ttl)
+        return MemoryBackend(
+            history_length=history_length,
+            history_ttl=history_ttl,
+            history_max_bytes=history_max_bytes,
+            memory_bytes=memory_bytes,
+            idempotency_keys=idempotency_keys,
+        )
     scheme = url.partition("://")[0].lower()
     if scheme not in REDIS_SCHEMES:
         known = ", ".join(f"{s}://" for s in REDIS_SCHEMES)
@@ -96,4 +109,6 @@ def open_backend(
         publish_queue=options.publish_queue,
         history_length=history_length,
         history_ttl=history_ttl,
+        history_max_bytes=history_max_bytes,
+        idempotency_keys=idempotency_keys,
     )

@@ -21,10 +21,13 @@ history (``read``) and keeps presence (``presence``). Implementations:
 from __future__ import annotations
 
 import enum
+import hashlib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
+
+import orjson
 
 from ..core.protocol import Message
 from ..core.sequencer import Entry
@@ -40,6 +43,8 @@ __all__ = [
     "Slice",
     "Stamp",
     "Unstored",
+    "content_digest",
+    "key_field",
     "new_epoch",
 ]
 
@@ -76,6 +81,9 @@ class Unstored(enum.Enum):
     UNKNOWN = "unknown"
     """It was sent, but the answer was lost with the connection: it may have
     been stored and published, or not."""
+    CONFLICT = "conflict"
+    """Its key is stored already, for a message with other content: this one
+    is not stored (a key names one message, whatever the retries)."""
 
 
 OnAppended = Callable[[Stamp | Unstored], None]
@@ -95,6 +103,20 @@ class Slice:
     """The oldest offset still stored (``newest + 1`` when none is)."""
     entries: tuple[Entry, ...]
     """Stored entries after the offset asked for, oldest first."""
+
+
+def key_field(message: Message, key: str) -> str:
+    """How a message's key is stored. A key names one message in its room,
+    whoever sends it: a resend after a reconnect comes from a new connection
+    (a guest's even has a new id), so keys are not scoped by sender; clients
+    make them unique (random)."""
+    return key
+
+
+def content_digest(message: Message) -> str:
+    """What a key's message carried (its data): a resend carries the same,
+    another message under the same key does not."""
+    return hashlib.blake2b(orjson.dumps(message.data), digest_size=12).hexdigest()
 
 
 def new_epoch() -> str:
@@ -184,8 +206,10 @@ class Backend(Protocol):
     def append(self, message: Message, done: OnAppended, *, key: str | None = None) -> None:
         """Stamp, store and publish a room message; never blocks or raises
         for link trouble. ``done`` gets the outcome, in append order. A
-        ``key`` already stored in the room is not stored again: ``done``
-        gets the first message's stamp with ``duplicate`` set."""
+        ``key`` already stored in the room is not stored again: ``done`` gets
+        the first message's stamp with ``duplicate`` set, or
+        ``Unstored.CONFLICT`` if that message carried other data
+        (``content_digest``)."""
 
     async def read(self, room: str, after: int, limit: int, *, epoch: str | None = None) -> Slice:
         """Stored entries of ``room`` with offset > ``after`` (at most

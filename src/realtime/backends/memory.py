@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..core.exceptions import StateError
 from ..core.protocol import Message, encode_member_event, encode_presence, entry_payload
@@ -24,12 +24,13 @@ from .base import (
     OnAppended,
     Slice,
     Stamp,
+    Unstored,
+    content_digest,
+    key_field,
     new_epoch,
 )
 
-__all__ = ["MAX_IDEMPOTENCY_KEYS", "MemoryBackend", "MemoryPresence"]
-
-MAX_IDEMPOTENCY_KEYS = 100_000
+__all__ = ["MemoryBackend", "MemoryPresence"]
 
 
 @dataclass(slots=True)
@@ -38,6 +39,11 @@ class _RoomLog:
     newest: int
     entries: deque[Entry]
     expires: float
+    size: int = 0
+    """Bytes of the entries' payloads."""
+    keys: OrderedDict[str, tuple[Stamp, str]] = field(default_factory=OrderedDict)
+    """Message keys stored (scoped by sender), oldest first: their stamp and
+    the digest of what they carried."""
 
 
 class MemoryBackend:
@@ -48,18 +54,27 @@ class MemoryBackend:
         *,
         history_length: int = 100,
         history_ttl: float = 3600.0,
+        history_max_bytes: int = 1 << 20,
+        memory_bytes: int = 64 << 20,
+        idempotency_keys: int = 1000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._handler: BackendHandler | None = None
         self._state = LinkState.LOCAL_ONLY
         self._published = 0
         self._appended = 0
+        self._shed = 0
         self._rooms: set[str] = set()
         self._history_length = history_length
         self._history_ttl = history_ttl
+        self._max_bytes = history_max_bytes
+        self._memory_bytes = memory_bytes
+        self._max_keys = idempotency_keys
         self._clock = clock
         self._log: dict[str, _RoomLog] = {}
-        self._idempotency: OrderedDict[tuple[str, str], tuple[Stamp, float]] = OrderedDict()
+        """Rooms' offsets and history, least recently appended to first."""
+        self._size = 0
+        """Bytes of every room's entries."""
 
     @property
     def state(self) -> LinkState:
@@ -97,9 +112,13 @@ class MemoryBackend:
     def _room(self, room: str, now: float) -> _RoomLog | None:
         state = self._log.get(room)
         if state is not None and state.expires <= now:
-            del self._log[room]
+            self._drop(room, state)
             return None
         return state
+
+    def _drop(self, room: str, state: _RoomLog) -> None:
+        del self._log[room]
+        self._size -= state.size
 
     def append(self, message: Message, done: OnAppended, *, key: str | None = None) -> None:
         if message.room is None:
@@ -109,41 +128,68 @@ class MemoryBackend:
         now = self._clock()
         if self._appended % 1024 == 1023:
             self._sweep(now)
-        seen_key = None if key is None else (room, key)
-        if seen_key is not None:
-            seen = self._idempotency.get(seen_key)
-            if seen is not None and seen[1] > now:
-                done(Stamp(seen[0].epoch, seen[0].offset, duplicate=True))
-                return
+        body = message.body()  # first: a message that cannot be encoded takes no offset
         state = self._room(room, now)
+        field_name = digest = ""
+        if key is not None:
+            field_name, digest = key_field(message, key), content_digest(message)
+            seen = None if state is None else state.keys.get(field_name)
+            if seen is not None:
+                stamp, stored = seen
+                if stored != digest:
+                    done(Unstored.CONFLICT)
+                else:
+                    done(Stamp(stamp.epoch, stamp.offset, duplicate=True))
+                return
         if state is None:
-            state = self._log[room] = _RoomLog(
-                new_epoch(), 0, deque(maxlen=self._history_length), 0.0
-            )
+            state = self._log[room] = _RoomLog(new_epoch(), 0, deque(), 0.0)
+        else:  # the most recently used last
+            del self._log[room]
+            self._log[room] = state
         state.newest += 1
         state.expires = now + self._history_ttl
-        payload = entry_payload(message.body(), state.epoch, state.newest)
-        entry = Entry(state.epoch, state.newest, payload)
-        state.entries.append(entry)
+        entry = Entry(state.epoch, state.newest, entry_payload(body, state.epoch, state.newest))
+        self._store(state, entry)
         self._appended += 1
         stamp = Stamp(entry.epoch, entry.offset)
-        if seen_key is not None:
-            self._idempotency[seen_key] = (stamp, now + self._history_ttl)
-            self._idempotency.move_to_end(seen_key)
-            while len(self._idempotency) > MAX_IDEMPOTENCY_KEYS:
-                self._idempotency.popitem(last=False)
+        if field_name:
+            state.keys[field_name] = (stamp, digest)
+            while len(state.keys) > self._max_keys:
+                state.keys.popitem(last=False)
         handler.on_entry(room, entry)
         done(stamp)
 
+    def _store(self, state: _RoomLog, entry: Entry) -> None:
+        """Keep ``entry`` in its room's history: at most ``history_length``
+        entries and ``history_max_bytes`` bytes a room, and at most
+        ``memory_bytes`` for every room together (the least recently used
+        rooms' entries go first; their offsets and epochs stay)."""
+        entries = state.entries
+        entries.append(entry)
+        size = len(entry.payload)
+        state.size += size
+        self._size += size
+        while len(entries) > 1 and (
+            len(entries) > self._history_length or state.size > self._max_bytes
+        ):
+            gone = len(entries.popleft().payload)
+            state.size -= gone
+            self._size -= gone
+        if self._size > self._memory_bytes:
+            for other in self._log.values():
+                if self._size <= self._memory_bytes * 9 // 10:
+                    break
+                if other is state or not other.entries:
+                    continue
+                self._size -= other.size
+                other.size = 0
+                other.entries.clear()
+                self._shed += 1
+
     def _sweep(self, now: float) -> None:
-        """Forget expired rooms and idempotency keys nobody asked about."""
-        for name in [r for r, s in self._log.items() if s.expires <= now]:
-            del self._log[name]
-        while self._idempotency:
-            key, (_, expires) = next(iter(self._idempotency.items()))
-            if expires > now:
-                break
-            del self._idempotency[key]
+        """Forget expired rooms."""
+        for name, state in [(r, s) for r, s in self._log.items() if s.expires <= now]:
+            self._drop(name, state)
 
     async def read(self, room: str, after: int, limit: int, *, epoch: str | None = None) -> Slice:
         state = self._room(room, self._clock())
@@ -173,6 +219,8 @@ class MemoryBackend:
             "published": self._published,
             "appended": self._appended,
             "subscribed_rooms": len(self._rooms),
+            "history_bytes": self._size,
+            "history_shed": self._shed,
         }
 
 

@@ -105,8 +105,12 @@ def _query_catchup(query: Mapping[str, str]) -> Catchup:
         raw = query.get(name)
         if raw is None or raw == "":
             return None
-        if not raw.isdigit() or len(raw) > 16:
-            raise ProtocolError(ErrorCode.INVALID_FRAME, f"{name!r} must be a non-negative integer")
+        # ASCII digits only: str.isdigit() takes '²' (which int() refuses)
+        # and int() takes other scripts' digits ('٣'), neither of them ours.
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 15:
+            raise ProtocolError(
+                ErrorCode.INVALID_FRAME, f"{name!r} must be a non-negative integer (ASCII digits)"
+            )
         return int(raw)
 
     return parse_catchup(number("since"), query.get("epoch") or None, number("history"))

@@ -18,6 +18,7 @@ from .exceptions import ProtocolError
 
 __all__ = [
     "MAX_DATA_DEPTH",
+    "MAX_KEY_LENGTH",
     "MAX_REF_LENGTH",
     "MESSAGE_PREFIX",
     "NO_CATCHUP",
@@ -33,6 +34,7 @@ __all__ = [
     "Ping",
     "PresenceQuery",
     "SendMessage",
+    "check_data",
     "decode_client_frame",
     "encode_ack",
     "encode_error",
@@ -45,6 +47,7 @@ __all__ = [
 ]
 
 MAX_REF_LENGTH: Final = 128
+MAX_KEY_LENGTH: Final = 64
 MAX_DATA_DEPTH: Final = 32
 """Deepest nesting of arrays and objects in a message's ``data`` (JSON
 encoders have recursion limits; a deeper ``data`` is refused, not relayed)."""
@@ -67,6 +70,7 @@ class ErrorCode(enum.StrEnum):
     FORBIDDEN_ROOM = "forbidden_room"
     RATE_LIMITED = "rate_limited"
     UNAVAILABLE = "unavailable"
+    KEY_CONFLICT = "key_conflict"
 
 
 class CloseCode(enum.IntEnum):
@@ -99,11 +103,14 @@ class Identity:
 
 @dataclass(frozen=True, slots=True)
 class SendMessage:
-    """``{"type": "message", "data": ..., "room"?: ..., "ref"?: ...}``"""
+    """``{"type": "message", "data": ..., "room"?: ..., "ref"?: ..., "key"?: ...}``"""
 
     data: Any
     room: str | None = None
     ref: str | int | None = None
+    key: str | None = None
+    """Chosen by the sender, unique (random): a resend with the same key is
+    not stored twice in the room (its ack says ``duplicate``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +225,22 @@ def _read_ref(frame: dict[str, Any]) -> str | int | None:
     return ref
 
 
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _read_key(frame: dict[str, Any], ref: str | int | None) -> str | None:
+    key = frame.get("key")
+    if key is None:
+        return None
+    if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_LENGTH or _CONTROL.search(key):
+        raise ProtocolError(
+            ErrorCode.INVALID_FRAME,
+            f"'key' must be a string of 1-{MAX_KEY_LENGTH} characters (no control characters)",
+            ref=ref,
+        )
+    return key
+
+
 _OPENERS: Final = bytes.maketrans(b"{}", b"[]")
 _NOT_BRACKETS: Final = bytes(c for c in range(256) if c not in b"[]{}")
 
@@ -248,6 +271,17 @@ def _nested_deeper_than(value: Any, limit: int) -> bool:
     return True
 
 
+def check_data(data: Any, *, ref: str | int | None = None) -> None:
+    """Raise ``ProtocolError`` unless ``data`` (a message's, from a frame or
+    the HTTP API alike) may be relayed: nested at most ``MAX_DATA_DEPTH``."""
+    if _nested_deeper_than(data, MAX_DATA_DEPTH):
+        raise ProtocolError(
+            ErrorCode.INVALID_FRAME,
+            f"'data' is nested deeper than {MAX_DATA_DEPTH} levels",
+            ref=ref,
+        )
+
+
 def decode_client_frame(raw: str | bytes) -> ClientFrame:
     """Decode one client text frame into a typed frame.
 
@@ -265,17 +299,13 @@ def decode_client_frame(raw: str | bytes) -> ClientFrame:
     if kind == "message":
         if "data" not in frame:
             raise ProtocolError(ErrorCode.MISSING_DATA, "a message needs a 'data' field", ref=ref)
-        if _nested_deeper_than(frame["data"], MAX_DATA_DEPTH):
-            raise ProtocolError(
-                ErrorCode.INVALID_FRAME,
-                f"'data' is nested deeper than {MAX_DATA_DEPTH} levels",
-                ref=ref,
-            )
+        check_data(frame["data"], ref=ref)
         room = frame.get("room")
         return SendMessage(
             data=frame["data"],
             room=None if room is None else validate_room(room, ref=ref),
             ref=ref,
+            key=_read_key(frame, ref),
         )
     if kind == "join":
         return Join(
@@ -362,13 +392,18 @@ def encode_ack(
     *,
     epoch: str | None = None,
     offset: int | None = None,
+    duplicate: bool = False,
 ) -> bytes:
     """``ack``; for room messages also the ``offset`` and ``epoch`` the
-    message got (both null if it could not be stored)."""
+    message got (both null if it could not be stored), and ``duplicate``
+    when its key was stored already (the offset and epoch are the stored
+    message's)."""
     frame: dict[str, Any] = {"type": "ack", "ref": ref, "id": message_id, "room": room}
     if room is not None:
         frame["offset"] = offset
         frame["epoch"] = epoch
+        if duplicate:
+            frame["duplicate"] = True
     return orjson.dumps(frame)
 
 

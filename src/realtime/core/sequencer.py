@@ -64,6 +64,8 @@ class RoomSequencer:
     """Ordering buffer and recent-message memory of one room on one pod."""
 
     __slots__ = (
+        "_keep",
+        "_max_bytes",
         "_pending",
         "_recent",
         "duplicates",
@@ -72,10 +74,11 @@ class RoomSequencer:
         "last",
         "lost",
         "max_pending",
+        "recent_bytes",
         "state",
     )
 
-    def __init__(self, keep: int, *, max_pending: int = 10_000) -> None:
+    def __init__(self, keep: int, *, max_bytes: int = 1 << 62, max_pending: int = 10_000) -> None:
         self.state = SequencerState.NEW
         self.epoch: str | None = None
         """The room's epoch as far as this pod knows (None: no message yet)."""
@@ -92,7 +95,11 @@ class RoomSequencer:
         # busy pod keeps tens of thousands of them, and bytes are invisible
         # to the garbage collector (whose full passes would otherwise walk
         # them all, tens of milliseconds at a time).
-        self._recent: deque[bytes] = deque(maxlen=max(keep, 1))
+        self._recent: deque[bytes] = deque()
+        self._keep = max(keep, 1)
+        self._max_bytes = max_bytes
+        self.recent_bytes = 0
+        """Bytes of the payloads remembered: at most ``max_bytes``."""
 
     # -- feeding ----------------------------------------------------------
 
@@ -118,17 +125,17 @@ class RoomSequencer:
         self._pending.clear()
         self.epoch = epoch
         self.last = min(last, held[0].offset - 1) if held else last
-        self._recent.clear()
+        self._forget()
         expected = None
         for entry in tail:
             if entry.offset > self.last:
                 break
             if entry.offset != expected:
-                self._recent.clear()  # a hole in the stored tail: keep what follows it
-            self._recent.append(entry.payload)
+                self._forget()  # a hole in the stored tail: keep what follows it
+            self._remember(entry.payload)
             expected = entry.offset + 1
         if expected != self.last + 1:
-            self._recent.clear()
+            self._forget()
         self.state = SequencerState.LIVE
         for entry in [*tail, *held]:
             if entry.offset > self.last:
@@ -186,7 +193,7 @@ class RoomSequencer:
             # A new epoch starts at offset 1: every entry of it is news.
             self.epoch = entry.epoch
             self.last = 0
-            self._recent.clear()
+            self._forget()
             self._pending = {o: e for o, e in self._pending.items() if e.epoch == entry.epoch}
         if entry.offset <= self.last or entry.offset in self._pending:
             self.duplicates += 1
@@ -205,13 +212,13 @@ class RoomSequencer:
                 step.skipped_at = len(step.deliver)
             step.skipped_to = offset
             self.last = offset
-            self._recent.clear()  # remembered entries run without a hole
+            self._forget()  # remembered entries run without a hole
         self._drain(now, step)
 
     def _drain(self, now: float, step: Step) -> None:
         while (entry := self._pending.pop(self.last + 1, None)) is not None:
             self.last = entry.offset
-            self._recent.append(entry.payload)
+            self._remember(entry.payload)
             step.deliver.append(entry)
         if self._pending:
             self.state = SequencerState.HOLDING
@@ -220,6 +227,23 @@ class RoomSequencer:
         else:
             self.state = SequencerState.LIVE
             self.gap_since = None
+
+    def _remember(self, payload: bytes) -> None:
+        recent = self._recent
+        recent.append(payload)
+        size = self.recent_bytes + len(payload)
+        while len(recent) > self._keep or (size > self._max_bytes and len(recent) > 1):
+            size -= len(recent.popleft())
+        self.recent_bytes = size
+
+    def _forget(self) -> None:
+        self._recent.clear()
+        self.recent_bytes = 0
+
+    def forget(self) -> None:
+        """Drop the remembered entries (memory is short): catch-ups read the
+        store instead."""
+        self._forget()
 
     # -- queries ------------------------------------------------------------
 

@@ -59,6 +59,12 @@ class TimelineSettings:
     """Seconds a missing offset is waited for before it is read from history."""
     sync_timeout: float = 5.0
     """Seconds a join waits for the room's position before going live without."""
+    max_bytes: int = 1 << 20
+    """Bytes of recent messages remembered per room (besides ``keep``)."""
+    memory_bytes: int = 64 << 20
+    """Bytes of recent messages remembered by the pod, all rooms together;
+    past it, the least recently used rooms forget theirs (their catch-ups
+    then read the backend's history)."""
 
 
 @dataclass(slots=True)
@@ -73,6 +79,8 @@ class TimelineCounters:
     recovered: int = 0
     unstamped: int = 0
     unknown: int = 0
+    shed: int = 0
+    """Rooms whose remembered messages were dropped (the memory budget)."""
 
 
 class RoomState(enum.Enum):
@@ -105,6 +113,7 @@ class Room:
 
     __slots__ = (
         "changed",
+        "counted",
         "gap_timer",
         "name",
         "read_again",
@@ -114,9 +123,11 @@ class Room:
         "state",
     )
 
-    def __init__(self, name: str, keep: int) -> None:
+    def __init__(self, name: str, keep: int, max_bytes: int = 1 << 62) -> None:
         self.name = name
-        self.seq = RoomSequencer(keep)
+        self.seq = RoomSequencer(keep, max_bytes=max_bytes)
+        self.counted = 0
+        """The sequencer's remembered bytes, as counted in the pod's total."""
         self.state = RoomState.SUBSCRIBING
         self.reader: asyncio.Task[None] | None = None
         """The read under way (READING, RETRYING, REPAIRING), at most one."""
@@ -159,6 +170,10 @@ class Timeline:
         self.settings = settings or TimelineSettings()
         self._clock = clock
         self._rooms: dict[str, Room] = {}
+        self._recency: dict[str, Room] = {}
+        """The rooms by last delivery, least recent first."""
+        self._remembered = 0
+        """Bytes the rooms' sequencers remember, all together."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopped = False
         self.counters = TimelineCounters()
@@ -168,7 +183,8 @@ class Timeline:
     def open(self, name: str) -> None:
         """``name`` has its first local member (the node subscribes next)."""
         if not self._stopped:
-            self._rooms[name] = Room(name, self.settings.keep)
+            room = self._rooms[name] = Room(name, self.settings.keep, self.settings.max_bytes)
+            self._recency[name] = room
 
     def close(self, name: str) -> None:
         """``name`` has no local member any more: stop its reads and timers."""
@@ -177,6 +193,9 @@ class Timeline:
             self._close(room)
 
     def _close(self, room: Room) -> None:
+        self._recency.pop(room.name, None)
+        self._remembered -= room.counted
+        room.counted = 0
         if room.gap_timer is not None:
             room.gap_timer.cancel()
             room.gap_timer = None
@@ -413,6 +432,14 @@ class Timeline:
         if step.deliver:
             self.counters.delivered += len(step.deliver)
             room.notify()
+            recency = self._recency
+            if recency.pop(name, None) is not None:
+                recency[name] = room
+        if seq.recent_bytes != room.counted:
+            self._remembered += seq.recent_bytes - room.counted
+            room.counted = seq.recent_bytes
+            if self._remembered > self.settings.memory_bytes:
+                self._shed(room)
         if step.lost:
             self.counters.lost += step.lost
             log.warning("room %s: %d message(s) skipped: no longer in history", name, step.lost)
@@ -425,6 +452,26 @@ class Timeline:
             self._schedule_gap(
                 room, max(0.0, seq.gap_since + self.settings.gap_wait - self._clock())
             )
+
+    def _shed(self, keep: Room) -> None:
+        """Over the pod's memory budget: the least recently used rooms forget
+        what they remember (down to 90 % of the budget, so that shedding is
+        rare), the room just delivered to last."""
+        target = self.settings.memory_bytes * 9 // 10
+        for room in list(self._recency.values()):
+            if self._remembered <= target:
+                break
+            if room is keep or not room.counted:
+                continue
+            room.seq.forget()
+            self._remembered -= room.counted
+            room.counted = 0
+            self.counters.shed += 1
+        if self._remembered > target and keep.counted:  # one room alone is over
+            keep.seq.forget()
+            self._remembered -= keep.counted
+            keep.counted = 0
+            self.counters.shed += 1
 
     def _tell(self, name: str, epoch: str | None, offset: int, reason: str, **extra: int) -> None:
         """A ``sync`` frame to the room's members: the epoch changed, or some
@@ -484,6 +531,8 @@ class Timeline:
             "recovered": c.recovered,
             "unstamped": c.unstamped,
             "unknown": c.unknown,
+            "memory_bytes": self._remembered,
+            "memory_shed": c.shed,
         }
 
 

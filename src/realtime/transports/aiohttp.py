@@ -15,9 +15,10 @@ whoever starts it and why — a policy close, a slow consumer, token expiry,
 shutdown, keepalive, a protocol error aiohttp's parser found: the close
 frame goes out behind what is queued, nothing is delivered after it, and
 what the client still sends is read and dropped until its own Close, its
-EOF or ``close_timeout``; only then is the TCP connection closed. (Closing it with unread bytes in the receive
-buffer would turn the close into a reset, and the client's kernel would
-throw away the close frame and everything before it.) To read and drop
+EOF or ``close_timeout``; only then is the TCP connection closed. (Closing
+it with unread bytes in the receive buffer would turn the close into a
+reset, and the client's kernel would throw away the close frame and
+everything before it.) To read and drop
 without aiohttp, each socket puts a thin protocol (``_Socket``) in front of
 aiohttp's: it follows the client's frame boundaries, which also lets it
 refuse unmasked client frames (1002, section 5.1) and too large ones (1009)
@@ -50,10 +51,16 @@ class AiohttpTransport:
     """WebSocket endpoints of one pod on an aiohttp server."""
 
     def __init__(
-        self, node: Node, *, ping_interval: float = 20.0, close_timeout: float = 5.0
+        self,
+        node: Node,
+        *,
+        ping_interval: float = 20.0,
+        close_timeout: float = 5.0,
+        upgrade_timeout: float = 10.0,
     ) -> None:
         self._node = node
         self._close_timeout = close_timeout
+        self._upgrade_timeout = upgrade_timeout
         # aiohttp refuses a message of exactly max_msg_size bytes. (Computed
         # once: an int this large is a new object each time, kept per socket.)
         self._max_msg_size = node.settings.limits.max_message_bytes + 1
@@ -78,15 +85,20 @@ class AiohttpTransport:
         socket: this coroutine is the connection's reader loop."""
         node = self._node
         try:
-            async with node.admit(
-                room=request.match_info.get("room"),
-                query=request.query,
-                headers=request.headers,
-                remote=request.remote,
-            ) as (handshake, granted):
+            async with (
+                asyncio.timeout(self._upgrade_timeout),
+                node.admit(
+                    room=request.match_info.get("room"),
+                    query=request.query,
+                    headers=request.headers,
+                    remote=request.remote,
+                ) as (handshake, granted),
+            ):
                 ws, session, sock = await self._accept(request, handshake, granted)
         except Refused as exc:
             return web.Response(status=exc.status, text=exc.reason, headers=exc.headers)
+        except TimeoutError:
+            return web.Response(status=503, text="the upgrade took too long; try again")
         if session is None or sock is None:  # vanished during the upgrade
             return ws
         conn = session.conn

@@ -10,7 +10,6 @@ request publish once: the retry gets the first one's offset, with
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import re
 import time
@@ -20,9 +19,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from realtime import Identity, Message, Node, ProtocolError, Stamp
+from realtime import Identity, Message, Node, ProtocolError, Stamp, Unstored
 from realtime.core.access import clean_name
-from realtime.core.protocol import validate_room
+from realtime.core.protocol import check_data, validate_room
 
 __all__ = ["publish_handler"]
 
@@ -40,8 +39,23 @@ def _problem(status: int, code: str, message: str, **headers: str) -> web.Respon
     )
 
 
+async def _read_body(request: web.Request, limit: int) -> bytes | None:
+    """The request body, or None if it is over ``limit`` bytes (then not
+    read further)."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def publish_handler(
-    node: Node, api_key: str, *, max_bytes: int
+    node: Node, api_key: str, *, max_bytes: int, read_timeout: float = 10.0
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
     expected = f"Bearer {api_key}".encode()
 
@@ -58,8 +72,14 @@ def publish_handler(
             room = validate_room(request.match_info["room"])
         except ProtocolError as exc:
             return _problem(400, exc.code, exc.message)
-        raw = await request.read()
-        if len(raw) > max_bytes:
+        try:
+            async with asyncio.timeout(read_timeout):
+                raw = await _read_body(request, max_bytes)
+        except TimeoutError:
+            return _problem(408, "timeout", f"the body took longer than {read_timeout:g} s")
+        except ConnectionError:  # the client went away mid-body: nobody to answer
+            return _problem(400, "incomplete", "the connection was lost")
+        if raw is None:
             return _problem(413, "too_large", f"the body is over {max_bytes} bytes")
         try:
             body: Any = orjson.loads(raw)
@@ -67,6 +87,10 @@ def publish_handler(
             return _problem(400, "invalid_json", "the body is not valid JSON")
         if not isinstance(body, dict) or "data" not in body:
             return _problem(400, "missing_data", 'send {"data": ..., "from"?: {"id", "name"}}')
+        try:
+            check_data(body["data"])  # the same limits as a WebSocket message
+        except ProtocolError as exc:
+            return _problem(400, "invalid_data", exc.message)
         sender = _sender(body.get("from"))
         if sender is None:
             return _problem(400, "invalid_from", '\'from\' must be {"id": str, "name": str}')
@@ -75,32 +99,33 @@ def publish_handler(
             return _problem(
                 400, "invalid_idempotency_key", "1-128 printable ASCII characters, no spaces"
             )
-        if key is None:
-            message_id = node.new_message_id()
-        else:  # the same for every retry, so the id a client sees is stable
-            message_id = "k-" + hashlib.sha256(f"{room}\0{key}".encode()).hexdigest()[:20]
         message = Message(
-            id=message_id,
+            id=node.message_id(room, key),  # stable across the retries of a key
             room=room,
             sender=sender,
             ts=time.time_ns() // 1_000_000,
             data=body["data"],
         )
-        done: asyncio.Future[Stamp | None] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[Stamp | Unstored] = asyncio.get_running_loop().create_future()
 
-        def stamped(stamp: Stamp | None) -> None:
+        def appended(outcome: Stamp | Unstored) -> None:
             if not done.done():
-                done.set_result(stamp)
+                done.set_result(outcome)
 
-        node.publish(message, stamped, key=key, local_fallback=False)
+        node.publish(message, appended, key=key, local_fallback=False)
         try:
-            stamp = await asyncio.wait_for(asyncio.shield(done), STORE_TIMEOUT)
+            outcome = await asyncio.wait_for(asyncio.shield(done), STORE_TIMEOUT)
         except TimeoutError:
-            stamp = None
-        if stamp is None:
+            outcome = Unstored.UNKNOWN
+        if outcome is Unstored.CONFLICT:
+            return _problem(
+                409, "idempotency_conflict", "this key was used for another message in this room"
+            )
+        if not isinstance(outcome, Stamp):
             return _problem(503, "unavailable", "the message could not be stored; retry")
+        stamp = outcome
         reply = {
-            "id": message_id,
+            "id": message.id,
             "room": room,
             "offset": stamp.offset,
             "epoch": stamp.epoch,

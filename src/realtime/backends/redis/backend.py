@@ -106,6 +106,8 @@ class RedisBackend:
         publish_batch: int = 256,
         history_length: int = 100,
         history_ttl: float = 3600.0,
+        history_max_bytes: int = 1 << 20,
+        idempotency_keys: int = 1000,
     ) -> None:
         if not pod_id or any(c.isspace() or not c.isprintable() for c in pod_id):
             raise ValueError("pod_id must be non-empty, printable, without white space")
@@ -136,6 +138,8 @@ class RedisBackend:
             self.names,
             history_length=history_length,
             history_ttl=history_ttl,
+            history_max_bytes=history_max_bytes,
+            idempotency_keys=idempotency_keys,
         )
         self._tasks: list[asyncio.Task[None]] = []
         self._first_attempt: asyncio.Future[None] | None = None

@@ -21,7 +21,7 @@ from typing import Any
 
 from ...core.protocol import Message, entry_payload
 from ...core.sequencer import Entry
-from ..base import Slice, Stamp, new_epoch
+from ..base import Slice, Stamp, Unstored, content_digest, key_field, new_epoch
 from .names import Names
 from .scripts import APPEND, READ
 
@@ -31,44 +31,59 @@ __all__ = ["RedisRoomLog"]
 class RedisRoomLog:
     """Script arguments and reply parsing of the room log."""
 
-    def __init__(self, names: Names, *, history_length: int, history_ttl: float) -> None:
+    def __init__(
+        self,
+        names: Names,
+        *,
+        history_length: int,
+        history_ttl: float,
+        history_max_bytes: int = 1 << 20,
+        idempotency_keys: int = 1000,
+    ) -> None:
         self.names = names
         self.history_length = history_length
         self.ttl_ms = max(1, int(history_ttl * 1000))
+        self.max_bytes = history_max_bytes
+        self.max_keys = idempotency_keys
 
     def append_command(
-        self,
-        message: Message,
-        channel: bytes,
-        idempotency_key: str | None,
-        body: bytes | None = None,
+        self, message: Message, channel: bytes, key: str | None, body: bytes
     ) -> list[Any]:
-        """``EVALSHA`` arguments that append ``message`` (a room message)."""
-        assert message.room is not None
-        keys: list[str] = list(self.names.log_keys(message.room))
-        if idempotency_key is not None:
-            keys.append(self.names.idempotency_key(message.room, idempotency_key))
+        """``EVALSHA`` arguments that append ``message`` (a room message)
+        whose ``body`` is this."""
+        room = message.room
+        assert room is not None  # only room messages are appended
+        seq, history, keys, order = self.names.log_keys(room)
         return [
             "EVALSHA",
             APPEND.sha,
-            len(keys),
-            *keys,
+            4,
+            seq,
+            history,
+            keys,
+            order,
             channel,
             new_epoch(),
             self.history_length,
             self.ttl_ms,
-            message.body() if body is None else body,
+            body,
             self.names.envelope,
+            self.max_bytes,
+            "" if key is None else key_field(message, key),
+            "" if key is None else content_digest(message),
+            self.max_keys,
         ]
 
     @staticmethod
-    def parse_append(reply: Any) -> Stamp:
-        offset, epoch, duplicate = reply
-        return Stamp(_text(epoch), int(offset), duplicate=bool(duplicate))
+    def parse_append(reply: Any) -> Stamp | Unstored:
+        offset, epoch, flag = reply
+        if flag == 2:
+            return Unstored.CONFLICT
+        return Stamp(_text(epoch), int(offset), duplicate=flag == 1)
 
     def read_command(self, room: str, after: int, limit: int, epoch: str | None) -> list[Any]:
-        seq, log = self.names.log_keys(room)
-        return ["EVALSHA", READ.sha, 2, seq, log, after, limit, epoch or ""]
+        seq, history, _, _ = self.names.log_keys(room)
+        return ["EVALSHA", READ.sha, 2, seq, history, after, limit, epoch or ""]
 
     @staticmethod
     def parse_read(reply: Any, after: int) -> Slice:

@@ -8,7 +8,8 @@ For a deployment whose names start with ``prefix`` (``REDIS_CHANNEL_PREFIX``):
 ``{prefix}:pod:<pod>``                  channel: a pod's heartbeat to itself
 ``{prefix}:room:{<room>}:seq``          hash: the room's ``epoch`` and last ``offset``
 ``{prefix}:room:{<room>}:hist``         stream: the room's history (message bodies)
-``{prefix}:room:{<room>}:idem:<key>``   string: the offset an idempotency key got
+``{prefix}:room:{<room>}:keys``         hash: message key -> offset, epoch, digest
+``{prefix}:room:{<room>}:keyorder``     sorted set: the keys by offset (the oldest go)
 ``{prefix}:room:{<room>}:pods``         sorted set: pods with presence entries
 ``{prefix}:room:{<room>}:presence:<pod>``  hash: one pod's users in the room
 =====================================  ============================================
@@ -53,13 +54,10 @@ class Names:
     def _room(self, room: str) -> str:
         return f"{self.prefix}:room:{{{room}}}"
 
-    def log_keys(self, room: str) -> tuple[str, str]:
-        """The room's sequence hash and history stream."""
+    def log_keys(self, room: str) -> tuple[str, str, str, str]:
+        """The room's sequence hash, history stream, message keys and their order."""
         base = self._room(room)
-        return f"{base}:seq", f"{base}:hist"
-
-    def idempotency_key(self, room: str, key: str) -> str:
-        return f"{self._room(room)}:idem:{key}"
+        return f"{base}:seq", f"{base}:hist", f"{base}:keys", f"{base}:keyorder"
 
     def presence_keys(self, room: str) -> tuple[str, str]:
         """The room's set of pods, and the base of each pod's presence hash."""

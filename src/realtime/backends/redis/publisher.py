@@ -33,7 +33,7 @@ from redis.exceptions import NoScriptError
 
 from ...core.protocol import Message, entry_payload
 from ...core.sequencer import Entry
-from ..base import OnAppended, Unstored
+from ..base import OnAppended, Stamp, Unstored
 from .log import RedisRoomLog
 from .pipe import CommandPipe, open_pipe
 from .resp import LINK_ERRORS, InFlightLost, RedisAddress, describe, encode_arg, pack_command
@@ -207,9 +207,9 @@ class Publisher:
                     self.counters.published += 1
                 continue
             stamp = self._log.parse_append(reply)
-            self.counters.appended += 1
-            self.counters.published += 1
-            if not stamp.duplicate:
+            if isinstance(stamp, Stamp) and not stamp.duplicate:
+                self.counters.appended += 1
+                self.counters.published += 1
                 room = item.message.room
                 assert room is not None
                 payload = entry_payload(item.body, stamp.epoch, stamp.offset)
