@@ -345,7 +345,12 @@ async def test_append_while_redis_is_down_reports_no_stamp(redis_server: RedisSe
     await log.start(Recorder())
     try:
         redis_server.kill()
-        assert await outcome(log, message("r", 1)) is Unstored.FAILED
+
+        async def link_down() -> bool:
+            return log.state is LinkState.RECONNECTING
+
+        await eventually(link_down)
+        assert await outcome(log, message("r", 1)) is Unstored.FAILED  # never sent
         assert log.stats()["append_failures"] == 1
     finally:
         await log.stop()

@@ -182,8 +182,6 @@ async def test_history_on_join_during_traffic_has_no_gap_or_duplicate(
         while sent < cap and extra < after_sync:
             sent += 1
             await send(sender, {"type": "message", "data": sent})
-            if sent == 100:
-                midway.set()
             if synced.is_set():
                 extra += 1
             if sent % 20 == 0:
@@ -202,8 +200,17 @@ async def test_history_on_join_during_traffic_has_no_gap_or_duplicate(
                 got.append(frame["offset"])
         return got
 
+    async def watch() -> None:
+        """``midway`` once the pod has stored (and echoed) message 100."""
+        while True:
+            frame = await recv(sender)
+            if frame.get("type") == "message" and frame["data"] == 100:
+                midway.set()
+                return
+
     flooding = asyncio.create_task(flood())
     async with asyncio.timeout(30):
+        await watch()
         await midway.wait()
         joined = await asyncio.gather(*(join() for _ in range(4)))
         synced.set()

@@ -205,22 +205,29 @@ async def test_a_full_publish_queue_counts_failures_instead_of_growing(
     assert broadcaster.stats()["publish_queue"] == 10
 
 
-async def test_a_killed_publisher_connection_is_replaced_without_a_resubscribe(
+async def test_a_killed_link_is_rebuilt_resubscribed_and_carries_both_ways(
     pods: Pods, redis_server: RedisServer
 ) -> None:
-    a, _ = await pods.start(redis_server.url, "pod-a")
+    """One connection per pod carries commands and pub/sub: when Redis drops
+    it, the pod reconnects, resubscribes, and publishing works again."""
+    a, from_a = await pods.start(redis_server.url, "pod-a")
     b, from_b = await pods.start(redis_server.url, "pod-b")
     await wait_subscribed(b, 2)
-    assert redis_server.command("CLIENT", "KILL", "TYPE", "normal") >= 2
+    assert redis_server.command("CLIENT", "KILL", "TYPE", "pubsub") >= 2  # both links
 
-    async def a_probe_gets_through() -> bool:
-        # the first publish may die with the killed connection; a later one must not
-        send(a, message(None, "probe"))
-        return any(orjson.loads(payload)["data"] == "probe" for _, payload in from_b)
+    async def probes_get_through() -> bool:
+        # a publish may die with the killed connection; a later one must not
+        send(a, message(None, "to b"))
+        send(b, message(None, "to a"))
+        return any(orjson.loads(p)["data"] == "to b" for _, p in from_b) and any(
+            orjson.loads(p)["data"] == "to a" for _, p in from_a
+        )
 
-    await eventually(a_probe_gets_through)
-    assert a.stats()["reconnects"] == 0  # the subscriber was never touched
+    await eventually(probes_get_through)
+    assert a.stats()["reconnects"] >= 1
     assert a.state is LinkState.CONNECTED
+    names = redis_server.command("CLIENT", "LIST").decode()
+    assert names.count("name=realtime:pod-a:link") == 1  # one connection for both
 
 
 BUSY = """

@@ -111,16 +111,21 @@ async def test_every_pod_reaches_every_pod_in_rooms_and_globally_exactly_once(
     assert len(set().union(*ids.values())) == len(ids)
 
     for pod in pods:
+        own_globals = 2 if pod is pods[0] else 1
 
-        async def echoes_skipped(pod: Pod = pod) -> bool:
+        async def all_came_back(pod: Pod = pod, own_globals: int = own_globals) -> bool:
             stats = await broadcaster_stats(session, pod)
-            return stats["published"] == stats["skipped_own"] >= 2
+            return stats["skipped_own"] == own_globals  # type: ignore[no-any-return]
 
-        await eventually(echoes_skipped)
+        await eventually(all_came_back)
         stats = await broadcaster_stats(session, pod)
         assert stats["pod"] == pod.name
         assert stats["state"] == "connected"
-        assert stats["received"] >= 2 * (count - 1)
+        assert stats["published"] == own_globals + (2 if pod is pods[0] else 1)
+        # Every message reaches every pod once: room entries, its own too, are
+        # delivered from Redis (the room's order is Redis's); its own room-less
+        # messages were delivered when sent, so their echo is skipped.
+        assert stats["received"] == 2 * (count + 1) - own_globals
         assert stats["publish_failures"] == 0
     for ws in rooms + everyone:
         await ws.close()
@@ -254,7 +259,7 @@ async def test_a_stalled_redis_is_detected_reported_and_healed(
     try:
         await wait_links(session, [pod1, pod2], up=False, timeout=10)
         for pod in (pod1, pod2):
-            pod.wait_for_log("no heartbeat came back")
+            pod.wait_for_log("did not answer in time")
             assert (await broadcaster_stats(session, pod))["heartbeat_timeouts"] >= 1
         await send(a, {"type": "message", "data": "local during stall"})
         assert (await recv_type(a, "message"))["data"] == "local during stall"
@@ -354,8 +359,7 @@ async def test_shutdown_closes_every_redis_connection(
     await send(ws, {"type": "message", "data": "hi"})
     await recv_type(ws, "message")
     names = redis_server.command("CLIENT", "LIST").decode()
-    assert f"name=chat-api:{pod.name}:sub" in names
-    assert f"name=chat-api:{pod.name}:pub" in names
+    assert f"name=chat-api:{pod.name}:link" in names
     assert_clean_exit(pod)
     await ws.close()
 

@@ -268,7 +268,9 @@ class Config:
     history_ttl: float = _setting(
         "HISTORY_TTL",
         3600.0,
-        "Seconds a room's history and offsets are kept after its last message.",
+        "Seconds a room's history and offsets are kept after its last message "
+        "(with Redis the expiry is refreshed every eighth of it, so keys may go "
+        "up to 1/8 sooner).",
         minimum=1,
     )
     gap_wait: float = _setting(

@@ -353,12 +353,16 @@ class Timeline:
                 else:
                     got = await self._backend.read(room.name, -1, keep)
             except BroadcastError as exc:
+                if room.closed:
+                    return
                 log.warning("reading the state of room %s failed: %s", room.name, exc)
                 room.move(RoomState.RETRYING)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_RETRY_DELAY)
                 room.move(RoomState.READING)
                 continue
+            if room.closed:  # closed while the answer was on its way
+                return
             now = self._clock()
             if seq.placed:
                 step = seq.fill(got.epoch, got.entries, newest=got.newest, now=now)
@@ -390,6 +394,8 @@ class Timeline:
         try:
             got = await self._backend.read(room.name, after, highest - after, epoch=room.seq.epoch)
         except BroadcastError as exc:
+            if room.closed:
+                return
             room.reader = None
             room.move(RoomState.LIVE)
             room.repair_tries += 1
@@ -400,6 +406,8 @@ class Timeline:
                 tries = room.repair_tries
                 log.warning("room %s: giving up on a gap after %d tries", room.name, tries)
                 self._apply(room, room.seq.skip_gap(self._clock()))
+            return
+        if room.closed:  # closed while the answer was on its way
             return
         room.reader = None
         room.move(RoomState.LIVE)

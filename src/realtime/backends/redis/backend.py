@@ -5,27 +5,25 @@ pod subscribes to a room's channel only while it hosts the room (the node
 calls ``subscribe`` on the first local member and ``unsubscribe`` after the
 last), to the global channel always, and to its own heartbeat channel.
 
-Two connections per pod carry the traffic, both hiredis-fed asyncio
-protocols:
-
-* the subscriber (``subscriber.py``), owned by one supervised task that
-  connects, resubscribes every needed channel in a batch, watches the
-  heartbeat, and on any failure tears the connection down and reconnects
-  with capped exponential backoff plus jitter;
-* the publisher's pipe (``pipe.py``), written by the ``Publisher``
-  (``publisher.py``): one task drains a bounded outbox and pipelines
-  ``PUBLISH`` and ``EVALSHA`` batches in order; publishing never raises and
-  never blocks the sender.
+One connection per pod carries the traffic: the ``Link`` (``link.py``), a
+hiredis-fed asyncio protocol speaking RESP3, so that commands and pub/sub
+share it (a pod's own room messages come back as pushes on the socket that
+carried the append, in the same read as its reply). One supervised task
+connects it, resubscribes every needed channel in a batch, watches the
+heartbeat, and on any failure tears the connection down and reconnects with
+capped exponential backoff plus jitter. The ``Publisher`` (``publisher.py``)
+drains a bounded outbox onto it: one task, ``EVALSHA`` and ``PUBLISH``
+batches in order; publishing never raises and never blocks the sender.
 
 Reads and scripts off the hot path (history, presence) use redis-py.
 
 A room message is appended with one ``EVALSHA`` of ``lua/append.lua``
 (``log.py`` builds its arguments) that stamps it with the room's next offset,
 stores it in the room's capped stream and publishes it, atomically. What
-arrives on a room channel from other pods goes to the handler's ``on_entry``
-(stamped) or ``on_message`` (presence events) without any JSON decoding; the
-appending pod gets its own entry from the script's reply, and its own
-unordered messages at once, so it skips their echo.
+arrives on a room channel goes to the handler's ``on_entry`` (a room entry:
+the appending pod's own included) or ``on_message`` (presence events)
+without any JSON decoding; a pod's own unordered messages were delivered
+when it published them, so it skips their echo.
 """
 
 from __future__ import annotations
@@ -48,13 +46,13 @@ from ...core.exceptions import BroadcastError, StateError
 from ...core.protocol import Message
 from ...core.sequencer import Entry
 from ..base import BackendHandler, LinkState, OnAppended, Slice
+from .link import STALLED, Link, open_link
 from .log import RedisRoomLog
 from .names import Names, read_entry
 from .presence import RedisPresence
 from .publisher import Publisher
 from .resp import LINK_ERRORS, RedisAddress, describe
 from .scripts import APPEND, READ, Script
-from .subscriber import Subscriber, open_subscriber
 
 __all__ = ["RedisBackend", "RedisCounters"]
 
@@ -133,7 +131,7 @@ class RedisBackend:
         self._state = LinkState.CONNECTING
         self._handler: BackendHandler | None = None
         self._redis: aioredis.Redis | None = None
-        self._subscriber: Subscriber | None = None
+        self._link: Link | None = None
         self._log = RedisRoomLog(
             self.names,
             history_length=history_length,
@@ -147,10 +145,12 @@ class RedisBackend:
         self._last_heartbeat: float | None = None
         self._down_since: float | None = None
         self.counters = RedisCounters()
+        self._link_up = asyncio.Event()
+        self._unreachable = False
+        """The last attempt to connect failed: publishing fails at once."""
         self._publisher = Publisher(
-            self._address,
+            self._ready_link,
             pod_id=pod_id,
-            client_name=f"{self._client_name}:pub",
             room_log=self._log,
             heartbeat_channel=self._pod_channel,
             timeout=heartbeat_timeout,
@@ -188,7 +188,7 @@ class RedisBackend:
         loop = asyncio.get_running_loop()
         self._first_attempt = loop.create_future()
         self._tasks = [
-            loop.create_task(self._supervise(), name=f"redis-subscriber-{self.pod_id}"),
+            loop.create_task(self._supervise(), name=f"redis-link-{self.pod_id}"),
             loop.create_task(self._publisher.run(), name=f"redis-publisher-{self.pod_id}"),
         ]
         for task in self._tasks:
@@ -200,10 +200,10 @@ class RedisBackend:
         if self._state is LinkState.STOPPED:
             return
         self._move(LinkState.STOPPED)
-        subscriber = self._subscriber
-        if subscriber is not None and subscriber.open:
-            subscriber.unsubscribe()
-            subscriber.close()
+        link = self._link
+        if link is not None and link.open:
+            link.unsubscribe()
+            link.close()
         for task in self._tasks:
             task.cancel()
         pending: set[asyncio.Task[None]] = set()
@@ -212,16 +212,30 @@ class RedisBackend:
         for task in pending:
             log.error("redis backend task %s ignored its cancellation", task.get_name())
         self._tasks = []
-        if subscriber is not None:
+        if link is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(subscriber.closed), 1.0)
-            subscriber.abort()
+                await asyncio.wait_for(asyncio.shield(link.closed), 1.0)
+            link.abort()
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
         self._publisher.close()
         self._handler = None
         log.info("redis link stopped (pod=%s)", self.pod_id)
+
+    async def _ready_link(self) -> Link | None:
+        """The link, once it is up: at once if it is; while it reconnects
+        after a loss, waiting for it (at most the heartbeat timeout), so a
+        blip costs a delay and not the message; None while Redis cannot be
+        reached."""
+        link = self._link
+        if link is not None and link.open:
+            return link
+        if self._unreachable or self._state is LinkState.STOPPED:
+            return None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._link_up.wait(), self._heartbeat_timeout)
+        return self._link
 
     def _running(self) -> BackendHandler:
         if self._handler is None:
@@ -282,21 +296,21 @@ class RedisBackend:
         if channel in self._rooms:
             return
         self._rooms[channel] = room
-        subscriber = self._subscriber
-        if subscriber is not None:
-            subscriber.subscribe((channel,))
+        link = self._link
+        if link is not None:
+            link.subscribe((channel,))
 
     def unsubscribe(self, room: str) -> None:
         channel = self.names.channel(room)
         if channel not in self._rooms:
             return
         del self._rooms[channel]
-        subscriber = self._subscriber
-        if subscriber is not None:
-            subscriber.unsubscribe((channel,))
+        link = self._link
+        if link is not None:
+            link.unsubscribe((channel,))
 
     def stats(self) -> Mapping[str, object]:
-        subscriber = self._subscriber
+        link = self._link
         age = None
         if self._last_heartbeat is not None:
             age = round(time.monotonic() - self._last_heartbeat, 3)
@@ -315,7 +329,7 @@ class RedisBackend:
             "connect_failures": self.counters.connect_failures,
             "heartbeat_timeouts": self.counters.heartbeat_timeouts,
             "last_heartbeat_age": age,
-            "subscribed_channels": 0 if subscriber is None else len(subscriber.channels),
+            "subscribed_channels": 0 if link is None else len(link.channels),
             "appended": self._publisher.counters.appended,
             "append_failures": self._publisher.counters.append_failures,
             "history_reads": self.counters.history_reads,
@@ -331,21 +345,22 @@ class RedisBackend:
             if channel == self._pod_channel:
                 self._last_heartbeat = time.monotonic()
             return  # a room left a moment ago, still in flight
-        if data.startswith(self._own):
-            self.counters.skipped_own += 1
-            return
         cut = data.find(b"\n")
         handler = self._handler
         if cut < 0 or handler is None:
             self.counters.malformed += 1
             return
-        self.counters.received += 1
         try:
             if room is not None:
                 entry = read_entry(data, cut + 1)
-                if entry is not None:
+                if entry is not None:  # a room entry, this pod's own too
+                    self.counters.received += 1
                     handler.on_entry(room, entry)
                     return
+            if data.startswith(self._own):  # delivered when it was published
+                self.counters.skipped_own += 1
+                return
+            self.counters.received += 1
             handler.on_message(room, data[cut + 1 :])
         except Exception:  # a bug above us must not cut the link for every room
             log.exception("delivering a message from redis failed (room=%s)", room)
@@ -366,16 +381,15 @@ class RedisBackend:
         return [self._pod_channel, *self._rooms]
 
     async def _supervise(self) -> None:
-        """Keep one subscriber connected for as long as the broadcaster runs."""
+        """Keep the link connected for as long as the backend runs."""
         attempt = 0
         while True:
             try:
-                subscriber = await open_subscriber(
+                link = await open_link(
                     self._address,
-                    self._wanted(),
                     self._on_message,
                     on_subscribe=self._on_subscribed,
-                    client_name=f"{self._client_name}:sub",
+                    client_name=f"{self._client_name}:link",
                     timeout=self._heartbeat_timeout,
                 )
             except LINK_ERRORS as exc:
@@ -384,23 +398,20 @@ class RedisBackend:
                 attempt += 1
                 continue
             connected_at = time.monotonic()
-            # Rooms opened or closed while the handshake was in flight are not
-            # in the snapshot it subscribed: catch up, then let subscribe()
-            # and unsubscribe() write to this connection directly.
-            wanted = set(self._wanted())
-            subscriber.subscribe(wanted - subscriber.channels)
-            subscriber.unsubscribe(subscriber.channels - wanted)
-            self._subscriber = subscriber
+            # From here on subscribe() and unsubscribe() write to this link;
+            # what is wanted now is subscribed in one go.
+            self._link = link
+            link.subscribe(self._wanted())
             try:
-                self._connected(subscriber)
-                reason = await self._watch(subscriber)
+                self._connected(link)
+                reason = await self._watch(link)
             except Exception as exc:  # a bug: log it, rebuild the link, keep serving
-                log.exception("redis subscriber failed unexpectedly")
+                log.exception("redis link failed unexpectedly")
                 reason = describe(exc)
             finally:
-                self._subscriber = None
-                if subscriber.open:  # not already closing gracefully (stop)
-                    subscriber.abort()
+                self._link = None
+                if link.open:  # not already closing gracefully (stop)
+                    link.abort()
             self._lost(reason)
             if time.monotonic() - connected_at > self._heartbeat_timeout:
                 attempt = 0  # it worked for a while: try again at once
@@ -413,21 +424,25 @@ class RedisBackend:
         delay = min(self._max_delay, self._min_delay * 2**attempt)
         await asyncio.sleep(random.uniform(delay / 2, delay))
 
-    async def _watch(self, subscriber: Subscriber) -> str:
+    async def _watch(self, link: Link) -> str:
         """Publish heartbeats to this pod's own channel until the connection
         closes or a heartbeat fails to come back in time; return why it ended."""
         self._last_heartbeat = time.monotonic()
         while True:
             self._publisher.heartbeat()
-            await asyncio.wait({subscriber.closed}, timeout=self._heartbeat_interval)
-            if subscriber.closed.done():
-                return subscriber.lost_reason
+            await asyncio.wait({link.closed}, timeout=self._heartbeat_interval)
+            if link.closed.done():
+                if link.lost_reason is STALLED:  # a reply did not come back in time
+                    self.counters.heartbeat_timeouts += 1
+                return link.lost_reason
             age = time.monotonic() - (self._last_heartbeat or 0.0)
             if age > self._heartbeat_timeout:
                 self.counters.heartbeat_timeouts += 1
-                return f"no heartbeat came back for {age:.1f}s (Redis stalled?)"
+                return f"no heartbeat came back for {age:.1f}s: {STALLED}"
 
-    def _connected(self, subscriber: Subscriber) -> None:
+    def _connected(self, link: Link) -> None:
+        self._unreachable = False
+        self._link_up.set()
         channels = len(self._rooms) + 1
         if self._first_attempt is not None and not self._first_attempt.done():
             self._first_attempt.set_result(None)
@@ -453,6 +468,7 @@ class RedisBackend:
         )
 
     def _lost(self, reason: str) -> None:
+        self._link_up.clear()
         self._move(LinkState.RECONNECTING)
         self._down_since = time.monotonic()
         log.warning(
@@ -462,6 +478,7 @@ class RedisBackend:
         )
 
     def _connect_failed(self, exc: BaseException, attempt: int) -> None:
+        self._unreachable = True
         self.counters.connect_failures += 1
         if self._first_attempt is not None and not self._first_attempt.done():
             self._first_attempt.set_result(None)

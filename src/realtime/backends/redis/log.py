@@ -17,12 +17,15 @@ room's epoch, newest and oldest offsets and a range of entries, atomically.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from typing import Any
 
 from ...core.protocol import Message, entry_payload
 from ...core.sequencer import Entry
 from ..base import Slice, Stamp, Unstored, content_digest, key_field, new_epoch
 from .names import Names
+from .resp import pack_command
 from .scripts import APPEND, READ
 
 __all__ = ["RedisRoomLog"]
@@ -46,40 +49,42 @@ class RedisRoomLog:
         self.max_bytes = history_max_bytes
         self.max_keys = idempotency_keys
 
-    def append_command(
-        self, message: Message, channel: bytes, key: str | None, body: bytes
-    ) -> list[Any]:
-        """``EVALSHA`` arguments that append ``message`` (a room message)
-        whose ``body`` is this."""
-        room = message.room
-        assert room is not None  # only room messages are appended
-        seq, history, keys, order = self.names.log_keys(room)
-        return [
-            "EVALSHA",
-            APPEND.sha,
-            4,
-            seq,
-            history,
-            keys,
-            order,
-            channel,
-            new_epoch(),
-            self.history_length,
+    def append_command(self, batch: Sequence[tuple[Message, str | None, bytes]]) -> bytes:
+        """One ``EVALSHA`` that appends every ``(message, key, body)`` of
+        ``batch`` (room messages: the body is ``message.body()``), packed."""
+        keys: list[str] = []
+        args: list[bytes | str | int] = [
             self.ttl_ms,
-            body,
-            self.names.envelope,
+            self.history_length,
             self.max_bytes,
-            "" if key is None else key_field(message, key),
-            "" if key is None else content_digest(message),
             self.max_keys,
+            self.names.envelope,
+            time.time_ns() // 1_000_000,
         ]
+        for message, key, body in batch:
+            room = message.room
+            assert room is not None  # only room messages are appended
+            keys += self.names.log_keys(room)
+            args += [
+                self.names.channel(room),
+                new_epoch(),
+                body,
+                "" if key is None else key_field(message, key),
+                "" if key is None else content_digest(message),
+            ]
+        return pack_command(b"EVALSHA", APPEND.sha, len(keys), *keys, *args)
 
     @staticmethod
-    def parse_append(reply: Any) -> Stamp | Unstored:
-        offset, epoch, flag = reply
-        if flag == 2:
-            return Unstored.CONFLICT
-        return Stamp(_text(epoch), int(offset), duplicate=flag == 1)
+    def parse_append(reply: Any) -> list[Stamp | Unstored]:
+        """The outcome of each message of an ``append_command``, in order."""
+        outcomes: list[Stamp | Unstored] = []
+        for i in range(0, len(reply), 3):
+            offset, epoch, flag = reply[i : i + 3]
+            if flag == 2:
+                outcomes.append(Unstored.CONFLICT)
+            else:
+                outcomes.append(Stamp(_text(epoch), int(offset), duplicate=flag == 1))
+        return outcomes
 
     def read_command(self, room: str, after: int, limit: int, epoch: str | None) -> list[Any]:
         seq, history, _, _ = self.names.log_keys(room)

@@ -1,23 +1,26 @@
 """The publishing half of ``RedisBackend``: a bounded outbox and its drain task.
 
 Everything a pod writes to Redis pub/sub goes through one ``Publisher``:
-plain publishes (``PUBLISH`` of an envelope), room-log appends (``EVALSHA``
-of ``lua/append.lua``, which stamps, stores and publishes at once) and the
-pod's own heartbeats. They wait in one bounded outbox, so one pod's messages
-keep their order; one task (``run``) drains it, pipelining a batch of commands
-at a time on a ``CommandPipe`` (``pipe.py``), one batch in flight at a time
-(``_send`` is the only place that publishes). A lost or stalled pipe is
-replaced with the next batch, without touching the subscriber.
+plain publishes (``PUBLISH`` of an envelope), room-log appends (one
+``EVALSHA`` of ``lua/append.lua`` for every append of a batch, which stamps,
+stores and publishes each at once) and the pod's own heartbeats. They wait in
+one bounded outbox, so one pod's messages keep their order; one task
+(``run``) drains it, writing a batch at a time on the pod's ``Link``
+(``link.py``), one batch in flight at a time (``_send`` is the only place
+that publishes). When the link is down, a batch fails at once; when Redis
+stalls, the link is dropped (the backend rebuilds it).
 
 Publishing never raises and never blocks the sender: a message that cannot be
 published has reached local clients anyway (the backend delivers before it
 queues), and is counted in ``publish_failures`` and logged once per outage. An
 append that cannot be stored is told why (its ``done`` gets ``Unstored.FAILED``
 if it never reached Redis, ``Unstored.UNKNOWN`` if the connection went before
-the answer came); one that is stored gets its stamp from the script's reply,
-which goes to ``on_entry`` (the node) first, then to its ``done``, in outbox order. If
-Redis lost its script cache, the scripts are loaded again and what did not
-run is run again.
+the answer came); one that is stored gets its stamp from the script's reply.
+The pod's own copy of a room message comes back as a push on the same link,
+ahead of the reply, and is delivered from there, like every pod's; only for a
+room whose subscription is not confirmed (no push will come) does the reply
+go to ``on_entry``. Then ``done``, in outbox order. If Redis lost its script
+cache, the scripts are loaded again and what did not run is run again.
 """
 
 from __future__ import annotations
@@ -34,9 +37,9 @@ from redis.exceptions import NoScriptError
 from ...core.protocol import Message, entry_payload
 from ...core.sequencer import Entry
 from ..base import OnAppended, Stamp, Unstored
+from .link import STALLED, Link
 from .log import RedisRoomLog
-from .pipe import CommandPipe, open_pipe
-from .resp import LINK_ERRORS, InFlightLost, RedisAddress, describe, encode_arg, pack_command
+from .resp import LINK_ERRORS, InFlightLost, describe, pack_command
 
 __all__ = ["OnEntry", "Publisher", "PublisherCounters"]
 
@@ -80,10 +83,9 @@ class Publisher:
 
     def __init__(
         self,
-        address: RedisAddress,
+        link: Callable[[], Awaitable[Link | None]],
         *,
         pod_id: str,
-        client_name: str,
         room_log: RedisRoomLog,
         heartbeat_channel: bytes,
         timeout: float,
@@ -92,9 +94,10 @@ class Publisher:
         on_entry: OnEntry,
         load_scripts: Callable[[], Awaitable[None]],
     ) -> None:
-        self._address = address
+        self._link = link
+        """The pod's link to Redis (waiting, briefly, while it reconnects),
+        or None while Redis cannot be reached."""
         self._pod_id = pod_id
-        self._client_name = client_name
         self._log = room_log
         self._heartbeat_channel = heartbeat_channel
         self._timeout = timeout
@@ -106,7 +109,6 @@ class Publisher:
 
         self._outbox: deque[_Outgoing] = deque()
         self._outbox_ready = asyncio.Event()
-        self._pipe: CommandPipe | None = None
         self._outage = False
 
     @property
@@ -137,10 +139,7 @@ class Publisher:
         self._push(_Append(message, channel, done, idempotency_key, message.body()))
 
     def close(self) -> None:
-        """Drop the connection and whatever is still queued (once ``run`` is cancelled)."""
-        if self._pipe is not None:
-            self._pipe.abort()
-            self._pipe = None
+        """Drop whatever is still queued (once ``run`` is cancelled)."""
         self._outbox.clear()
 
     def _push(self, item: _Outgoing) -> None:
@@ -163,95 +162,103 @@ class Publisher:
                 # redis-py (loading scripts) can turn a cancellation into a connection error
                 raise asyncio.CancelledError
 
-    async def _open(self) -> CommandPipe:
-        pipe = self._pipe
-        if pipe is None or not pipe.open:
-            pipe = self._pipe = await open_pipe(
-                self._address,
-                client_name=self._client_name,
-                timeout=self._timeout,
-            )
-        return pipe
-
     async def _send(self, batch: list[_Outgoing]) -> None:
-        """The one place that writes messages to Redis: ``PUBLISH`` and
-        ``EVALSHA`` commands in one write, then their replies; each append's
-        stamp goes to ``on_entry``, then to its ``done``, in outbox order."""
-        replies = await self._replies(batch)
-        again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-        if again:
+        """The one place that writes messages to Redis: the batch's appends
+        in one ``EVALSHA`` and its publishes, in one write, then their
+        replies; each append's outcome goes to its ``done``, in outbox order."""
+        appends = [item for item in batch if isinstance(item, _Append)]
+        publishes = [item for item in batch if not isinstance(item, _Append)]
+        link, outcomes, published = await self._replies(appends, publishes)
+        if isinstance(outcomes, NoScriptError):
             # Redis lost its script cache (restart, SCRIPT FLUSH): load the
-            # scripts and run again what did not run.
+            # scripts and append again (the script did not run).
             try:
                 await self._load_scripts()
             except LINK_ERRORS as exc:
-                retried: list[Any] = [exc] * len(again)
+                outcomes = exc
             else:
-                retried = await self._replies([batch[i] for i in again])
-            for i, reply in zip(again, retried, strict=True):
-                replies[i] = reply
+                link, outcomes, _ = await self._replies(appends, [])
         failed = 0
         reason = ""
-        for item, reply in zip(batch, replies, strict=True):
+        for (channel, _), reply in zip(publishes, published, strict=True):
             if isinstance(reply, BaseException):
                 reason = describe(reply)
-                if isinstance(item, _Append) or item[0] != self._heartbeat_channel:
-                    failed += 1
-                if isinstance(item, _Append):
-                    self.counters.append_failures += 1
-                    lost = isinstance(reply, InFlightLost)
-                    item.done(Unstored.UNKNOWN if lost else Unstored.FAILED)
-                continue
-            if not isinstance(item, _Append):
-                if item[0] != self._heartbeat_channel:
-                    self.counters.published += 1
-                continue
-            stamp = self._log.parse_append(reply)
-            if isinstance(stamp, Stamp) and not stamp.duplicate:
-                self.counters.appended += 1
+                failed += channel != self._heartbeat_channel
+            elif channel != self._heartbeat_channel:
                 self.counters.published += 1
-                room = item.message.room
-                assert room is not None
-                payload = entry_payload(item.body, stamp.epoch, stamp.offset)
-                self._on_entry(room, Entry(stamp.epoch, stamp.offset, payload))
-            item.done(stamp)
+        if isinstance(outcomes, BaseException):
+            if appends:
+                reason = describe(outcomes)
+                failed += len(appends)
+                self.counters.append_failures += len(appends)
+                lost = Unstored.UNKNOWN if isinstance(outcomes, InFlightLost) else Unstored.FAILED
+                for append in appends:
+                    append.done(lost)
+        else:
+            self._appended(appends, outcomes, link)
         if failed:
             self._publish_failed(failed, reason)
         elif self._outage:
             self._outage = False
             log.info("publishing to redis works again (pod=%s)", self._pod_id)
 
-    async def _replies(self, batch: list[_Outgoing]) -> list[Any]:
-        """``_roundtrip``, with a failure of the whole batch in every place."""
+    def _appended(
+        self, appends: list[_Append], outcomes: list[Stamp | Unstored], link: Link | None
+    ) -> None:
+        pushed = link.channels if link is not None else set()
+        for item, outcome in zip(appends, outcomes, strict=True):
+            if isinstance(outcome, Stamp) and not outcome.duplicate:
+                self.counters.appended += 1
+                self.counters.published += 1
+                if item.channel not in pushed:  # no push brings it: deliver from here
+                    room = item.message.room
+                    assert room is not None  # only room messages are appended
+                    payload = entry_payload(item.body, outcome.epoch, outcome.offset)
+                    self._on_entry(room, Entry(outcome.epoch, outcome.offset, payload))
+            item.done(outcome)
+
+    async def _replies(
+        self, appends: list[_Append], publishes: list[tuple[bytes, bytes]]
+    ) -> tuple[Link | None, list[Stamp | Unstored] | BaseException, list[Any]]:
+        """``_roundtrip``, with a failure of the whole batch in every place:
+        the link used, the appends' outcomes (or why there are none) and each
+        publish's reply."""
+        link = await self._link()
         try:
-            return await self._roundtrip(batch)
+            replies = await self._roundtrip(link, appends, publishes)
         except LINK_ERRORS as exc:
-            return [exc] * len(batch)
+            return link, exc, [exc] * len(publishes)
         except Exception as exc:  # a bug: count and log it, keep the publisher alive
             log.exception("publishing to redis failed unexpectedly")
-            return [exc] * len(batch)
+            return link, exc, [exc] * len(publishes)
+        if not appends:
+            return link, [], replies
+        reply, published = replies[0], replies[1:]
+        if isinstance(reply, BaseException):
+            return link, reply, published
+        return link, self._log.parse_append(reply), published
 
-    async def _roundtrip(self, batch: list[_Outgoing]) -> list[Any]:
-        """Write every command of ``batch`` at once; read one reply each
-        (a refused command's ``ResponseError`` in its place)."""
+    async def _roundtrip(
+        self, link: Link | None, appends: list[_Append], publishes: list[tuple[bytes, bytes]]
+    ) -> list[Any]:
+        """Write the batch at once; read one reply per command (a refused
+        command's ``ResponseError`` in its place)."""
         commands = []
-        for item in batch:
-            if isinstance(item, _Append):
-                args = self._log.append_command(
-                    item.message, item.channel, item.idempotency_key, item.body
-                )
-                commands.append(pack_command(*(encode_arg(a) for a in args)))
-            else:
-                commands.append(pack_command(b"PUBLISH", *item))
-        pipe = await self._open()
+        if appends:
+            commands.append(
+                self._log.append_command([(a.message, a.idempotency_key, a.body) for a in appends])
+            )
+        commands += [pack_command(b"PUBLISH", *item) for item in publishes]
+        if link is None or not link.open:
+            raise ConnectionError("the link to Redis is down")
         try:
             async with asyncio.timeout(self._timeout):
-                return await pipe.call(b"".join(commands), len(batch))
+                return await link.call(b"".join(commands), len(commands))
         except TimeoutError:
             # Redis stalls: give up on what is in flight (the outcome is
-            # unknown) and start afresh with the next batch.
-            pipe.abort("no reply in time")
-            raise InFlightLost("no reply in time") from None
+            # unknown); the backend rebuilds the link.
+            link.abort(STALLED)
+            raise InFlightLost(STALLED) from None
 
     def _publish_failed(self, count: int, reason: str) -> None:
         self.counters.publish_failures += count

@@ -3,7 +3,7 @@ wire protocol's command packing, and how link failures are told apart.
 
 ``RedisAddress`` is read from a ``redis://``, ``rediss://`` or ``unix://`` URL
 (with redis-py's own parser) and opens TCP, TLS or unix-socket connections
-for the two hiredis-fed protocols (``subscriber.py``, ``pipe.py``).
+for the pod's hiredis-fed link (``link.py``).
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import hiredis
 from redis.asyncio.connection import parse_url
 from redis.exceptions import RedisError
 
 from ...core.exceptions import BroadcastError
 
-__all__ = ["LINK_ERRORS", "InFlightLost", "RedisAddress", "describe", "encode_arg", "pack_command"]
+__all__ = ["LINK_ERRORS", "InFlightLost", "RedisAddress", "describe", "pack_command"]
 
 LINK_ERRORS = (OSError, TimeoutError, RedisError, BroadcastError)
 """What a Redis link may fail with: counted and logged, never a crash."""
@@ -30,19 +31,11 @@ class InFlightLost(ConnectionError):
     whether they ran is unknown."""
 
 
-def pack_command(*args: bytes) -> bytes:
-    """One command in the Redis wire protocol (RESP)."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
-    return b"".join(parts)
-
-
-def encode_arg(value: object) -> bytes:
-    """A command argument as bytes (numbers and strings as their text)."""
-    if isinstance(value, bytes):
-        return value
-    return str(value).encode()
+def pack_command(*args: bytes | str | int | float) -> bytes:
+    """One command in the Redis wire protocol (RESP), by hiredis (numbers
+    and strings as their text)."""
+    packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]  # its stub wants 1-tuples
+    return packed
 
 
 def describe(exc: BaseException) -> str:
@@ -87,17 +80,6 @@ class RedisAddress:
             tls_ca_file=kwargs.get("ssl_ca_certs"),
             db=int(kwargs.get("db") or 0),
         )
-
-    def hello(self, client_name: str) -> bytes:
-        """AUTH (if a password is set) and CLIENT SETNAME, packed."""
-        parts: list[bytes] = []
-        if self.password is not None:
-            if self.username:
-                parts.append(pack_command(b"AUTH", self.username.encode(), self.password.encode()))
-            else:
-                parts.append(pack_command(b"AUTH", self.password.encode()))
-        parts.append(pack_command(b"CLIENT", b"SETNAME", client_name.encode()))
-        return b"".join(parts)
 
     async def connect(self, factory: Callable[[], asyncio.Protocol]) -> None:
         """Open a connection (TCP, TLS or unix socket) to ``factory()``."""

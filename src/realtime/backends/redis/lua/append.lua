@@ -1,58 +1,79 @@
--- Append a room message: give it the room's next offset, store it, publish it.
--- KEYS: seq hash, history stream, keys hash, key order (sorted set).
--- ARGV: channel, epoch to use if the room has none, history length, TTL in ms, message
--- body (the JSON after `{"type":"message",`), envelope head (pod id + newline), history
--- bytes, key field ('' for none), content digest, most keys kept.
--- Returns `{offset, epoch, flag}`: flag 0 stored, 1 a duplicate of its key's message (the
--- stamp is that one's), 2 its key names a message with other content (nothing stored).
--- The body is stored and published as it is, with the offset and epoch beside it (the
--- envelope's second line: `<offset>:<epoch>`); the pods make the frame.
-local key = ARGV[8]
-if key ~= '' then
-  local seen = redis.call('HGET', KEYS[3], key)
+-- Append room messages, one or many in one call: give each its room's next
+-- offset, store it in the room's history, publish it on the room's channel.
+-- KEYS: four per message: the room's seq hash, history stream, keys hash, key order.
+-- ARGV: TTL in ms, history length, history bytes, most keys kept, envelope head (pod
+-- id + newline), now (ms, the pod's clock); then five per message: channel, epoch to use
+-- if the room has none, body (the JSON after `{"type":"message",`), key ('' for none),
+-- digest of its data.
+-- Returns three per message: offset, epoch, flag (0 stored; 1 its key's message is
+-- stored already: that one's offset and epoch; 2 its key names other data: not stored).
+-- The body is stored and published as it is; the envelope's second line is
+-- `<offset>:<epoch>`; pods build the frame. Per message this is one hash read, one
+-- increment, one XADD (exact MAXLEN) and one PUBLISH; the TTLs are refreshed only when
+-- an eighth of them has passed, and the history's bytes counted only when a message is
+-- big enough for the count alone not to bound them.
+local ttl, maxlen = tonumber(ARGV[1]), ARGV[2]
+local max_bytes, max_keys = tonumber(ARGV[3]), tonumber(ARGV[4])
+local head, now = ARGV[5], tonumber(ARGV[6])
+local big = max_bytes / tonumber(maxlen)
+local out = {}
+local a = 7
+for k = 1, #KEYS, 4 do
+  local seq, hist, keys, order = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+  local channel, fresh, body, key, digest = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  a = a + 5
+  local seen = false
+  if key ~= '' then
+    seen = redis.call('HGET', keys, key)
+  end
   if seen then
-    local a = string.find(seen, ':', 1, true)
-    local b = string.find(seen, ':', a + 1, true)
+    local p = string.find(seen, ':', 1, true)
+    local q = string.find(seen, ':', p + 1, true)
     local flag = 1
-    if string.sub(seen, b + 1) ~= ARGV[9] then flag = 2 end
-    return {tonumber(string.sub(seen, 1, a - 1)), string.sub(seen, a + 1, b - 1), flag}
+    if string.sub(seen, q + 1) ~= digest then flag = 2 end
+    out[#out + 1] = tonumber(string.sub(seen, 1, p - 1))
+    out[#out + 1] = string.sub(seen, p + 1, q - 1)
+    out[#out + 1] = flag
+  else
+    local state = redis.call('HMGET', seq, 'epoch', 'refreshed')
+    local epoch, refreshed = state[1], tonumber(state[2])
+    if not epoch then
+      epoch = fresh
+      redis.call('DEL', hist, keys, order)
+      redis.call('HSET', seq, 'epoch', epoch, 'offset', 0)
+    end
+    local offset = redis.call('HINCRBY', seq, 'offset', 1)
+    redis.call('XADD', hist, 'MAXLEN', maxlen, offset .. '-0', 'b', body)
+    if #body > big then
+      -- Count alone would not bound the history's bytes: trim by bytes.
+      local total, kept = 0, nil
+      for _, item in ipairs(redis.call('XREVRANGE', hist, '+', '-', 'COUNT', maxlen)) do
+        local size = #item[2][2]
+        if kept ~= nil and total + size > max_bytes then break end
+        total = total + size
+        kept = item[1]
+      end
+      redis.call('XTRIM', hist, 'MINID', kept)
+    end
+    if refreshed == nil or now - refreshed > ttl / 8 or now < refreshed then
+      redis.call('PEXPIRE', seq, ttl)
+      redis.call('PEXPIRE', hist, ttl)
+      redis.call('HSET', seq, 'refreshed', now)
+    end
+    redis.call('PUBLISH', channel, head .. offset .. ':' .. epoch .. '\n' .. body)
+    if key ~= '' then
+      redis.call('HSET', keys, key, offset .. ':' .. epoch .. ':' .. digest)
+      redis.call('ZADD', order, offset, key)
+      if redis.call('ZCARD', order) > max_keys then
+        local old = redis.call('ZPOPMIN', order, 1)
+        redis.call('HDEL', keys, old[1])
+      end
+      redis.call('PEXPIRE', keys, ttl)
+      redis.call('PEXPIRE', order, ttl)
+    end
+    out[#out + 1] = offset
+    out[#out + 1] = epoch
+    out[#out + 1] = 0
   end
 end
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
-  epoch = ARGV[2]
-  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0, 'bytes', 0)
-end
-local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
-local body = ARGV[5]
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], offset .. '-0', 'b', body)
--- History bytes: a running sum (an overestimate once the count trims), recounted
--- and trimmed exactly when it passes the limit.
-local max_bytes = tonumber(ARGV[7])
-if redis.call('HINCRBY', KEYS[1], 'bytes', #body) > max_bytes then
-  local total, keep = 0, nil
-  for _, item in ipairs(redis.call('XREVRANGE', KEYS[2], '+', '-')) do
-    local size = #item[2][2]
-    if keep ~= nil and total + size > max_bytes then break end
-    total = total + size
-    keep = item[1]
-  end
-  redis.call('XTRIM', KEYS[2], 'MINID', keep)
-  redis.call('HSET', KEYS[1], 'bytes', total)
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call('PUBLISH', ARGV[1], ARGV[6] .. offset .. ':' .. epoch .. '\n' .. body)
-if key ~= '' then
-  redis.call('HSET', KEYS[3], key, offset .. ':' .. epoch .. ':' .. ARGV[9])
-  redis.call('ZADD', KEYS[4], offset, key)
-  local extra = redis.call('ZCARD', KEYS[4]) - tonumber(ARGV[10])
-  if extra > 0 then
-    local old = redis.call('ZPOPMIN', KEYS[4], extra)
-    for i = 1, #old, 2 do redis.call('HDEL', KEYS[3], old[i]) end
-  end
-  redis.call('PEXPIRE', KEYS[3], ARGV[4])
-  redis.call('PEXPIRE', KEYS[4], ARGV[4])
-end
-return {offset, epoch, 0}
+return out
