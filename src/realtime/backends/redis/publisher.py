@@ -31,6 +31,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
+from ...core.histogram import ROUNDTRIP_BUCKETS, Histogram
 from ...core.protocol import Message, entry_payload
 from ...core.sequencer import Entry
 from ..base import OnAppended, Stamp, Unstored
@@ -101,6 +102,7 @@ class Publisher:
         self._queue = queue
         self._batch = batch
         self.counters = PublisherCounters()
+        self.roundtrip = Histogram(ROUNDTRIP_BUCKETS)  # seconds per batch: write to last reply
         self._on_entry = on_entry
         self._load_scripts = load_scripts
 
@@ -245,7 +247,7 @@ class Publisher:
                 commands.append(pack_command(b"PUBLISH", *item))
         pipe = await self._open()
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(self._timeout), self.roundtrip.time():
                 return await pipe.call(b"".join(commands), len(batch))
         except TimeoutError:
             # Redis stalls: give up on what is in flight (the outcome is
