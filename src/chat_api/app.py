@@ -149,8 +149,15 @@ def create_app(config: Config) -> web.Application:
 
 
 async def _run_node(app: web.Application) -> AsyncIterator[None]:
-    async with app[NODE].running():
+    # Not ``async with node.running()``: after a shutdown that timed out, the
+    # loop closes this generator and that one at once, and closing this one
+    # would then fail ("generator didn't stop after athrow()").
+    node = app[NODE]
+    await node.start()
+    try:
         yield
+    finally:
+        await node.stop()
 
 
 def _run_authenticator(
