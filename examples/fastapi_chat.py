@@ -35,6 +35,7 @@ from starlette.routing import WebSocketRoute
 
 from chat_api.app import node_settings
 from chat_api.config import Config
+from chat_api.metrics import CONTENT_TYPE, make_registry, render
 from chat_api.origin import OriginPolicy
 from realtime import AsgiTransport, Handshake, Identity, Node, Refused, guest_identity
 
@@ -99,6 +100,15 @@ async def login(name: str, response: Response) -> dict[str, str]:
 @app.get("/api/chat-api/ws/stats")
 async def stats() -> dict[str, Any]:
     return node.stats()
+
+
+metrics = make_registry(node)
+
+
+@app.get("/metrics")
+async def prometheus_metrics() -> Response:
+    """The same metrics as a chat-api pod's (public here: protect it as your app does)."""
+    return Response(render(metrics), media_type=CONTENT_TYPE)
 
 
 @app.get("/healthz")

@@ -5,6 +5,9 @@ directory) and two pods on 127.0.0.1:8001 and :8002 sharing it, prints their
 logs prefixed with their names, and on Ctrl-C (or SIGTERM) stops the pods
 gracefully, then Redis. Set ``DEMO_PORTS`` (e.g. ``9001,9002,9003``) for other
 or more pods, ``REDIS_SERVER`` for another redis-server binary.
+
+If a pod (or Redis) fails to start or exits on its own, the rest are stopped
+and the script exits 1, printing the last lines that process wrote.
 """
 
 from __future__ import annotations
@@ -18,7 +21,11 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from typing import IO
+
+TAIL = 20
+"""Lines of a failed process's output repeated at the end."""
 
 
 def free_port() -> int:
@@ -28,14 +35,38 @@ def free_port() -> int:
         return port
 
 
-def pump(name: str, stream: IO[str]) -> None:
-    with stream:
-        for line in stream:
-            sys.stdout.write(f"{name:>6} | {line}")
-            sys.stdout.flush()
+class Process:
+    """A child process whose output is printed with its name, and whose last
+    lines are kept."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.tail: deque[str] = deque(maxlen=TAIL)
+        self.proc = spawn(args, env)
+        assert self.proc.stdout is not None
+        self._pump = threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True)
+        self._pump.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        with stream:
+            for line in stream:
+                self.tail.append(line.rstrip("\n"))
+                sys.stdout.write(f"{self.name:>6} | {line}")
+                sys.stdout.flush()
+
+    def report(self) -> None:
+        """Say that it exited, with its last lines."""
+        self._pump.join(2)  # what it wrote before exiting
+        print(
+            f"demo-cluster: {self.name} exited with code {self.proc.returncode}; its last lines:",
+            file=sys.stderr,
+            flush=True,
+        )
+        for line in self.tail:
+            print(f"{self.name:>6} | {line}", file=sys.stderr, flush=True)
 
 
-def spawn(name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+def spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         args,
         env=env,
@@ -45,25 +76,25 @@ def spawn(name: str, args: list[str], env: dict[str, str] | None = None) -> subp
         text=True,
         start_new_session=True,  # Ctrl-C reaches this script only; it stops the rest in order
     )
-    assert proc.stdout is not None
-    threading.Thread(target=pump, args=(name, proc.stdout), daemon=True).start()
     return proc
 
 
-def wait_for_redis(port: int, proc: subprocess.Popen[str], timeout: float = 10.0) -> None:
+def wait_for_redis(port: int, redis: Process, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit("demo-cluster: redis-server exited at start")
+        if redis.proc.poll() is not None:
+            redis.report()
+            return False
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
                 s.sendall(b"PING\r\n")
                 if s.recv(16).startswith(b"+PONG"):
-                    return
+                    return True
         except OSError:
             pass
         time.sleep(0.05)  # polling while redis-server starts
-    raise SystemExit("demo-cluster: redis-server did not answer PING")
+    print("demo-cluster: redis-server did not answer PING", file=sys.stderr)
+    return False
 
 
 def main() -> int:
@@ -78,14 +109,16 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="chat-api-demo-") as data:
         redis_port = free_port()
-        redis = spawn(
+        redis = Process(
             "redis",
             [server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", data, "--loglevel", "warning"],
         )  # fmt: skip
-        pods: list[subprocess.Popen[str]] = []
+        pods: list[Process] = []
+        failed = False
         try:
-            wait_for_redis(redis_port, redis)
+            if not wait_for_redis(redis_port, redis):
+                return 1
             url = f"redis://127.0.0.1:{redis_port}/0"
             print(f"demo-cluster: redis-server on {url}", flush=True)
             for i, port in enumerate(ports, 1):
@@ -96,29 +129,33 @@ def main() -> int:
                     "POD_ID": f"pod{i}",
                     "PYTHONUNBUFFERED": "1",
                 }
-                pods.append(spawn(f"pod{i}", [sys.executable, "-m", "chat_api"], env))
+                pods.append(Process(f"pod{i}", [sys.executable, "-m", "chat_api"], env))
             pages = "  ".join(f"http://127.0.0.1:{port}/" for port in ports)
             print(f"demo-cluster: open {pages} — Ctrl-C stops everything", flush=True)
             while not stop.is_set():
-                if any(p.poll() is not None for p in [redis, *pods]):
-                    print("demo-cluster: a process exited; stopping the rest", flush=True)
+                exited = [p for p in [redis, *pods] if p.proc.poll() is not None]
+                if exited:
+                    failed = True
+                    for process in exited:
+                        process.report()
+                    print("demo-cluster: stopping the rest", file=sys.stderr, flush=True)
                     break
-                stop.wait(0.5)
+                stop.wait(0.2)
         finally:
-            for proc in pods:
-                if proc.poll() is None:
-                    proc.terminate()
-            for proc in pods:
+            for process in pods:
+                if process.proc.poll() is None:
+                    process.proc.terminate()
+            for process in pods:
                 try:
-                    proc.wait(15)
+                    process.proc.wait(15)
                 except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            if redis.poll() is None:
-                redis.terminate()
-            redis.wait(10)
-    print("demo-cluster: stopped", flush=True)
-    return 0
+                    process.proc.kill()
+                    process.proc.wait()
+            if redis.proc.poll() is None:
+                redis.proc.terminate()
+            redis.proc.wait(10)
+    print("demo-cluster: stopped" + (" (a process failed)" if failed else ""), flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -112,3 +113,24 @@ async def test_demo_cluster_runs_two_linked_pods_and_stops_on_ctrl_c(
     assert text.count("chat_api: stopped") == 2, text
     assert "demo-cluster: stopped" in text
     assert "Traceback" not in text
+
+
+def test_a_pod_that_cannot_start_makes_it_exit_non_zero_with_the_pods_last_lines() -> None:
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not on PATH")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, str(SCRIPT)],
+            env={**os.environ, "DEMO_PORTS": f"{free_port()},{busy}"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "demo-cluster: pod2 exited with code 1; its last lines:" in result.stderr
+    assert "cannot start" in result.stderr  # the pod's own line, repeated at the end
+    assert "demo-cluster: stopped (a process failed)" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr

@@ -151,7 +151,7 @@ async def test_guest_names_are_cleaned(
     user = welcome["user"]
     assert user["id"] == f"guest-{welcome['connection_id']}"
     if shown is None:
-        assert re.fullmatch(r"guest-[0-9a-f]+", user["name"]), user
+        assert re.fullmatch(r"guest-[0-9a-f]{4}-[0-9a-f]+", user["name"]), user
     else:
         assert user["name"] == shown
     await ws.close()

@@ -12,7 +12,9 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parent.parent / "src"
 
 
-THIRD_PARTY = {"aiohttp", "redis", "hiredis", "yarl", "multidict", "uvloop", "starlette"}
+THIRD_PARTY = {
+    "aiohttp", "redis", "hiredis", "yarl", "multidict", "uvloop", "starlette", "prometheus_client",
+}  # fmt: skip
 
 
 def imported_after(code: str) -> set[str]:

@@ -9,12 +9,15 @@ configuration errors.)
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -39,11 +42,13 @@ def unused_port() -> int:
         return port
 
 
+@pytest.mark.parametrize("log_format", ["text", "json"])
 async def test_tokens_and_secrets_never_reach_logs_stats_or_answers(
-    pod_factory: PodFactory, session: aiohttp.ClientSession
+    pod_factory: PodFactory, session: aiohttp.ClientSession, log_format: str
 ) -> None:
     pod = pod_factory(
         {
+            "LOG_FORMAT": log_format,
             "AUTH_ENABLED": "true",
             "AUTH_JWT_SECRET": SECRET,
             "STATS_TOKEN": STATS_TOKEN,
@@ -126,6 +131,7 @@ async def test_tokens_and_secrets_never_reach_logs_stats_or_answers(
         ("/readyz", 200),
         ("/healthz", 200),
         ("/api/chat-api/rooms/general/presence", 401),  # protected like the stats
+        ("/metrics", 401),  # and so are the metrics
     ):
         async with asyncio.timeout(DEFAULT_TIMEOUT), session.get(pod.base + path) as resp:
             assert resp.status == status, path
@@ -143,6 +149,43 @@ async def test_tokens_and_secrets_never_reach_logs_stats_or_answers(
         for answer in answers:
             assert secret not in answer, f"a secret in an answer: {secret[:12]}..."
     assert "Traceback" not in log
+    if log_format == "json":
+        assert_json_lines(pod.log.splitlines(), pod="pod1")
+
+
+def assert_json_lines(lines: list[str], *, pod: str) -> list[dict[str, Any]]:
+    """Every line is one JSON object with the fields of LOG_FORMAT=json; the
+    DEBUG lines of refusals carry their fields, and a malformed request is
+    one DEBUG line without a traceback (``logfilter``)."""
+    entries = []
+    for line in lines:
+        entry = json.loads(line)  # every line, whoever wrote it
+        assert isinstance(entry, dict), line
+        assert {"time", "level", "logger", "message", "pod"} <= set(entry), line
+        assert entry["pod"] == pod
+        stamp = datetime.fromisoformat(entry["time"])
+        assert stamp.utcoffset() == timedelta(0), line
+        entries.append(entry)
+    refusals = [e for e in entries if e["message"].startswith("refused a WebSocket from")]
+    assert refusals, "no refusal was logged"
+    for entry in refusals:
+        assert entry["level"] == "DEBUG"
+        assert entry["logger"] == "chat_api.auth"
+        assert entry["status"] == 401
+        assert entry["room"] == "general"
+        assert entry["connection_id"]
+    malformed = [e for e in entries if e["message"].startswith("refused a malformed HTTP request")]
+    assert malformed, "no malformed request was logged"
+    for entry in malformed:
+        assert (entry["level"], entry["logger"]) == ("DEBUG", "aiohttp.server")
+        assert "exception" not in entry
+    redis = [e for e in entries if e["logger"] == "realtime.redis"]
+    assert any("unreachable" in e["message"] for e in redis), "no Redis error was logged"
+    (fanout,) = [e for e in entries if e["message"].startswith("cross-pod fan-out")]
+    assert fanout["redis"].startswith("redis://chat:***@127.0.0.1:")
+    (listening,) = [e for e in entries if "listening on" in e["message"]]
+    assert listening["port"] == int(listening["message"].split(":")[2].split()[0])
+    return entries
 
 
 SECRET_SETTINGS = ("AUTH_JWT_SECRET", "STATS_TOKEN", "PUBLISH_API_KEY")

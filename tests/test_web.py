@@ -14,6 +14,7 @@ import os
 import re
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,6 +177,57 @@ def test_two_pages_chat_both_ways(pod: Pod, open_page: OpenPage) -> None:
         expect(page.locator("#log .system.error")).to_have_count(0)
     # Nothing sticks out sideways on the phone.
     assert alice.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+
+
+def test_once_joined_the_form_folds_into_a_bar_with_change_and_leave(
+    pod: Pod, open_page: OpenPage
+) -> None:
+    page = open_page("desktop").page  # a desktop-sized window, where it stayed open before
+    page.goto(pod.base + "/")
+    form = page.locator("#join")
+    expect(form).to_be_visible()
+    expect(page.get_by_role("button", name="Leave")).to_be_hidden()
+    page.get_by_label("Display name", exact=True).fill("ada")
+    page.get_by_label("Room", exact=True).fill("general")
+    page.get_by_role("button", name="Join").click()
+    expect(page.locator("#status")).to_have_attribute("data-state", "live")
+    expect(form).to_be_hidden()
+    bar = page.locator("#room-title")
+    expect(bar).to_have_text(re.compile(r"^#general · you are ada$"))
+    change = page.get_by_role("button", name="Change")
+    expect(change).to_have_attribute("aria-expanded", "false")
+    bar_height = page.locator("header.bar").bounding_box()
+    assert bar_height is not None
+    assert bar_height["height"] < 80  # one compact line
+
+    change.click()  # the form comes back, to join another room
+    expect(form).to_be_visible()
+    expect(change).to_have_attribute("aria-expanded", "true")
+    page.get_by_label("Room", exact=True).fill("other")
+    page.get_by_label("Room", exact=True).press("Enter")
+    expect(bar).to_have_text(re.compile(r"^#other · you are ada$"))
+    expect(page.locator("#status")).to_have_attribute("data-state", "live")
+    expect(form).to_be_hidden()
+
+    page.get_by_role("button", name="Leave").click()
+    expect(page.locator("#status")).to_have_attribute("data-state", "idle")
+    expect(form).to_be_visible()
+    expect(page.get_by_label("Room", exact=True)).to_be_focused()
+    expect(page.get_by_role("button", name="Leave")).to_be_hidden()
+    expect(page.get_by_label("Message", exact=True)).to_be_disabled()
+    expect(page.locator("#log .system").last).to_have_text(re.compile("You left #other"))
+
+    # and the connection is closed (not left reconnecting)
+    deadline = time.monotonic() + 10
+    while open_connections(pod) != 0:
+        assert time.monotonic() < deadline, "the page's connection was not closed"
+        time.sleep(0.05)  # polling interval
+
+
+def open_connections(pod: Pod) -> int:
+    with urllib.request.urlopen(f"{pod.base}/api/chat-api/ws/stats", timeout=10) as resp:
+        count: int = orjson.loads(resp.read())["connections"]["open"]
+        return count
 
 
 def test_two_pages_on_two_pods_chat_through_redis(

@@ -18,17 +18,20 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
 from aiohttp import web
+from prometheus_client.registry import CollectorRegistry
 
 from realtime import AiohttpTransport, BroadcastError, Limits, Node, NodeSettings, RedisOptions
 
 from . import logfilter
-from .api.routes import register_routes
+from .api.routes import metrics_handler, register_routes
 from .auth import Authenticator, make_identify, stats_guard
 from .config import Config, ConfigError, redact_url
+from .metrics import make_registry
 from .origin import OriginPolicy
 
 __all__ = [
     "CONFIG",
+    "METRICS",
     "NODE",
     "ORIGINS",
     "TRANSPORT",
@@ -46,6 +49,7 @@ CONFIG = web.AppKey("config", Config)
 NODE = web.AppKey("node", Node)
 TRANSPORT = web.AppKey("transport", AiohttpTransport)
 ORIGINS = web.AppKey("origins", OriginPolicy)
+METRICS = web.AppKey("metrics", CollectorRegistry)
 
 
 def node_settings(config: Config) -> NodeSettings:
@@ -94,6 +98,10 @@ def make_node(
             "cross-pod fan-out through %s (channels %s:*)",
             redact_url(config.redis_url),
             config.redis_channel_prefix,
+            extra={
+                "redis": redact_url(config.redis_url),
+                "channel_prefix": config.redis_channel_prefix,
+            },
         )
     try:
         return Node(
@@ -122,6 +130,7 @@ def create_app(config: Config) -> web.Application:
     app[NODE] = node
     app[TRANSPORT] = transport
     app[ORIGINS] = origins
+    app[METRICS] = registry = make_registry(node)
     register_routes(
         app,
         node=node,
@@ -130,6 +139,7 @@ def create_app(config: Config) -> web.Application:
         max_message_bytes=config.max_message_bytes,
         read_timeout=config.http_request_timeout,
         stats_guard=stats_guard(config, auth),
+        metrics=None if config.metrics_port else registry,
     )
     app.cleanup_ctx.append(_run_node)
     if auth is not None:
@@ -139,8 +149,15 @@ def create_app(config: Config) -> web.Application:
 
 
 async def _run_node(app: web.Application) -> AsyncIterator[None]:
-    async with app[NODE].running():
+    # Not ``async with node.running()``: after a shutdown that timed out, the
+    # loop closes this generator and that one at once, and closing this one
+    # would then fail ("generator didn't stop after athrow()").
+    node = app[NODE]
+    await node.start()
+    try:
         yield
+    finally:
+        await node.stop()
 
 
 def _run_authenticator(
@@ -190,12 +207,15 @@ async def serve(config: Config) -> None:
         # Before anything is announced, so an early signal is never fatal.
         loop.add_signal_handler(sig, stop.set)
     await runner.setup()
+    metrics_runner: web.AppRunner | None = None
     deadline = loop.time() + config.shutdown_timeout
     try:
         site = web.TCPSite(runner, config.host, config.port)
         await site.start()
         host, port = runner.addresses[0][:2]
         app[ORIGINS].serving_at(port)
+        if config.metrics_port:
+            metrics_runner = await _serve_metrics(app[METRICS], config)
         mode = "local-only (REDIS_URL is not set)" if config.local_only else "cluster (Redis)"
         # Everything built so far (modules, app, config) lives as long as the
         # process: out of the collector's sight, a full collection walks only
@@ -203,7 +223,16 @@ async def serve(config: Config) -> None:
         gc.collect()
         gc.freeze()
         log.info(
-            "chat-api listening on http://%s:%d pod=%s mode=%s", host, port, config.pod_id, mode
+            "chat-api listening on http://%s:%d pod=%s mode=%s",
+            host,
+            port,
+            config.pod_id,
+            mode,
+            extra={
+                "host": host,
+                "port": port,
+                "mode": "local-only" if config.local_only else "redis",
+            },
         )
         await stop.wait()
         deadline = loop.time() + config.shutdown_timeout
@@ -220,7 +249,26 @@ async def serve(config: Config) -> None:
             await asyncio.wait_for(runner.cleanup(), timeout=max(0.1, deadline - loop.time()))
         except TimeoutError:
             log.warning("shutdown took longer than %.1fs; exiting anyway", config.shutdown_timeout)
+        if metrics_runner is not None:  # scraped until the end
+            await metrics_runner.cleanup()
     log.info("stopped")
+
+
+async def _serve_metrics(registry: CollectorRegistry, config: Config) -> web.AppRunner:
+    """``/metrics`` alone on ``METRICS_PORT`` of ``HOST``, without auth (keep
+    that port to the scraper's network)."""
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_handler(registry))
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, config.host, config.metrics_port).start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    host, port = runner.addresses[0][:2]
+    log.info("metrics on http://%s:%d/metrics (no auth)", host, port, extra={"metrics_port": port})
+    return runner
 
 
 class _Runner(web.AppRunner):

@@ -177,7 +177,6 @@ _REASONS: list[tuple[type[jwt.PyJWTError], str]] = [
     (jwt.ImmatureSignatureError, "the token is not valid yet"),
     (jwt.InvalidAudienceError, "the token is for another audience"),
     (jwt.InvalidIssuerError, "the token has another issuer"),
-    (jwt.MissingRequiredClaimError, "the token lacks a required claim"),
     (jwt.InvalidAlgorithmError, "the token's algorithm is not accepted"),
     (jwt.InvalidSignatureError, "the token's signature does not verify"),
     (jwt.InvalidKeyError, "the token's key is not accepted"),
@@ -256,6 +255,9 @@ class Authenticator:
                     "enforce_minimum_key_length": True,
                 },
             )
+        except jwt.MissingRequiredClaimError as exc:
+            # The claim's name is ours (the required list), never the token's content.
+            raise TokenError(f"the token lacks the required {exc.claim!r} claim") from None
         except jwt.PyJWTError as exc:
             reason = next((r for kind, r in _REASONS if isinstance(exc, kind)), None)
             raise TokenError(reason or "the token is invalid") from None
@@ -285,7 +287,18 @@ class Authenticator:
         try:
             return await self.admit(bearer_token(handshake.headers, handshake.query))
         except TokenError as exc:
-            log.debug("refused a WebSocket from %s: %s", handshake.remote, exc.reason)
+            log.debug(
+                "refused a WebSocket from %s: %s",
+                handshake.remote,
+                exc.reason,
+                extra={
+                    "remote": handshake.remote,
+                    "connection_id": handshake.connection_id,
+                    "room": handshake.room,
+                    "status": exc.status,
+                    "reason": exc.reason,
+                },
+            )
             raise _refusal(exc) from None
 
     async def is_admin(self, token: str) -> bool:
@@ -334,12 +347,16 @@ def stats_guard(config: Config, auth: Authenticator | None) -> StatsGuard | None
         token = bearer_token(request.headers, request.query)
         if token is None:
             raise web.HTTPUnauthorized(
-                text="the stats need a bearer token", headers={"WWW-Authenticate": "Bearer"}
+                text="this endpoint needs a bearer token: STATS_TOKEN or an admin token",
+                headers={"WWW-Authenticate": "Bearer"},
             )
         if expected and hmac.compare_digest(token.encode(), expected):
             return
         if auth is not None and await auth.is_admin(token):
             return
-        raise web.HTTPForbidden(text="this token may not read the stats")
+        raise web.HTTPForbidden(
+            text="this token may not read this endpoint: it is not STATS_TOKEN "
+            "and not a valid token with the admin claim"
+        )
 
     return guard

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from dotenv import dotenv_values
 
@@ -46,6 +46,7 @@ def _setting(
 
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,19 @@ class Config:
         "Name of this pod in logs, stats and Redis envelopes (empty: hostname-random).",
     )
     log_level: str = _setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR.")
+    log_format: str = _setting(
+        "LOG_FORMAT",
+        "text",
+        "text (one line per event for people) or json (one JSON object per line, with the "
+        "pod id and the event's fields).",
+    )
+    metrics_port: int = _setting(
+        "METRICS_PORT",
+        0,
+        "Serve /metrics on this port of HOST instead, without auth (0: on PORT, protected "
+        "like the stats endpoint).",
+        minimum=0,
+    )
     redis_url: str = _setting(
         "REDIS_URL",
         "",
@@ -341,6 +355,12 @@ class Config:
             raise ConfigError("PORT", f"{self.port} is not a TCP port (0-65535)")
         if self.log_level.upper() not in _LOG_LEVELS:
             raise ConfigError("LOG_LEVEL", f"must be one of {', '.join(_LOG_LEVELS)}")
+        if self.log_format.lower() not in _LOG_FORMATS:
+            raise ConfigError("LOG_FORMAT", f"must be one of {', '.join(_LOG_FORMATS)}")
+        if self.metrics_port > 65535:
+            raise ConfigError("METRICS_PORT", f"{self.metrics_port} is not a TCP port (0-65535)")
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ConfigError("METRICS_PORT", "must differ from PORT (0: serve /metrics on PORT)")
         if self.redis_url:
             scheme = urlsplit(self.redis_url).scheme
             if scheme not in ("redis", "rediss", "unix"):
@@ -364,6 +384,26 @@ class Config:
     @property
     def local_only(self) -> bool:
         return not self.redis_url
+
+    @property
+    def secrets(self) -> list[str]:
+        """The values of the secret settings (and the password in
+        ``REDIS_URL``), for scrubbing from logs; empty ones left out."""
+        values = [
+            getattr(self, f.name)
+            for f in self.settings()
+            if f.metadata["secret"] and f.name != "redis_url"  # its password, below
+        ]
+        if self.redis_url:
+            parts = urlsplit(self.redis_url)
+            values += [parts.password or "", unquote(parts.password or "")]
+            values += [
+                v
+                for k, v in parse_qsl(parts.query, keep_blank_values=True)
+                if k.lower() == "password"
+            ]
+        # A secret of a few characters would blank out common words: too short to scrub.
+        return sorted({v for v in values if isinstance(v, str) and len(v) >= 4}, key=len)[::-1]
 
     @property
     def log_level_number(self) -> int:

@@ -92,5 +92,15 @@ class OriginPolicy:
         """Raise ``Refused`` (HTTP 403) unless the handshake's ``Origin`` is allowed."""
         origin = handshake.header("Origin")
         if not self.allows(origin):
-            log.debug("refused a WebSocket from origin %r", origin)
+            log.debug(
+                "refused a WebSocket from origin %r",
+                origin,
+                extra={
+                    "origin": origin,
+                    "remote": handshake.remote,
+                    "connection_id": handshake.connection_id,
+                    "room": handshake.room,
+                    "status": 403,
+                },
+            )
             raise Refused(403, "this origin may not open WebSockets here")

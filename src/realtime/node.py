@@ -38,15 +38,16 @@ from typing import Any
 
 from .backends import Backend, LinkState, OnAppended, RedisOptions, Stamp, Unstored, open_backend
 from .core.access import Admission, Handshake, Identify, admission, guest_identity, read_handshake
-from .core.connection import Connection, Transport
+from .core.connection import Connection, ConnectionState, Transport
 from .core.exceptions import Refused, StateError
+from .core.histogram import LAG_BUCKETS, Histogram
 from .core.hub import LocalHub
 from .core.protocol import Catchup, CloseCode, Message
 from .core.sequencer import Entry
 from .rooms.presence import Presence
 from .rooms.timeline import Timeline, TimelineSettings
 
-__all__ = ["Ids", "Limits", "Node", "NodeSettings", "NodeState"]
+__all__ = ["Ids", "Limits", "Node", "NodeCounters", "NodeSettings", "NodeState", "close_label"]
 
 log = logging.getLogger("realtime.node")
 
@@ -122,10 +123,19 @@ class Ids:
 @dataclass(slots=True)
 class NodeCounters:
     connections_accepted: int = 0
+    closed: dict[str, int] = field(default_factory=dict)
+    """Connections gone, by close code (``close_label``): the server's code
+    when it closed first, else the client's; ``1006`` when neither sent one."""
+    frames_received: int = 0
+    """Text and binary frames received from clients."""
     messages_received: int = 0
     """Messages sent by this pod's clients (room and global)."""
+    published: dict[str, int] = field(default_factory=dict)
+    """Messages handed to ``publish``, by scope: ``room``, ``global``, ``api``."""
     errors_sent: int = 0
     """Error frames sent to clients (the rate limit's included)."""
+    errors: dict[str, int] = field(default_factory=dict)
+    """Error frames sent to clients, by error code."""
     rate_limited: int = 0
     """Frames refused by the rate limit, each answered with an error frame."""
     closed_rate_abuse: int = 0
@@ -133,6 +143,25 @@ class NodeCounters:
     refused: dict[int, int] = field(default_factory=dict)
     """Upgrades refused, by HTTP status."""
     started: float = field(default_factory=time.monotonic)
+
+
+_STANDARD_CLOSE_CODES = frozenset(range(1000, 1016))
+
+
+def close_label(code: int | None) -> str:
+    """A close code as a metrics label, from a bounded set (a client may
+    send any code from 1000 to 4999): the codes of RFC 6455 as they are,
+    ``3xxx`` and ``4xxx`` for the registered and private ranges, ``1005``
+    for a Close without a code, ``1006`` when no Close was exchanged."""
+    if code is None:
+        return "1006"
+    if code in _STANDARD_CLOSE_CODES:
+        return str(code)
+    if code <= 0:
+        return "1005"
+    if 3000 <= code <= 4999:
+        return f"{code // 1000}xxx"
+    return "other"
 
 
 class Node:
@@ -160,6 +189,9 @@ class Node:
             idempotency_keys=settings.idempotency_keys,
             redis=settings.redis,
         )
+        self.delivery_lag = Histogram(LAG_BUCKETS)
+        """Seconds from a message's server timestamp to its delivery on this
+        pod, once per message (not per recipient)."""
         self.timeline = Timeline(
             self.hub,
             self.backend,
@@ -171,6 +203,7 @@ class Node:
                 memory_bytes=settings.memory_bytes,
             ),
             clock=clock,
+            lag=self.delivery_lag,
         )
         self.presence = Presence(
             self.hub,
@@ -300,12 +333,27 @@ class Node:
         if self.hub.leave(conn, room):
             self._close_room(room)
 
-    def disconnect(self, conn: Connection) -> None:
-        """The connection's socket is gone: forget it everywhere (idempotent)."""
+    def disconnect(self, conn: Connection, client_code: int | None = None) -> None:
+        """The connection's socket is gone: forget it everywhere (idempotent).
+        ``client_code``: the close code of the client's Close, when the client
+        closed first (else the server's ``conn.close_code`` is counted)."""
         self.presence.drop(conn)
         for room in self.hub.remove(conn):
             self._close_room(room)
+        if conn.state is ConnectionState.CLOSED:
+            return
         conn.closed()
+        code = client_code if client_code is not None else conn.close_code
+        label = close_label(code)
+        closed = self.counters.closed
+        closed[label] = closed.get(label, 0) + 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "connection %s closed (%s)",
+                conn.id,
+                label,
+                extra={"connection_id": conn.id, "close_code": label, "rooms": list(conn.rooms)},
+            )
 
     def _close_room(self, room: str) -> None:
         self.timeline.close(room)
@@ -329,6 +377,7 @@ class Node:
         *,
         key: str | None = None,
         local_fallback: bool = True,
+        scope: str | None = None,
     ) -> None:
         """Send a message to its room (or, with no room, to everyone) on every pod.
 
@@ -340,9 +389,14 @@ class Node:
         ``local_fallback``; if the answer was lost on the way (``UNKNOWN``:
         it may have been stored), the room is read again instead, so it
         arrives once, in order, if it was stored. A global message has no
-        stamp and takes no key: ``done`` is not called.
+        stamp and takes no key: ``done`` is not called. ``scope`` names where
+        it came from in the counters (default: ``room`` or ``global``; the
+        HTTP API says ``api``).
         """
         room = message.room
+        published = self.counters.published
+        scope = scope or ("global" if room is None else "room")
+        published[scope] = published.get(scope, 0) + 1
         if room is None:
             self.backend.publish(None, message.encode())
             return
@@ -372,7 +426,8 @@ class Node:
         self.timeline.offer(room, entry)
 
     def on_message(self, room: str | None, payload: bytes) -> None:
-        self.hub.broadcast(room, payload)
+        if self.hub.broadcast(room, payload):
+            self.delivery_lag.observe_lag(payload)
 
     def on_ready(self, room: str) -> None:
         self.timeline.ready(room)
@@ -382,6 +437,13 @@ class Node:
     @property
     def link_up(self) -> bool:
         return self.backend.state in (LinkState.LOCAL_ONLY, LinkState.CONNECTED)
+
+    @property
+    def backend_roundtrip(self) -> Histogram | None:
+        """Seconds per round trip of the backend's publisher (one pipelined
+        batch), if it has one (Redis: yes; local-only: None)."""
+        found = getattr(self.backend, "roundtrip", None)
+        return found if isinstance(found, Histogram) else None
 
     def stats(self) -> dict[str, Any]:
         """This pod's parts, as the stats endpoint shows them."""

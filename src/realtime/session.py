@@ -107,12 +107,14 @@ class Session:
             ),
         )
 
-    def closed(self) -> None:
-        """The socket is gone: forget the connection everywhere (idempotent)."""
+    def closed(self, client_code: int | None = None) -> None:
+        """The socket is gone: forget the connection everywhere (idempotent).
+        ``client_code``: the code of the client's Close if the client closed
+        first (the transport knows), counted instead of the server's."""
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
-        self._node.disconnect(self.conn)
+        self._node.disconnect(self.conn, client_code)
 
     def _expire(self) -> None:
         if self.conn.state is ConnectionState.OPEN:
@@ -128,6 +130,7 @@ class Session:
         if conn.state is not ConnectionState.OPEN:
             return None
         node = self._node
+        node.counters.frames_received += 1
         if node.settings.limits.rate_per_second > 0 and not self._within_rate(raw):
             return None
         try:
@@ -137,7 +140,9 @@ class Session:
             return None
         except Exception:
             # A bug of ours must cost one connection, never the pod.
-            log.exception("internal error on connection %s", conn.id)
+            log.exception(
+                "internal error on connection %s", conn.id, extra={"connection_id": conn.id}
+            )
             conn.close(CloseCode.INTERNAL_ERROR, "internal error")
             return None
 
@@ -151,13 +156,20 @@ class Session:
 
     def receive_binary(self) -> None:
         """A binary frame: not part of the protocol."""
+        self._node.counters.frames_received += 1
         self.conn.close(
             CloseCode.UNSUPPORTED_DATA, "binary frames are not supported; send JSON text frames"
         )
 
     def _error(self, exc: ProtocolError) -> None:
-        self._node.counters.errors_sent += 1
-        self._node.hub.send_to(self.conn, encode_error(exc.code, exc.message, exc.ref))
+        self._send_error(exc.code, exc.message, exc.ref)
+
+    def _send_error(self, code: str, message: str, ref: str | int | None) -> None:
+        """An ``error`` frame to the client, counted by code."""
+        counters = self._node.counters
+        counters.errors_sent += 1
+        counters.errors[code] = counters.errors.get(code, 0) + 1
+        self._node.hub.send_to(self.conn, encode_error(code, message, ref))
 
     def _within_rate(self, raw: str | bytes | None) -> bool:
         """Apply the rate limit: answer a text frame over it with
@@ -185,9 +197,8 @@ class Session:
             ref = decode_client_frame(raw).ref
         except ProtocolError as exc:
             ref = exc.ref
-        counters.errors_sent += 1
         message = f"over {limiter.rate:g} frames per second; this frame was dropped"
-        self._node.hub.send_to(self.conn, encode_error(ErrorCode.RATE_LIMITED, message, ref))
+        self._send_error(ErrorCode.RATE_LIMITED, message, ref)
         return False
 
     def _dispatch(self, frame: ClientFrame) -> Awaitable[None] | None:
@@ -236,10 +247,7 @@ class Session:
         try:
             members = await self._node.presence.members(room)
         except BroadcastError as exc:
-            hub.send_to(
-                self.conn,
-                encode_error(ErrorCode.UNAVAILABLE, f"presence unavailable: {exc}", ref),
-            )
+            self._send_error(ErrorCode.UNAVAILABLE, f"presence unavailable: {exc}", ref)
             return
         hub.send_to(self.conn, encode_presence(room, [m.as_json() for m in members], ref))
 

@@ -7,15 +7,17 @@ from pathlib import Path
 
 import orjson
 from aiohttp import web
+from prometheus_client.registry import CollectorRegistry
 
 from realtime import AiohttpTransport, BroadcastError, Node, Presence
 from realtime.core.protocol import validate_room
 
 from ..auth import StatsGuard
+from ..metrics import CONTENT_TYPE, render
 from .handlers.publish import publish_handler
 from .handlers.ws import stats_handler
 
-__all__ = ["API_PREFIX", "WEB_DIR", "register_routes"]
+__all__ = ["API_PREFIX", "WEB_DIR", "metrics_handler", "register_routes"]
 
 API_PREFIX = "/api/chat-api"
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
@@ -30,9 +32,12 @@ def register_routes(
     max_message_bytes: int = 65536,
     read_timeout: float = 10.0,
     stats_guard: StatsGuard | None = None,
+    metrics: CollectorRegistry | None = None,
 ) -> None:
-    """Mount the WebSocket routes under ``/api/chat-api``, health, and the page.
-    ``stats_guard`` (if any) decides who may read the stats and the presence."""
+    """Mount the WebSocket routes under ``/api/chat-api``, health, and the page,
+    and ``/metrics`` for ``metrics`` (if given: None when they are served on
+    a port of their own). ``stats_guard`` (if any) decides who may read the
+    stats, the presence and the metrics."""
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -63,9 +68,25 @@ def register_routes(
         f"{API_PREFIX}/rooms/{{room}}/presence", presence_handler(node.presence, stats_guard)
     )
     app.router.add_get("/healthz", healthz)
+    if metrics is not None:
+        app.router.add_get("/metrics", metrics_handler(metrics, stats_guard))
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/", index)
     app.router.add_static("/static/", WEB_DIR, follow_symlinks=False)
+
+
+def metrics_handler(
+    registry: CollectorRegistry, guard: StatsGuard | None = None
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """``GET /metrics``: the registry in the Prometheus text format; ``guard``
+    (if any) decides who may read it, as for the stats."""
+
+    async def handle(request: web.Request) -> web.Response:
+        if guard is not None:
+            await guard(request)
+        return web.Response(body=render(registry), headers={"Content-Type": CONTENT_TYPE})
+
+    return handle
 
 
 def presence_handler(

@@ -76,6 +76,7 @@ const ui = {
   token: $("token"),
   retry: $("retry-button"),
   edit: $("edit-button"),
+  leave: $("leave-button"),
   notice: $("notice"),
   members: $("members"),
   memberCount: $("member-count"),
@@ -202,7 +203,7 @@ function showNotice(text) {
   ui.notice.hidden = !text;
 }
 
-/** On a phone the name/room form folds away once in a room; "Change" opens it. */
+/** Once in a room the name/room form folds into the bar; "Change" opens it again. */
 function showJoinForm(open) {
   document.body.classList.toggle("editing", open);
   ui.edit.setAttribute("aria-expanded", String(open));
@@ -727,6 +728,24 @@ function join(room, name, token) {
   return true;
 }
 
+/** Leave the room: close the connection, and show the join form again. */
+function leave() {
+  const room = state.room;
+  closeSocket("left");
+  requeueInflight();
+  state.welcomed = false;
+  state.members.clear();
+  ui.members.hidden = true;
+  document.body.classList.remove("joined");
+  showJoinForm(false);
+  ui.roomTitle.textContent = "";
+  document.title = "chat-api";
+  setPhase(Phase.IDLE);
+  showNotice("");
+  if (room) systemLine(`You left #${room}.`);
+  ui.room.focus();
+}
+
 function joinFromForm() {
   if (join(ui.room.value.trim(), ui.name.value.trim(), ui.token.value.trim())) {
     ui.message.focus();
@@ -770,6 +789,7 @@ function start() {
     showJoinForm(open);
     if (open) ui.name.focus();
   });
+  ui.leave.addEventListener("click", leave);
   window.addEventListener("online", reconnectNow);
   window.addEventListener("hashchange", () => {
     const next = readAddress();

@@ -29,6 +29,7 @@ __all__ = [
     "admission",
     "clean_name",
     "guest_identity",
+    "guest_name",
     "read_handshake",
 ]
 
@@ -132,6 +133,16 @@ async def guest_identity(handshake: Handshake) -> Identity:
     """The identity of an unauthenticated client: the ``name`` query
     parameter, cleaned, or a generated guest name."""
     connection_id = handshake.connection_id
-    suffix = connection_id.rsplit("-", 1)[-1]
-    name = clean_name(handshake.query.get("name")) or f"guest-{suffix}"
+    name = clean_name(handshake.query.get("name")) or guest_name(connection_id)
     return Identity(id=f"guest-{connection_id}", name=name)
+
+
+def guest_name(connection_id: str) -> str:
+    """A short name for a guest, unique across pods: the first four hex
+    digits of the connection id's random per-pod prefix, then its counter
+    (``a1b2c3d4e5-1f`` → ``guest-a1b2-1f``). Two pods share a name only if
+    their prefixes share those digits (1 in 65,536 per pair of pods)."""
+    prefix, dash, counter = connection_id.rpartition("-")
+    if not dash:
+        return f"guest-{connection_id[:12]}"
+    return f"guest-{prefix[:4]}-{counter}"

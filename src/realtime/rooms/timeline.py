@@ -33,12 +33,13 @@ import enum
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..backends.base import Backend, LinkState
 from ..core.connection import Connection
 from ..core.exceptions import BroadcastError, StateError
+from ..core.histogram import LAG_BUCKETS, Histogram
 from ..core.hub import LocalHub
 from ..core.protocol import Catchup, encode_event
 from ..core.sequencer import Entry, RoomSequencer, Step
@@ -81,6 +82,8 @@ class TimelineCounters:
     unknown: int = 0
     shed: int = 0
     """Rooms whose remembered messages were dropped (the memory budget)."""
+    catchups: dict[str, int] = field(default_factory=dict)
+    """Catch-ups (``sync`` frames to a joining member) by result: ``complete`` or the reason."""
 
 
 class RoomState(enum.Enum):
@@ -164,7 +167,10 @@ class Timeline:
         settings: TimelineSettings | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        lag: Histogram | None = None,
     ) -> None:
+        self.lag = lag or Histogram(LAG_BUCKETS)
+        """Delivery lag of each message delivered live (see ``Histogram.observe_lag``)."""
         self._hub = hub
         self._backend = backend
         self.settings = settings or TimelineSettings()
@@ -264,6 +270,8 @@ class Timeline:
             }
             if reason is not None:
                 frame["reason"] = reason
+            result = reason or "complete"
+            self.counters.catchups[result] = self.counters.catchups.get(result, 0) + 1
             if entries:
                 frame["first"] = entries[0].offset
             self._hub.send_to(conn, encode_event("sync", **frame))
@@ -435,6 +443,7 @@ class Timeline:
             if index == step.skipped_at:
                 self._tell(name, seq.epoch, step.skipped_to, "window_exceeded", lost=step.lost)
             self._hub.broadcast(name, entry.payload)
+            self.lag.observe_lag(entry.payload)
         if step.skipped_at is not None and step.skipped_at >= len(step.deliver):
             self._tell(name, seq.epoch, step.skipped_to, "window_exceeded", lost=step.lost)
         if step.deliver:

@@ -102,6 +102,7 @@ class AiohttpTransport:
         if session is None or sock is None:  # vanished during the upgrade
             return ws
         conn = session.conn
+        client_code: int | None = None
         try:
             await session.start(handshake.room, handshake.catchup)
             while True:
@@ -120,12 +121,14 @@ class AiohttpTransport:
                     if session.receive_control():
                         conn.deliver(_Frame(pong_frame(msg.data)))
                 elif kind is not WSMsgType.PONG:  # CLOSE, CLOSING, CLOSED, ERROR
+                    if kind is WSMsgType.CLOSE:  # the client closed first (ours drop theirs)
+                        client_code = msg.data
                     break
             # The closing handshake is under way (whoever began it): wait for
             # its end, which the close timeout bounds.
             await sock.gone
         finally:
-            session.closed()
+            session.closed(client_code)
         return ws
 
     async def _accept(

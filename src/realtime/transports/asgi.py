@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qsl
 
-from ..core.connection import Outgoing
+from ..core.connection import ConnectionState, Outgoing
 from ..core.exceptions import Refused
 from ..core.protocol import CloseCode
 from ..node import Node
@@ -123,6 +123,7 @@ class AsgiTransport:
         conn = session.conn
         max_bytes = self._max_bytes
         disconnected = False
+        client_code: int | None = None
         try:
             await session.start(handshake.room, handshake.catchup)
             while True:
@@ -130,6 +131,8 @@ class AsgiTransport:
                 kind = message["type"]
                 if kind == "websocket.disconnect":
                     disconnected = True
+                    if conn.state is ConnectionState.OPEN:  # the client closed first
+                        client_code = message.get("code", 1005)
                     return
                 if kind != "websocket.receive":
                     continue
@@ -149,7 +152,7 @@ class AsgiTransport:
                 # fill every member's queue (and count as their slowness).
                 await asyncio.sleep(0)
         finally:
-            session.closed()
+            session.closed(client_code)
             await sock.finish(disconnected=disconnected)
 
 

@@ -112,7 +112,7 @@ def publish_handler(
             if not done.done():
                 done.set_result(outcome)
 
-        node.publish(message, appended, key=key, local_fallback=False)
+        node.publish(message, appended, key=key, local_fallback=False, scope="api")
         try:
             outcome = await asyncio.wait_for(asyncio.shield(done), STORE_TIMEOUT)
         except TimeoutError:

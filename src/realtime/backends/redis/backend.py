@@ -43,6 +43,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 
 from ...core.exceptions import BroadcastError, StateError
+from ...core.histogram import Histogram
 from ...core.protocol import Message
 from ...core.sequencer import Entry
 from ..base import BackendHandler, LinkState, OnAppended, Slice
@@ -308,6 +309,11 @@ class RedisBackend:
         link = self._link
         if link is not None:
             link.unsubscribe((channel,))
+
+    @property
+    def roundtrip(self) -> Histogram:
+        """Seconds per publisher round trip (one batch: write to last reply)."""
+        return self._publisher.roundtrip
 
     def stats(self) -> Mapping[str, object]:
         link = self._link

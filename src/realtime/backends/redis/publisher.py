@@ -34,6 +34,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
+from ...core.histogram import ROUNDTRIP_BUCKETS, Histogram
 from ...core.protocol import Message, entry_payload
 from ...core.sequencer import Entry
 from ..base import OnAppended, Stamp, Unstored
@@ -104,6 +105,7 @@ class Publisher:
         self._queue = queue
         self._batch = batch
         self.counters = PublisherCounters()
+        self.roundtrip = Histogram(ROUNDTRIP_BUCKETS)  # seconds per batch: write to last reply
         self._on_entry = on_entry
         self._load_scripts = load_scripts
 
@@ -252,7 +254,7 @@ class Publisher:
         if link is None or not link.open:
             raise ConnectionError("the link to Redis is down")
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(self._timeout), self.roundtrip.time():
                 return await link.call(b"".join(commands), len(commands))
         except TimeoutError:
             # Redis stalls: give up on what is in flight (the outcome is
