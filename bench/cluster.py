@@ -409,6 +409,27 @@ class Cluster:
     def redis_cpu(self) -> float:
         return cpu_seconds(self.redis.pid) if self.redis else 0.0
 
+    def redis_commands(self, reset: bool = False) -> dict[str, dict[str, float]]:
+        """Redis's own account of where its time went (``INFO commandstats``:
+        calls and microseconds per command, since the last reset); with
+        ``reset``, start counting afresh. Empty without a Redis."""
+        if self.redis is None:
+            return {}
+        import redis
+
+        client = redis.Redis(host=HOST, port=self.redis.port, socket_timeout=5)
+        try:
+            if reset:
+                client.config_resetstat()
+                return {}
+            info = client.info("commandstats")
+        finally:
+            client.close()
+        return {
+            name.removeprefix("cmdstat_"): {"calls": v["calls"], "usec": v["usec"]}
+            for name, v in info.items()
+        }
+
     def rss_kb(self) -> int:
         return sum(rss_kb(s.pid) for s in self.servers)
 

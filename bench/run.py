@@ -365,7 +365,8 @@ def brief(r: dict[str, Any]) -> str:
         f"p50 {lat['p50']:.1f} p99 {lat['p99']:.1f} max {lat['max']:.1f} ms, "
         f"server CPU {r['server_cpu_us_per_delivery']} us/delivery "
         f"{r['server_cpu_us_per_message']} us/message ({r['server_cpu_cores']} cores), "
-        f"Redis {r['redis_cpu_us_per_message']} us/message, "
+        f"Redis {r['redis_cpu_us_per_message']} us/message "
+        f"({_commands(r)}), "
         f"loadgen {r['loadgen_cpu_cores']} cores, sender late {r['sender_late_ms']} ms"
     )
     failed = failures_brief(r["peer_log"])
@@ -584,3 +585,9 @@ def _runs(system: str, workload: str, named: bool) -> bool:
 
 def dump(results: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
+
+
+def _commands(r: dict[str, Any]) -> str:
+    """The three commands Redis spent most time in, per room message."""
+    top = list(r.get("redis_command_us_per_message", {}).items())[:3]
+    return ", ".join(f"{name} {us}" for name, us in top) or "no commands"
