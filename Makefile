@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test check lint typecheck fmt bench demo-cluster clean
+.PHONY: run test check lint typecheck fmt bench bench-topologies demo-cluster clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "chat-api needs Python >= 3.11")'
@@ -67,6 +67,12 @@ bench: $(BENCH_STAMP)
 		|| echo "bench: npm ci failed; the Node socket.io peer is skipped"; \
 	fi
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# Redis Cluster and Sentinel: each pod's subscriptions and pub/sub bytes, the
+# shards' load, Redis CPU per message beside one Redis, and the ack latency of
+# waiting for a replica (about 2 minutes); results in bench/results/topologies.*
+bench-topologies: $(BENCH_STAMP)
+	$(BIN)/python -m bench.topologies $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

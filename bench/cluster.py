@@ -348,6 +348,9 @@ class Cluster:
     system: str
     pods: int
     logdir: Path
+    redis_url: str = ""
+    """A Redis started elsewhere (a Sentinel set, a Cluster) instead of our own."""
+    extra_env: dict[str, str] = field(default_factory=dict)
     redis: Process | None = None
     servers: list[Process] = field(default_factory=list)
 
@@ -370,7 +373,7 @@ class Cluster:
         why_not = spec.missing()
         if why_not:
             raise RuntimeError(f"{self.system} cannot run: {why_not}")
-        if spec.redis == "always" or self.pods > 1:
+        if not self.redis_url and (spec.redis == "always" or self.pods > 1):
             self.redis = start_redis(self.logdir, f"{self.system}-redis")
         for i in range(self.pods):
             self.servers.append(self._start_pod(i))
@@ -392,11 +395,12 @@ class Cluster:
     def _start_pod(self, i: int) -> Process:
         port = free_port()
         name = f"{self.system}-pod{i + 1}"
-        redis_url = f"redis://{HOST}:{self.redis.port}/0" if self.redis else ""
+        redis_url = f"redis://{HOST}:{self.redis.port}/0" if self.redis else self.redis_url
         args = PodArgs(name=name, port=port, redis_url=redis_url)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("PYTHONDEVMODE", None)
         env.update(self.spec.env(args))
+        env.update(self.extra_env)
         return _spawn(name, self.spec.command(args), env, port, self.logdir)
 
     @property

@@ -51,12 +51,21 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server process on 127.0.0.1, started by the test suite."""
 
-    def __init__(self, *, password: str | None = None, tls: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        password: str | None = None,
+        tls: bool = False,
+        port: int = 0,
+        extra: tuple[str, ...] = (),
+    ) -> None:
         if REDIS_SERVER is None:
             raise RuntimeError("redis-server is not on PATH")
         self.password = password
         self.tls = tls
-        self.port = 0
+        self.port = port
+        self.extra = extra
+        """More ``redis-server`` arguments (``--cluster-enabled yes``, ``--replicaof``…)."""
         self.proc: subprocess.Popen[bytes] | None = None
         self._dir = tempfile.TemporaryDirectory(prefix="chat-api-redis-")
         self.socket_path = os.path.join(self._dir.name, "redis.sock")
@@ -101,7 +110,8 @@ class RedisServer:
                 "--loglevel", "warning",
             ]  # fmt: skip
             if self.password:
-                args += ["--requirepass", self.password]
+                args += ["--requirepass", self.password, "--masterauth", self.password]
+            args += list(self.extra)
             if self.tls:
                 d = self._dir.name
                 args[1:3] = ["--port", "0", "--tls-port", str(port)]
@@ -265,6 +275,7 @@ class ReplyCutter:
         self.cut = 0
         self._marker: bytes | None = None
         self._hold = False
+        self._swallow = False
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -277,12 +288,15 @@ class ReplyCutter:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def arm(self, marker: bytes, *, hold: bool = False) -> None:
+    def arm(self, marker: bytes, *, hold: bool = False, swallow: bool = False) -> None:
         """Lose the answer to the next command holding ``marker``: cut the
         connection then (the default), or, with ``hold``, keep it open and
-        forward nothing more (the client waits for an answer that never comes)."""
+        forward nothing more (the client waits for an answer that never comes).
+        With ``swallow``, the command itself is lost: the connection is cut
+        before Redis gets it (it never ran; the client cannot know)."""
         self._marker = marker
         self._hold = hold
+        self._swallow = swallow
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -302,6 +316,11 @@ class ReplyCutter:
             while data := await client_r.read(65536):
                 if self._marker is not None and self._marker in data:
                     self._marker = None
+                    if self._swallow:
+                        self.cut += 1
+                        client_w.transport.abort()
+                        server_w.transport.abort()
+                        return
                     cutting.set()
                 server_w.write(data)
             server_w.close()

@@ -57,11 +57,11 @@ class Output:
 class Demo:
     """``scripts/demo_cluster.py`` running on two free ports."""
 
-    def __init__(self) -> None:
+    def __init__(self, redis: str = "standalone") -> None:
         self.ports = [free_port(), free_port()]
         self.proc = subprocess.Popen(
             [sys.executable, str(SCRIPT)],
-            env={**os.environ, "DEMO_PORTS": ",".join(map(str, self.ports))},
+            env={**os.environ, "DEMO_PORTS": ",".join(map(str, self.ports)), "DEMO_REDIS": redis},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -80,11 +80,11 @@ class Demo:
             self.proc.wait()
 
 
-@pytest.fixture
-def demo() -> Iterator[Demo]:
+@pytest.fixture(params=["standalone", "sentinel", "cluster"])
+def demo(request: pytest.FixtureRequest) -> Iterator[Demo]:
     if REDIS_SERVER is None:
         pytest.skip("redis-server is not on PATH")
-    running = Demo()
+    running = Demo(request.param)
     yield running
     running.kill()
 
@@ -93,7 +93,7 @@ async def test_demo_cluster_runs_two_linked_pods_and_stops_on_ctrl_c(
     demo: Demo, session: aiohttp.ClientSession
 ) -> None:
     output = demo.output
-    output.wait_for(r"redis link connected", count=2)
+    output.wait_for(r"redis link connected", count=2, timeout=60)
     output.wait_for(r"listening on", count=2)
     a, _ = await connect(session, f"ws://127.0.0.1:{demo.ports[0]}/api/chat-api/ws/general")
     b, _ = await connect(session, f"ws://127.0.0.1:{demo.ports[1]}/api/chat-api/ws/general")

@@ -80,6 +80,10 @@ def node_settings(config: Config) -> NodeSettings:
             heartbeat_timeout=config.redis_heartbeat_timeout,
             reconnect_max_delay=config.redis_reconnect_max_delay,
             publish_queue=config.redis_publish_queue,
+            wait_replicas=(
+                None if config.redis_wait_replicas == "auto" else int(config.redis_wait_replicas)
+            ),
+            wait_timeout=config.redis_wait_timeout,
         ),
     )
 

@@ -22,6 +22,8 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from dotenv import dotenv_values
 
+from realtime.backends import REDIS_SCHEMES
+
 from .origin import parse_origin
 
 __all__ = ["Config", "ConfigError", "redact_url"]
@@ -47,6 +49,8 @@ def _setting(
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _LOG_FORMATS = ("text", "json")
+_PASSWORD_PARAMS = ("password", "sentinel_password")
+"""Query parameters of REDIS_URL that carry a password."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,12 @@ class Config:
     redis_url: str = _setting(
         "REDIS_URL",
         "",
-        "Redis for cross-pod fan-out: redis://, rediss:// or unix:// (empty: local-only).",
+        "Redis for cross-pod fan-out (empty: local-only): one server, redis://[user:password@]"
+        "host:port[/db], rediss:// or unix:///path; a Sentinel set, redis+sentinel://"
+        "[user:password@]host:port[,host:port...]/<master-name>[/db] (rediss+sentinel:// "
+        "with TLS; ?sentinel_password= if the sentinels need one); a Cluster, "
+        "redis+cluster://[user:password@]host:port[,host:port...] (seed nodes; "
+        "rediss+cluster:// with TLS).",
         secret=True,
     )
     redis_channel_prefix: str = _setting(
@@ -110,6 +119,19 @@ class Config:
         10000,
         "Messages waiting to be published to Redis before more are counted as failed.",
         minimum=1,
+    )
+    redis_wait_replicas: str = _setting(
+        "REDIS_WAIT_REPLICAS",
+        "auto",
+        "Replicas that must have a room message before its ack (Redis WAIT), so an acked "
+        "message survives a failover: a number, or auto (1 with Sentinel or Cluster, 0 with "
+        "one server). A message no replica confirms in time is acked without offset.",
+    )
+    redis_wait_timeout: float = _setting(
+        "REDIS_WAIT_TIMEOUT",
+        1.0,
+        "Seconds an append waits for REDIS_WAIT_REPLICAS replicas (below REDIS_HEARTBEAT_TIMEOUT).",
+        minimum=0.001,
     )
     auth_enabled: bool = _setting(
         "AUTH_ENABLED", False, "Require a JWT on every WebSocket connection."
@@ -363,8 +385,16 @@ class Config:
             raise ConfigError("METRICS_PORT", "must differ from PORT (0: serve /metrics on PORT)")
         if self.redis_url:
             scheme = urlsplit(self.redis_url).scheme
-            if scheme not in ("redis", "rediss", "unix"):
-                raise ConfigError("REDIS_URL", "must start with redis://, rediss:// or unix://")
+            if scheme not in REDIS_SCHEMES:
+                raise ConfigError(
+                    "REDIS_URL",
+                    "must start with " + ", ".join(f"{s}://" for s in REDIS_SCHEMES),
+                )
+        if self.redis_wait_replicas != "auto" and not self.redis_wait_replicas.isdigit():
+            raise ConfigError("REDIS_WAIT_REPLICAS", "must be auto or a number (0: do not wait)")
+        waits = self.redis_wait_replicas not in ("auto", "0") or "+" in self.redis_url.split(":")[0]
+        if waits and self.redis_wait_timeout >= self.redis_heartbeat_timeout:
+            raise ConfigError("REDIS_WAIT_TIMEOUT", "must be shorter than REDIS_HEARTBEAT_TIMEOUT")
         if self.redis_heartbeat_timeout <= self.redis_heartbeat_interval:
             raise ConfigError(
                 "REDIS_HEARTBEAT_TIMEOUT", "must be longer than REDIS_HEARTBEAT_INTERVAL"
@@ -400,7 +430,7 @@ class Config:
             values += [
                 v
                 for k, v in parse_qsl(parts.query, keep_blank_values=True)
-                if k.lower() == "password"
+                if k.lower() in _PASSWORD_PARAMS
             ]
         # A secret of a few characters would blank out common words: too short to scrub.
         return sorted({v for v in values if isinstance(v, str) and len(v) >= 4}, key=len)[::-1]
@@ -516,7 +546,7 @@ def redact_url(url: str) -> str:
         parts = parts._replace(netloc=f"{user}:***@{netloc}")
     if parts.query:
         query = [
-            (k, "***" if k.lower() == "password" else v)
+            (k, "***" if k.lower() in _PASSWORD_PARAMS else v)
             for k, v in parse_qsl(parts.query, keep_blank_values=True)
         ]
         parts = parts._replace(query=urlencode(query, safe="*"))

@@ -294,6 +294,7 @@ class Session:
                     epoch=outcome.epoch,
                     offset=outcome.offset,
                     duplicate=outcome.duplicate,
+                    replicated=outcome.replicated,
                 )
                 node.hub.send_to(conn, ack)
             else:  # not stored: this pod's members got it without offset, or none did

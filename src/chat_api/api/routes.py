@@ -44,12 +44,16 @@ def register_routes(
 
     async def readyz(request: web.Request) -> web.Response:
         ready = not node.draining
-        body = {
+        body: dict[str, object] = {
             "ready": ready,
             "draining": node.draining,
             "broadcaster": node.backend.state.value,
             "link_up": node.link_up,
         }
+        broadcaster = node.backend.stats()
+        if "primaries" in broadcaster:  # Sentinel or Cluster: which nodes, since when
+            body["primaries"] = broadcaster["primaries"]
+            body["primary_since"] = broadcaster["primary_since"]
         return web.json_response(body, status=200 if ready else 503)
 
     async def index(request: web.Request) -> web.FileResponse:

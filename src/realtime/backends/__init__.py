@@ -48,8 +48,17 @@ __all__ = [
     "open_backend",
 ]
 
-REDIS_SCHEMES = ("redis", "rediss", "unix")
-"""URL schemes of one standalone Redis."""
+REDIS_SCHEMES = (
+    "redis",
+    "rediss",
+    "unix",
+    "redis+sentinel",
+    "rediss+sentinel",
+    "redis+cluster",
+    "rediss+cluster",
+)
+"""URL schemes ``open_backend`` takes: standalone Redis (TCP, TLS, a socket), Sentinel
+and Cluster, each with TLS."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +75,11 @@ class RedisOptions:
     """Longest wait between reconnect attempts (exponential, with jitter)."""
     publish_queue: int = 10_000
     """Messages waiting to be published before more are counted as failed."""
+    wait_replicas: int | None = None
+    """Replicas that must have a room message before it is acknowledged
+    (``WAIT``); None: 1 with Sentinel or Cluster, 0 with one server."""
+    wait_timeout: float = 1.0
+    """Seconds an append waits for them (below ``heartbeat_timeout``)."""
 
 
 def open_backend(
@@ -107,6 +121,8 @@ def open_backend(
         heartbeat_timeout=options.heartbeat_timeout,
         reconnect_max_delay=options.reconnect_max_delay,
         publish_queue=options.publish_queue,
+        wait_replicas=options.wait_replicas,
+        wait_timeout=options.wait_timeout,
         history_length=history_length,
         history_ttl=history_ttl,
         history_max_bytes=history_max_bytes,

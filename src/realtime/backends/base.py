@@ -65,11 +65,15 @@ class Stamp:
 
     ``duplicate`` is true when an idempotency key matched an earlier
     message: nothing new was stored and the stamp is the earlier one's.
+    ``replicated`` is false when the backend waits for replicas
+    (``wait_replicas``) and too few confirmed it in time: it is stored and
+    delivered, but a failover of its primary may lose it.
     """
 
     epoch: str
     offset: int
     duplicate: bool = False
+    replicated: bool = True
 
 
 class Unstored(enum.Enum):

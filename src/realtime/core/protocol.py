@@ -393,17 +393,21 @@ def encode_ack(
     epoch: str | None = None,
     offset: int | None = None,
     duplicate: bool = False,
+    replicated: bool = True,
 ) -> bytes:
     """``ack``; for room messages also the ``offset`` and ``epoch`` the
-    message got (both null if it could not be stored), and ``duplicate``
-    when its key was stored already (the offset and epoch are the stored
-    message's)."""
+    message got (both null if it could not be stored), ``duplicate`` when
+    its key was stored already (the offset and epoch are the stored
+    message's), and ``replicated: false`` when too few Redis replicas
+    confirmed it in time (a failover may lose it)."""
     frame: dict[str, Any] = {"type": "ack", "ref": ref, "id": message_id, "room": room}
     if room is not None:
         frame["offset"] = offset
         frame["epoch"] = epoch
         if duplicate:
             frame["duplicate"] = True
+        if not replicated:
+            frame["replicated"] = False
     return orjson.dumps(frame)
 
 

@@ -159,16 +159,26 @@ class RoomSequencer:
         *,
         newest: int,
         now: float,
+        first: int | None = None,
     ) -> Step:
         """Entries read from the store after a gap (oldest first).
 
         The read must cover everything after ``last`` up to the highest held
-        offset. ``newest`` is the last offset the store has assigned. Offsets
-        the store no longer has are skipped and counted in ``Step.lost``.
+        offset. ``newest`` is the last offset the store has assigned, and
+        ``first`` (if given) the oldest it still has. Offsets the store no
+        longer has are skipped and counted in ``Step.lost``. A store in
+        another epoch starts this room's numbering again: what it has before
+        ``first`` never was in that epoch, so nothing is counted lost for it.
         """
         step = Step()
         if self.state is SequencerState.NEW:
             return self.start(epoch, newest, entries, now=now)
+        if epoch is not None and epoch != self.epoch and first is not None:
+            step.epoch_changed = self.epoch is not None
+            self.epoch = epoch
+            self.last = max(0, first - 1)
+            self._forget()
+            self._pending = {o: e for o, e in self._pending.items() if e.epoch == epoch}
         for entry in entries:
             if entry.epoch == epoch:
                 self._offer(entry, now, step)

@@ -373,7 +373,7 @@ class Timeline:
                 return
             now = self._clock()
             if seq.placed:
-                step = seq.fill(got.epoch, got.entries, newest=got.newest, now=now)
+                step = seq.fill(got.epoch, got.entries, newest=got.newest, now=now, first=got.first)
                 self.counters.recovered += len(step.deliver)
             else:
                 step = seq.start(got.epoch, got.newest, got.entries, now=now)
@@ -419,7 +419,9 @@ class Timeline:
             return
         room.reader = None
         room.move(RoomState.LIVE)
-        step = room.seq.fill(got.epoch, got.entries, newest=got.newest, now=self._clock())
+        step = room.seq.fill(
+            got.epoch, got.entries, newest=got.newest, now=self._clock(), first=got.first
+        )
         self.counters.recovered += len(step.deliver)
         self._apply(room, step)
 

@@ -131,6 +131,8 @@ def publish_handler(
             "epoch": stamp.epoch,
             "duplicate": stamp.duplicate,
         }
+        if not stamp.replicated:
+            reply["replicated"] = False
         return web.Response(
             status=200 if stamp.duplicate else 201,
             body=orjson.dumps(reply),

@@ -47,30 +47,48 @@ STALLED = "Redis did not answer in time (stalled?)"
 """Why a link was dropped when a reply or the heartbeat did not come back."""
 _CHUNK = 512  # channels per SUBSCRIBE command when (re)subscribing many at once
 _PUSH = hiredis.PushNotification
+_MORE = object()
+"""What the parser returns when it needs more bytes (a reply may be ``False``
+in RESP3: a Lua script's ``false``)."""
 
 
 class Link(asyncio.Protocol):
     """One RESP3 connection to Redis: replies in order, pushes as they come.
 
     ``closed`` resolves when the connection is gone, for whatever reason
-    (``lost_reason`` says which).
+    (``lost_reason`` says which). ``sharded``: the Cluster's sharded pub/sub
+    (``SSUBSCRIBE``, one command per channel: a command's channels must
+    share a slot).
     """
 
     def __init__(
-        self, on_message: OnMessage, on_subscribe: Callable[[bytes], None] | None = None
+        self,
+        on_message: OnMessage,
+        on_subscribe: Callable[[bytes], None] | None = None,
+        *,
+        sharded: bool = False,
+        on_dropped: Callable[[bytes, str], None] | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
         self._on_message = on_message
         self._on_subscribe = on_subscribe
-        self._reader = hiredis.Reader()
+        self._on_dropped = on_dropped
+        self.sharded = sharded
+        self._subscribe = b"SSUBSCRIBE" if sharded else b"SUBSCRIBE"
+        self._unsubscribe = b"SUNSUBSCRIBE" if sharded else b"UNSUBSCRIBE"
+        self._reader = hiredis.Reader(notEnoughData=_MORE)
         self._transport: asyncio.Transport | None = None
-        # Batches in flight, oldest first: (replies expected, future).
-        self._waiting: deque[tuple[int, asyncio.Future[list[Any]]]] = deque()
+        # What Redis will answer, oldest first: a batch of commands (replies
+        # expected, future), or a (un)subscribe command (its channels, each
+        # confirmed by a push; refused as a whole by an error reply).
+        self._waiting: deque[_Waiting] = deque()
         self._replies: list[Any] = []
         self.channels: set[bytes] = set()
         """Channels Redis has confirmed."""
         self.closed: asyncio.Future[None] = loop.create_future()
         self.lost_reason = _CLOSED
+        self.bytes_in = 0
+        """Bytes read from Redis: replies and pushes."""
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -78,38 +96,74 @@ class Link(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
         reader = self._reader
         reader.feed(data)
         on_message = self._on_message
-        replies = self._replies
         try:
-            while (reply := reader.gets()) is not False:
+            while (reply := reader.gets()) is not _MORE:
                 if type(reply) is _PUSH:
                     kind = reply[0]
-                    if kind == b"message":
+                    if kind == b"message" or kind == b"smessage":
                         on_message(reply[1], reply[2])
-                    elif kind == b"subscribe":
-                        self.channels.add(reply[1])
-                        if self._on_subscribe is not None:
-                            self._on_subscribe(reply[1])
-                    elif kind == b"unsubscribe":
-                        self.channels.discard(reply[1])
-                    continue
-                if isinstance(reply, hiredis.ReplyError):
-                    reply = _error(str(reply))
-                replies.append(reply)
-                if not self._waiting:
-                    self.abort("a reply nobody asked for")
+                    else:
+                        self._confirmed(kind, reply[1])
+                elif not self._reply(reply):
                     return
-                count, future = self._waiting[0]
-                if len(replies) == count:
-                    self._waiting.popleft()
-                    self._replies = []
-                    if not future.done():
-                        future.set_result(replies)
-                    replies = self._replies
         except hiredis.ProtocolError as exc:
             self.abort(f"unreadable reply from Redis: {exc}")
+
+    def _reply(self, reply: Any) -> bool:
+        """A reply to a command (not a push); False if the link was dropped."""
+        if isinstance(reply, hiredis.ReplyError):
+            reply = _error(str(reply))
+        waiting = self._waiting
+        if not waiting:
+            self.abort("a reply nobody asked for")
+            return False
+        head = waiting[0]
+        if isinstance(head, _Subscription):  # Redis refused a (un)subscribe
+            waiting.popleft()
+            if self._on_dropped is not None and head.subscribe:
+                for channel in head.channels:
+                    self._on_dropped(channel, str(reply))
+            return True
+        replies = self._replies
+        replies.append(reply)
+        count, future = head
+        if len(replies) == count:
+            waiting.popleft()
+            self._replies = []
+            if not future.done():
+                future.set_result(replies)
+        return True
+
+    def _confirmed(self, kind: bytes, channel: bytes) -> None:
+        """A (un)subscribe confirmation, or a channel Redis dropped by itself
+        (a Cluster slot that moved to another shard)."""
+        subscribed = kind == b"subscribe" or kind == b"ssubscribe"
+        if not subscribed and kind != b"unsubscribe" and kind != b"sunsubscribe":
+            return  # a push we do not use
+        waiting = self._waiting
+        head = waiting[0] if waiting else None
+        ours = (
+            isinstance(head, _Subscription)
+            and head.subscribe == subscribed
+            and channel in head.channels
+        )
+        if ours:
+            assert isinstance(head, _Subscription)
+            head.channels.discard(channel)
+            if not head.channels:
+                waiting.popleft()
+        if subscribed:
+            self.channels.add(channel)
+            if self._on_subscribe is not None:
+                self._on_subscribe(channel)
+            return
+        self.channels.discard(channel)
+        if not ours and self._on_dropped is not None:
+            self._on_dropped(channel, "the channel's slot moved")
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None and self.lost_reason is _CLOSED:
@@ -117,7 +171,10 @@ class Link(asyncio.Protocol):
         self._transport = None
         self.channels.clear()
         while self._waiting:
-            _, future = self._waiting.popleft()
+            head = self._waiting.popleft()
+            if isinstance(head, _Subscription):
+                continue
+            _, future = head
             if not future.done():
                 future.set_exception(InFlightLost(self.lost_reason))
         if not self.closed.done():
@@ -141,23 +198,28 @@ class Link(asyncio.Protocol):
         return future
 
     def subscribe(self, channels: Iterable[bytes]) -> None:
-        """SUBSCRIBE, batched in chunks; confirmed channels appear in ``channels``."""
-        self._batched(b"SUBSCRIBE", list(channels))
+        """(S)SUBSCRIBE, batched; confirmed channels appear in ``channels``."""
+        self._batched(self._subscribe, list(channels), subscribe=True)
 
     def unsubscribe(self, channels: Iterable[bytes] | None = None) -> None:
-        """UNSUBSCRIBE from ``channels``, or from every channel if None."""
+        """(S)UNSUBSCRIBE from ``channels``, or from every channel if None."""
         if channels is None:
-            self._write(pack_command(b"UNSUBSCRIBE"))
-        else:
-            self._batched(b"UNSUBSCRIBE", list(channels))
+            channels = list(self.channels)
+            if not channels:
+                return
+        self._batched(self._unsubscribe, list(channels), subscribe=False)
 
-    def _batched(self, command: bytes, channels: list[bytes]) -> None:
-        for i in range(0, len(channels), _CHUNK):
-            self._write(pack_command(command, *channels[i : i + _CHUNK]))
-
-    def _write(self, data: bytes) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(data)
+    def _batched(self, command: bytes, channels: list[bytes], *, subscribe: bool) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        size = 1 if self.sharded else _CHUNK
+        out = []
+        for i in range(0, len(channels), size):
+            chunk = channels[i : i + size]
+            self._waiting.append(_Subscription(subscribe, set(chunk)))
+            out.append(pack_command(command, *chunk))
+        transport.write(b"".join(out))
 
     def close(self) -> None:
         """Close after the data already written has been sent."""
@@ -172,6 +234,19 @@ class Link(asyncio.Protocol):
             self._transport.abort()
 
 
+class _Subscription:
+    """A (un)subscribe command in flight: the channels not yet confirmed."""
+
+    __slots__ = ("channels", "subscribe")
+
+    def __init__(self, subscribe: bool, channels: set[bytes]) -> None:
+        self.subscribe = subscribe
+        self.channels = channels
+
+
+_Waiting = tuple[int, "asyncio.Future[list[Any]]"] | _Subscription
+
+
 def _error(text: str) -> ResponseError:
     if text.startswith("NOSCRIPT"):
         return NoScriptError(text)
@@ -184,7 +259,8 @@ def _hello(address: RedisAddress, client_name: str) -> bytes:
     args = [b"HELLO", b"3"]
     if address.password is not None:
         args += [b"AUTH", (address.username or "default").encode(), address.password.encode()]
-    args += [b"SETNAME", client_name.encode()]
+    if client_name:
+        args += [b"SETNAME", client_name.encode()]
     hello = pack_command(*args)
     if address.db:
         hello += pack_command(b"SELECT", str(address.db).encode())
@@ -196,32 +272,48 @@ async def open_link(
     on_message: OnMessage,
     *,
     on_subscribe: Callable[[bytes], None] | None = None,
+    on_dropped: Callable[[bytes, str], None] | None = None,
     client_name: str,
     timeout: float,
+    sharded: bool = False,
+    primary_only: bool = False,
 ) -> Link:
     """Connect, speak RESP3, authenticate, name the connection and select the
     database within ``timeout``. Raises ``OSError``, ``TimeoutError`` or
     ``BroadcastError``; on failure the connection is already closed.
     (Subscriptions come next, ``subscribe``, confirmed by pushes: see
-    ``on_subscribe``.)"""
+    ``on_subscribe``.) ``primary_only``: refuse a node that is not a
+    primary (``ROLE``), as a Sentinel's old primary may be."""
     link: Link | None = None
 
     def factory() -> Link:
         nonlocal link
-        link = Link(on_message, on_subscribe)
+        link = Link(on_message, on_subscribe, sharded=sharded, on_dropped=on_dropped)
         return link
 
     try:
         async with asyncio.timeout(timeout):
             await address.connect(factory)
             assert link is not None  # the factory ran when the connection was made
+            hello = _hello(address, client_name)
             count = 2 if address.db else 1
-            replies = await link.call(_hello(address, client_name), count)
+            if primary_only:
+                hello += pack_command(b"ROLE")
+                count += 1
+            replies = await link.call(hello, count)
             refused = [r for r in replies if isinstance(r, ResponseError)]
             if refused:
                 raise BroadcastError(f"Redis refused the connection: {refused[0]}")
+            if primary_only and _text(replies[-1][0]) != "master":
+                raise BroadcastError(
+                    f"{address.label} is not a primary (its role: {_text(replies[-1][0])})"
+                )
     except BaseException:
         if link is not None:
             link.abort()
         raise
     return link
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

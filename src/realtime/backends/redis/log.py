@@ -26,7 +26,7 @@ from ...core.sequencer import Entry
 from ..base import Slice, Stamp, Unstored, content_digest, key_field, new_epoch
 from .names import Names
 from .resp import pack_command
-from .scripts import APPEND, READ
+from .scripts import APPEND, READ, REBASE, quiet, sharded
 
 __all__ = ["RedisRoomLog"]
 
@@ -42,16 +42,23 @@ class RedisRoomLog:
         history_ttl: float,
         history_max_bytes: int = 1 << 20,
         idempotency_keys: int = 1000,
+        publish: bool = True,
     ) -> None:
         self.names = names
+        script = APPEND if publish else quiet(APPEND)
+        self.append_script = sharded(script) if names.sharded else script
+        """``append.lua``; on a Cluster its publishes sharded; without them
+        when the pod publishes once replicas have the message (``publish``)."""
         self.history_length = history_length
         self.ttl_ms = max(1, int(history_ttl * 1000))
         self.max_bytes = history_max_bytes
         self.max_keys = idempotency_keys
 
-    def append_command(self, batch: Sequence[tuple[Message, str | None, bytes]]) -> bytes:
-        """One ``EVALSHA`` that appends every ``(message, key, body)`` of
-        ``batch`` (room messages: the body is ``message.body()``), packed."""
+    def append_command(self, batch: Sequence[tuple[Message, str | None, bytes, str]]) -> bytes:
+        """One ``EVALSHA`` that appends every ``(message, key, body, seen)``
+        of ``batch`` (room messages: the body is ``message.body()``; ``seen``
+        the newest entry of the room the pod has seen, ``<offset>:<epoch>``,
+        or ''), packed. On a Cluster, the rooms of a batch share one slot."""
         keys: list[str] = []
         args: list[bytes | str | int] = [
             self.ttl_ms,
@@ -61,7 +68,7 @@ class RedisRoomLog:
             self.names.envelope,
             time.time_ns() // 1_000_000,
         ]
-        for message, key, body in batch:
+        for message, key, body, seen in batch:
             room = message.room
             assert room is not None  # only room messages are appended
             keys += self.names.log_keys(room)
@@ -71,8 +78,9 @@ class RedisRoomLog:
                 body,
                 "" if key is None else key_field(message, key),
                 "" if key is None else content_digest(message),
+                seen,
             ]
-        return pack_command(b"EVALSHA", APPEND.sha, len(keys), *keys, *args)
+        return pack_command(b"EVALSHA", self.append_script.sha, len(keys), *keys, *args)
 
     @staticmethod
     def parse_append(reply: Any) -> list[Stamp | Unstored]:
@@ -86,14 +94,19 @@ class RedisRoomLog:
                 outcomes.append(Stamp(_text(epoch), int(offset), duplicate=flag == 1))
         return outcomes
 
-    def read_command(self, room: str, after: int, limit: int, epoch: str | None) -> list[Any]:
+    def read_command(self, room: str, after: int, limit: int, epoch: str | None) -> bytes:
         seq, history, _, _ = self.names.log_keys(room)
-        return ["EVALSHA", READ.sha, 2, seq, history, after, limit, epoch or ""]
+        return pack_command(b"EVALSHA", READ.sha, 2, seq, history, after, limit, epoch or "")
+
+    def rebase_command(self, room: str, epoch: str, offset: int) -> bytes:
+        """Move ``room`` to a new epoch if it is behind ``offset`` in ``epoch``."""
+        seq, history, _, _ = self.names.log_keys(room)
+        return pack_command(b"EVALSHA", REBASE.sha, 2, seq, history, epoch, offset, new_epoch())
 
     @staticmethod
     def parse_read(reply: Any, after: int) -> Slice:
         epoch_raw, newest, first, raw_entries = reply
-        if epoch_raw is None:
+        if epoch_raw is None or epoch_raw is False:
             return Slice(None, 0, 1, ())
         epoch = _text(epoch_raw)
         entries = []

@@ -15,7 +15,11 @@ For a deployment whose names start with ``prefix`` (``REDIS_CHANNEL_PREFIX``):
 =====================================  ============================================
 
 A room's keys share the ``{<room>}`` hash tag, so they live in one slot (and
-on one shard of a Redis Cluster) and one script may touch them all.
+on one shard of a Redis Cluster) and one script may touch them all. On a
+Cluster the channels are sharded (``SSUBSCRIBE``): a room's is
+``{prefix}:room:{<room>}``, in its keys' slot, so the append script can
+``SPUBLISH`` it; a pod's heartbeat channel is one per shard,
+``{prefix}:pod:<pod>:{<tag>}``, its tag picked to fall in that shard's slots.
 
 Envelope: what a pod publishes starts with ``<pod id>\\n``, so each pod can
 skip what it published itself (it delivered that already). Then either an
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 from ...core.protocol import entry_payload
 from ...core.sequencer import Entry
+from .slots import key_slot
 
 __all__ = ["Names", "read_entry"]
 
@@ -35,10 +40,18 @@ __all__ = ["Names", "read_entry"]
 class Names:
     """Channels, keys and the envelope of one deployment, seen from one pod."""
 
-    __slots__ = ("envelope", "global_channel", "pod_channel", "prefix", "room_channel_prefix")
+    __slots__ = (
+        "envelope",
+        "global_channel",
+        "pod_channel",
+        "prefix",
+        "room_channel_prefix",
+        "sharded",
+    )
 
-    def __init__(self, prefix: str, pod_id: str) -> None:
+    def __init__(self, prefix: str, pod_id: str, *, sharded: bool = False) -> None:
         self.prefix = prefix
+        self.sharded = sharded
         self.global_channel = f"{prefix}:global".encode()
         self.room_channel_prefix = f"{prefix}:room:".encode()
         self.pod_channel = f"{prefix}:pod:{pod_id}".encode()
@@ -49,7 +62,21 @@ class Names:
         """The channel of ``room`` (None: the global channel)."""
         if room is None:
             return self.global_channel
+        if self.sharded:
+            return self.room_channel_prefix + b"{" + room.encode() + b"}"
         return self.room_channel_prefix + room.encode()
+
+    def heartbeat_channel(self, slots: tuple[int, int] | None = None) -> bytes:
+        """The pod's heartbeat channel; on a Cluster, one whose slot falls in
+        ``slots`` (so it is served by that shard)."""
+        if slots is None:
+            return self.pod_channel
+        start, end = slots
+        for tag in range(1_000_000):  # about 16384 / (end - start + 1) tries
+            channel = self.pod_channel + b":{" + str(tag).encode() + b"}"
+            if start <= key_slot(channel) <= end:
+                return channel
+        raise AssertionError("no tag falls in the slot range")  # pragma: no cover
 
     def _room(self, room: str) -> str:
         return f"{self.prefix}:room:{{{room}}}"

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import NoScriptError
+import orjson
+from redis.exceptions import NoScriptError, ResponseError
 
 from ...core.histogram import ROUNDTRIP_BUCKETS, Histogram
 from ...core.protocol import Message, entry_payload
@@ -42,7 +44,7 @@ from .link import STALLED, Link
 from .log import RedisRoomLog
 from .resp import LINK_ERRORS, InFlightLost, describe, pack_command
 
-__all__ = ["OnEntry", "Publisher", "PublisherCounters"]
+__all__ = ["OnEntry", "Outgoing", "Publisher", "PublisherCounters", "is_redirect"]
 
 log = logging.getLogger("realtime.redis")
 
@@ -62,9 +64,37 @@ class _Append:
     idempotency_key: str | None
     body: bytes
     """``message.body()``, encoded once for the script and the stamped copy."""
+    slot: int = 0
+    """The Cluster slot of the room's keys (0 elsewhere)."""
+    seen: str = ""
+    """The newest entry of the room the pod had seen when it was queued,
+    ``<offset>:<epoch>`` ('' if none): the script checks Redis is not behind."""
+    queued_at: float = 0.0
+    """When it was first queued (a Cluster may send it back: see ``requeue``)."""
 
 
-_Outgoing = tuple[bytes, bytes] | _Append
+Outgoing = tuple[bytes, bytes] | _Append
+_Result = list[Stamp | Unstored] | BaseException
+"""One script call's outcomes, or why there are none."""
+
+_REDIRECTS = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "READONLY", "LOADING", "MASTERDOWN")
+
+
+def _unreplicated(outcome: Stamp | Unstored) -> Stamp | Unstored:
+    if isinstance(outcome, Stamp):
+        return Stamp(outcome.epoch, outcome.offset, outcome.duplicate, replicated=False)
+    return outcome
+
+
+def _ignore(future: asyncio.Future[list[Any]]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: a lost link is handled elsewhere
+
+
+def is_redirect(error: BaseException) -> bool:
+    """An error reply that says "not here, not now": the command did not run;
+    the backend finds where it goes and sends it again."""
+    return isinstance(error, ResponseError) and str(error).startswith(_REDIRECTS)
 
 
 @dataclass(slots=True)
@@ -77,6 +107,12 @@ class PublisherCounters:
     """room messages stamped, stored and published by the room log script"""
     append_failures: int = 0
     """room messages that could not be stored (delivered locally, unstamped)"""
+    unreplicated: int = 0
+    """room messages stored on the primary that no replica confirmed in time"""
+    redirected: int = 0
+    """messages a Cluster node sent elsewhere (``MOVED``, ``ASK``, …) and sent again"""
+    resent: int = 0
+    """room messages in flight when a connection went, found not stored and sent again"""
 
 
 class Publisher:
@@ -94,22 +130,36 @@ class Publisher:
         batch: int,
         on_entry: OnEntry,
         load_scripts: Callable[[], Awaitable[None]],
+        on_redirect: Callable[[list[Outgoing], str], None] | None = None,
+        sharded: bool = False,
+        wait_replicas: int = 0,
+        wait_timeout: float = 0.0,
+        roundtrip: Histogram | None = None,
     ) -> None:
         self._link = link
         """The pod's link to Redis (waiting, briefly, while it reconnects),
         or None while Redis cannot be reached."""
         self._pod_id = pod_id
+        self._envelope = pod_id.encode() + b"\n"
         self._log = room_log
         self._heartbeat_channel = heartbeat_channel
         self._timeout = timeout
         self._queue = queue
         self._batch = batch
         self.counters = PublisherCounters()
-        self.roundtrip = Histogram(ROUNDTRIP_BUCKETS)  # seconds per batch: write to last reply
+        self.roundtrip = roundtrip or Histogram(ROUNDTRIP_BUCKETS)
+        """Seconds per batch: its write to its last reply."""
         self._on_entry = on_entry
         self._load_scripts = load_scripts
+        self._sharded = sharded
+        self._publish_command = b"SPUBLISH" if sharded else b"PUBLISH"
+        self._wait_replicas = wait_replicas
+        self._wait = pack_command(b"WAIT", wait_replicas, max(1, int(wait_timeout * 1000)))
+        self._on_redirect = on_redirect or self._redirect_failed
 
-        self._outbox: deque[_Outgoing] = deque()
+        self._outbox: deque[Outgoing] = deque()
+        self._written = False
+        """The batch being sent has been written (its outcome is Redis's)."""
         self._outbox_ready = asyncio.Event()
         self._outage = False
 
@@ -130,7 +180,13 @@ class Publisher:
         self._push((self._heartbeat_channel, _HEARTBEAT))
 
     def append(
-        self, message: Message, channel: bytes, done: OnAppended, idempotency_key: str | None
+        self,
+        message: Message,
+        channel: bytes,
+        done: OnAppended,
+        idempotency_key: str | None,
+        slot: int = 0,
+        seen: str = "",
     ) -> None:
         """Queue a room message for the room log script; ``done`` gets its stamp."""
         if len(self._outbox) >= self._queue:
@@ -138,13 +194,58 @@ class Publisher:
             self.counters.append_failures += 1
             done(Unstored.FAILED)
             return
-        self._push(_Append(message, channel, done, idempotency_key, message.body()))
+        item = _Append(message, channel, done, idempotency_key, message.body(), slot, seen)
+        item.queued_at = time.monotonic()
+        self._push(item)
+
+    def requeue(self, items: list[Outgoing]) -> None:
+        """Queue again, ahead of everything, what a Cluster node sent back
+        (they go before anything queued later for the same room)."""
+        self.counters.redirected += len(items)
+        self._outbox.extendleft(reversed(items))
+        if items and not self._outbox_ready.is_set():
+            self._outbox_ready.set()
+
+    def take(self) -> list[Outgoing]:
+        """Everything queued, taken out (a shard that is gone hands it over)."""
+        items = list(self._outbox)
+        self._outbox.clear()
+        return [i for i in items if not (isinstance(i, tuple) and i[0] == self._heartbeat_channel)]
+
+    def fail(self, items: list[Outgoing], reason: str) -> None:
+        """Give up on ``items``: count them, tell each append."""
+        appends = [i for i in items if isinstance(i, _Append)]
+        self.counters.append_failures += len(appends)
+        for item in appends:
+            item.done(Unstored.FAILED)
+        if items:
+            self._publish_failed(len(items), reason)
+
+    def _redirect_failed(self, items: list[Outgoing], reason: str) -> None:
+        self.fail(items, reason)
+
+    def _interrupted(self, batch: list[Outgoing]) -> None:
+        """``run`` was cancelled in the middle of ``batch``: what was not
+        written yet goes back to the outbox (for ``take``); what was is
+        unknown."""
+        if not self._written:
+            self._outbox.extendleft(reversed(batch))
+            return
+        for item in batch:
+            if isinstance(item, _Append):
+                self.counters.append_failures += 1
+                item.done(Unstored.UNKNOWN)
 
     def close(self) -> None:
-        """Drop whatever is still queued (once ``run`` is cancelled)."""
+        """Drop whatever is still queued (once ``run`` is cancelled): each
+        append is told it was not stored."""
+        items = list(self._outbox)
         self._outbox.clear()
+        for item in items:
+            if isinstance(item, _Append):
+                item.done(Unstored.FAILED)
 
-    def _push(self, item: _Outgoing) -> None:
+    def _push(self, item: Outgoing) -> None:
         self._outbox.append(item)
         if not self._outbox_ready.is_set():
             self._outbox_ready.set()
@@ -159,100 +260,236 @@ class Publisher:
                 await self._outbox_ready.wait()
             count = min(len(outbox), self._batch)
             batch = [outbox.popleft() for _ in range(count)]
-            await self._send(batch)
+            self._written = False
+            try:
+                await self._send(batch)
+            except asyncio.CancelledError:
+                self._interrupted(batch)
+                raise
             if task is not None and task.cancelling():
                 # redis-py (loading scripts) can turn a cancellation into a connection error
                 raise asyncio.CancelledError
 
-    async def _send(self, batch: list[_Outgoing]) -> None:
+    async def _send(self, batch: list[Outgoing]) -> None:
         """The one place that writes messages to Redis: the batch's appends
-        in one ``EVALSHA`` and its publishes, in one write, then their
-        replies; each append's outcome goes to its ``done``, in outbox order."""
+        in one ``EVALSHA`` (one per slot on a Cluster) and its publishes, in
+        one write, then their replies; each append's outcome goes to its
+        ``done``, in outbox order."""
         appends = [item for item in batch if isinstance(item, _Append)]
         publishes = [item for item in batch if not isinstance(item, _Append)]
-        link, outcomes, published = await self._replies(appends, publishes)
-        if isinstance(outcomes, NoScriptError):
-            # Redis lost its script cache (restart, SCRIPT FLUSH): load the
-            # scripts and append again (the script did not run).
+        groups = self._groups(appends)
+        link, results, published = await self._replies(groups, publishes)
+        if any(isinstance(r, NoScriptError) for r in results):
+            # Redis lost its script cache (restart, SCRIPT FLUSH, a promoted
+            # replica): load the scripts and append again (the script did not run).
+            redo = [g for g, r in zip(groups, results, strict=True) if isinstance(r, NoScriptError)]
             try:
                 await self._load_scripts()
             except LINK_ERRORS as exc:
-                outcomes = exc
+                again: list[_Result] = [exc] * len(redo)
             else:
-                link, outcomes, _ = await self._replies(appends, [])
+                link, again, _ = await self._replies(redo, [])
+            it = iter(again)
+            results = [next(it) if isinstance(r, NoScriptError) else r for r in results]
         failed = 0
         reason = ""
-        for (channel, _), reply in zip(publishes, published, strict=True):
+        bounced: list[Outgoing] = []
+        for sent, reply in zip(publishes, published, strict=True):
+            channel = sent[0]
             if isinstance(reply, BaseException):
+                if channel == self._heartbeat_channel:
+                    continue
+                if is_redirect(reply):
+                    bounced.append(sent)
+                    continue
                 reason = describe(reply)
-                failed += channel != self._heartbeat_channel
+                failed += 1
             elif channel != self._heartbeat_channel:
                 self.counters.published += 1
-        if isinstance(outcomes, BaseException):
-            if appends:
-                reason = describe(outcomes)
-                failed += len(appends)
-                self.counters.append_failures += len(appends)
-                lost = Unstored.UNKNOWN if isinstance(outcomes, InFlightLost) else Unstored.FAILED
-                for append in appends:
-                    append.done(lost)
-        else:
-            self._appended(appends, outcomes, link)
+        # each append's outcome, then every ``done`` in outbox order
+        outcomes: dict[int, Stamp | Unstored | BaseException] = {}
+        for group, result in zip(groups, results, strict=True):
+            for index, item in enumerate(group):
+                outcomes[id(item)] = result if isinstance(result, BaseException) else result[index]
+        lost = [item for item in appends if isinstance(outcomes[id(item)], InFlightLost)]
+        unstored: list[_Append] = []
+        if lost:  # the link went with them: were they stored? ask the history
+            found, unstored = await self._settle(lost)
+            outcomes.update(found)
+        resend = {id(item) for item in unstored}
+        stamped: list[tuple[_Append, Stamp | Unstored]] = []
+        for item in appends:
+            outcome = outcomes[id(item)]
+            if id(item) in resend:
+                continue  # not stored: sent again, first of the outbox
+            if not isinstance(outcome, BaseException):
+                stamped.append((item, outcome))
+                continue
+            if stamped:
+                self._appended(stamped, link)
+                stamped = []
+            reason = describe(outcome)
+            if is_redirect(outcome):
+                bounced.append(item)
+                continue
+            failed += 1
+            self.counters.append_failures += 1
+            item.done(Unstored.UNKNOWN if isinstance(outcome, InFlightLost) else Unstored.FAILED)
+        if stamped:
+            self._appended(stamped, link)
+        if unstored:
+            self.counters.resent += len(unstored)
+            self._outbox.extendleft(reversed(unstored))
+        if bounced:
+            self._on_redirect(bounced, reason)
         if failed:
             self._publish_failed(failed, reason)
-        elif self._outage:
+        elif self._outage and not bounced:
             self._outage = False
             log.info("publishing to redis works again (pod=%s)", self._pod_id)
 
-    def _appended(
-        self, appends: list[_Append], outcomes: list[Stamp | Unstored], link: Link | None
-    ) -> None:
-        pushed = link.channels if link is not None else set()
-        for item, outcome in zip(appends, outcomes, strict=True):
+    async def _settle(self, lost: list[_Append]) -> tuple[dict[int, Stamp], list[_Append]]:
+        """The connection went with ``lost`` in flight. Once a link is up,
+        read each room's history after what the pod had seen: a message found
+        there (by its id) was stored, and gets its stamp; one the history
+        shows was not stored is sent again; any other stays unknown."""
+        found: dict[int, Stamp] = {}
+        again: list[_Append] = []
+        link = await self._link()
+        if link is None or not link.open:
+            return found, again
+        rooms: dict[str, list[_Append]] = {}
+        for item in lost:
+            assert item.message.room is not None  # only room messages are appended
+            rooms.setdefault(item.message.room, []).append(item)
+        limit = self._log.history_length
+        reads: list[tuple[list[_Append], int, str]] = []
+        commands = []
+        for room, items in rooms.items():
+            offset, _, epoch = items[0].seen.partition(":")
+            after = int(offset) if offset else -1
+            reads.append((items, after, epoch))
+            commands.append(self._log.read_command(room, after, limit, epoch or None))
+        try:
+            async with asyncio.timeout(self._timeout):
+                replies = await link.call(b"".join(commands), len(commands))
+        except (TimeoutError, *LINK_ERRORS):
+            return found, again
+        for (items, after, epoch), reply in zip(reads, replies, strict=True):
+            if isinstance(reply, BaseException):
+                continue
+            got = self._log.parse_read(reply, after)
+            # Everything the room stored since then is in this read: the
+            # same epoch, history kept from there, fewer than the limit.
+            whole = (
+                after >= 0
+                and got.epoch == epoch
+                and got.first <= after + 1
+                and len(got.entries) < limit
+            )
+            for item in items:
+                marker = b'"id":' + orjson.dumps(item.message.id)
+                entry = next((e for e in got.entries if marker in e.payload), None)
+                if entry is not None:
+                    stamp = Stamp(entry.epoch, entry.offset, replicated=not self._wait_replicas)
+                    found[id(item)] = stamp
+                elif whole:
+                    again.append(item)
+        return found, again
+
+    def _groups(self, appends: list[_Append]) -> list[list[_Append]]:
+        """The appends of a batch by script call: all in one, or, on a
+        Cluster, one per slot (a script's keys must share one), in order."""
+        if not appends:
+            return []
+        if not self._sharded:
+            return [appends]
+        by_slot: dict[int, list[_Append]] = {}
+        for item in appends:
+            by_slot.setdefault(item.slot, []).append(item)
+        return list(by_slot.values())
+
+    def _appended(self, stamped: list[tuple[_Append, Stamp | Unstored]], link: Link | None) -> None:
+        pushed = link.channels if link is not None and not self._wait_replicas else set()
+        late: list[bytes] = []
+        for item, outcome in stamped:
             if isinstance(outcome, Stamp) and not outcome.duplicate:
                 self.counters.appended += 1
                 self.counters.published += 1
+                if self._wait_replicas:  # the replicas have it: now it may be seen
+                    envelope = b"%s%d:%s\n%s" % (
+                        self._envelope,
+                        outcome.offset,
+                        outcome.epoch.encode(),
+                        item.body,
+                    )
+                    late.append(pack_command(self._publish_command, item.channel, envelope))
                 if item.channel not in pushed:  # no push brings it: deliver from here
                     room = item.message.room
                     assert room is not None  # only room messages are appended
                     payload = entry_payload(item.body, outcome.epoch, outcome.offset)
                     self._on_entry(room, Entry(outcome.epoch, outcome.offset, payload))
+            if isinstance(outcome, Stamp) and not outcome.replicated:
+                self.counters.unreplicated += 1
             item.done(outcome)
+        if late and link is not None:
+            # Not awaited: if these are lost, the other pods find the
+            # messages in the history when the next ones arrive.
+            link.call(b"".join(late), len(late)).add_done_callback(_ignore)
 
     async def _replies(
-        self, appends: list[_Append], publishes: list[tuple[bytes, bytes]]
-    ) -> tuple[Link | None, list[Stamp | Unstored] | BaseException, list[Any]]:
+        self, groups: list[list[_Append]], publishes: list[tuple[bytes, bytes]]
+    ) -> tuple[Link | None, list[_Result], list[Any]]:
         """``_roundtrip``, with a failure of the whole batch in every place:
-        the link used, the appends' outcomes (or why there are none) and each
-        publish's reply."""
+        the link used, each script call's outcomes (or why there are none)
+        and each publish's reply."""
         link = await self._link()
         try:
-            replies = await self._roundtrip(link, appends, publishes)
+            replies = await self._roundtrip(link, groups, publishes)
         except LINK_ERRORS as exc:
-            return link, exc, [exc] * len(publishes)
+            return link, [exc] * len(groups), [exc] * len(publishes)
         except Exception as exc:  # a bug: count and log it, keep the publisher alive
             log.exception("publishing to redis failed unexpectedly")
-            return link, exc, [exc] * len(publishes)
-        if not appends:
-            return link, [], replies
-        reply, published = replies[0], replies[1:]
-        if isinstance(reply, BaseException):
-            return link, reply, published
-        return link, self._log.parse_append(reply), published
+            return link, [exc] * len(groups), [exc] * len(publishes)
+        count = len(groups)
+        waited = count > 0 and self._wait_replicas > 0
+        results: list[_Result] = [
+            reply if isinstance(reply, BaseException) else self._log.parse_append(reply)
+            for reply in replies[:count]
+        ]
+        if waited:
+            acks = replies[count]
+            if isinstance(acks, BaseException) or int(acks) < self._wait_replicas:
+                # Stored on the primary, but not (yet) on enough replicas (a
+                # primary without one, after a failover): delivered all the
+                # same, its sender told that a failover may lose it.
+                results = [
+                    r if isinstance(r, BaseException) else [_unreplicated(o) for o in r]
+                    for r in results
+                ]
+        return link, results, replies[count + waited :]
 
     async def _roundtrip(
-        self, link: Link | None, appends: list[_Append], publishes: list[tuple[bytes, bytes]]
+        self,
+        link: Link | None,
+        groups: list[list[_Append]],
+        publishes: list[tuple[bytes, bytes]],
     ) -> list[Any]:
         """Write the batch at once; read one reply per command (a refused
         command's ``ResponseError`` in its place)."""
-        commands = []
-        if appends:
-            commands.append(
-                self._log.append_command([(a.message, a.idempotency_key, a.body) for a in appends])
+        commands = [
+            self._log.append_command(
+                [(a.message, a.idempotency_key, a.body, a.seen) for a in group]
             )
-        commands += [pack_command(b"PUBLISH", *item) for item in publishes]
+            for group in groups
+        ]
+        if groups and self._wait_replicas > 0:
+            commands.append(self._wait)
+        publish = self._publish_command
+        commands += [pack_command(publish, *item) for item in publishes]
         if link is None or not link.open:
             raise ConnectionError("the link to Redis is down")
+        self._written = True
         try:
             async with asyncio.timeout(self._timeout), self.roundtrip.time():
                 return await link.call(b"".join(commands), len(commands))

@@ -81,6 +81,11 @@ class RedisAddress:
             db=int(kwargs.get("db") or 0),
         )
 
+    @property
+    def label(self) -> str:
+        """``host:port`` or the socket's path: for logs and stats (no secrets)."""
+        return self.path if self.path is not None else f"{self.host}:{self.port}"
+
     async def connect(self, factory: Callable[[], asyncio.Protocol]) -> None:
         """Open a connection (TCP, TLS or unix socket) to ``factory()``."""
         loop = asyncio.get_running_loop()

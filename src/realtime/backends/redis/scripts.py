@@ -14,7 +14,18 @@ from importlib import resources
 
 from ..base import PRESENCE_BURST
 
-__all__ = ["APPEND", "PRESENCE_MEMBERS", "PRESENCE_REFRESH", "PRESENCE_UPDATE", "READ", "Script"]
+__all__ = [
+    "APPEND",
+    "PRESENCE_MEMBERS",
+    "PRESENCE_REFRESH",
+    "PRESENCE_UPDATE",
+    "READ",
+    "REBASE",
+    "SCRIPTS",
+    "Script",
+    "quiet",
+    "sharded",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,3 +57,21 @@ READ = _load("read")
 PRESENCE_UPDATE = _load("presence_update", prelude="presence_common")
 PRESENCE_REFRESH = _load("presence_refresh", prelude="presence_common")
 PRESENCE_MEMBERS = _load("presence_members")
+REBASE = _load("rebase")
+"""Move a room that Redis set back (a failover lost writes) to a new epoch."""
+SCRIPTS = (APPEND, READ, REBASE, PRESENCE_UPDATE, PRESENCE_REFRESH, PRESENCE_MEMBERS)
+
+
+@functools.cache
+def quiet(script: Script) -> Script:
+    """``script`` without its publishes (the pod publishes what it stored once
+    replicas have it: see ``Publisher``)."""
+    lines = [line for line in script.source.splitlines() if "redis.call('PUBLISH'," not in line]
+    return Script(script.name, "\n".join(lines) + "\n")
+
+
+@functools.cache
+def sharded(script: Script) -> Script:
+    """``script`` for a Cluster: its publishes on sharded channels (``SPUBLISH``)."""
+    source = script.source.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
+    return script if source == script.source else Script(script.name, source)
