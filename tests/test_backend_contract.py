@@ -354,3 +354,26 @@ async def test_append_while_redis_is_down_reports_no_stamp(redis_server: RedisSe
         assert log.stats()["append_failures"] == 1
     finally:
         await log.stop()
+
+
+# -- claims ------------------------------------------------------------------------
+
+
+async def test_a_claim_is_held_once_across_pods_until_it_expires(make: Factory) -> None:
+    first = make("pod-a")
+    await started(first)
+    second = first  # local-only: one pod is all there is
+    if not isinstance(first, MemoryBackend):
+        second = make("pod-b")
+        await started(second)
+    assert await first.claim("k1", "one", 30) is None
+    assert await second.claim("k1", "two", 30) == "one"
+    assert await first.claim("k1", "three", 30) == "one"
+    assert await second.claim("k2", "two", 30) is None  # another name
+    assert await first.claim("short", "a", 0.05) is None
+
+    async def expired() -> bool:
+        return await first.claim("short", "b", 30) is None
+
+    await eventually(expired, timeout=5)
+    assert await second.claim("short", "c", 30) == "b"

@@ -111,6 +111,7 @@ def make_node(
         return Node(
             node_settings(config),
             identify=make_identify(origins, auth),
+            reauthorize=None if auth is None else auth.reauthorize,
         )
     except (BroadcastError, ValueError) as exc:
         raise ConfigError("REDIS_URL", str(exc)) from None

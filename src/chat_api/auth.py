@@ -301,6 +301,14 @@ class Authenticator:
             )
             raise _refusal(exc) from None
 
+    async def reauthorize(self, token: str) -> Admission:
+        """The realtime ``reauthorize`` hook (a ``refresh`` frame's token):
+        the admission it grants, or ``Refused`` with the reason."""
+        try:
+            return await self.admit(token)
+        except TokenError as exc:
+            raise _refusal(exc) from None
+
     async def is_admin(self, token: str) -> bool:
         try:
             claims = await self.verify(token)

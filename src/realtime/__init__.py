@@ -32,7 +32,14 @@ if TYPE_CHECKING:
         open_backend,
     )
     from .backends.redis.backend import RedisBackend
-    from .core.access import Admission, Handshake, Identify, RoomCheck, guest_identity
+    from .core.access import (
+        Admission,
+        Handshake,
+        Identify,
+        Reauthorize,
+        RoomCheck,
+        guest_identity,
+    )
     from .core.connection import Connection, ConnectionState, Outgoing, Transport
     from .core.exceptions import BroadcastError, ProtocolError, RealtimeError, Refused, StateError
     from .core.hub import LocalHub
@@ -50,6 +57,7 @@ _EXPORTS: dict[str, str] = {
     "Admission": "core.access",
     "Handshake": "core.access",
     "Identify": "core.access",
+    "Reauthorize": "core.access",
     "RoomCheck": "core.access",
     "guest_identity": "core.access",
     "Connection": "core.connection",
@@ -124,6 +132,7 @@ __all__ = [
     "ProtocolError",
     "RateLimiter",
     "RealtimeError",
+    "Reauthorize",
     "RedisBackend",
     "RedisOptions",
     "Refused",

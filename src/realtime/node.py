@@ -30,6 +30,7 @@ import enum
 import hashlib
 import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -37,7 +38,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .backends import Backend, LinkState, OnAppended, RedisOptions, Stamp, Unstored, open_backend
-from .core.access import Admission, Handshake, Identify, admission, guest_identity, read_handshake
+from .core.access import (
+    Admission,
+    Handshake,
+    Identify,
+    Reauthorize,
+    admission,
+    guest_identity,
+    read_handshake,
+)
 from .core.connection import Connection, ConnectionState, Transport
 from .core.exceptions import Refused, StateError
 from .core.histogram import LAG_BUCKETS, Histogram
@@ -46,6 +55,7 @@ from .core.protocol import Catchup, CloseCode, Message
 from .core.sequencer import Entry
 from .rooms.presence import Presence
 from .rooms.timeline import Timeline, TimelineSettings
+from .users import CONTROL_PREFIX, Users
 
 __all__ = ["Ids", "Limits", "Node", "NodeCounters", "NodeSettings", "NodeState", "close_label"]
 
@@ -140,6 +150,8 @@ class NodeCounters:
     """Frames refused by the rate limit, each answered with an error frame."""
     closed_rate_abuse: int = 0
     closed_expired: int = 0
+    refreshed: int = 0
+    """Connections that took a new token (``refresh`` frames accepted)."""
     refused: dict[int, int] = field(default_factory=dict)
     """Upgrades refused, by HTTP status."""
     started: float = field(default_factory=time.monotonic)
@@ -173,6 +185,7 @@ class Node:
         *,
         backend: Backend | None = None,
         identify: Identify = guest_identity,
+        reauthorize: Reauthorize | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
@@ -211,7 +224,11 @@ class Node:
             deliver=self.on_message,
             ttl=settings.presence_ttl,
         )
+        self.users = Users(self.hub, self.backend, clock)
+        """Every connection of one user, on every pod: messages, disconnects, bans."""
         self._identify = identify
+        self.reauthorize = reauthorize
+        """How a ``refresh`` frame's token is checked; None: refreshes are refused."""
         self.new_message_id = Ids()
         """A fresh message id, unique across pods."""
         self._connection_ids = Ids()
@@ -290,6 +307,14 @@ class Node:
             try:
                 handshake = read_handshake(self._connection_ids(), room, query, headers, remote)
                 granted = admission(await self._identify(handshake))
+                banned = self.users.banned_for(granted.identity.id)
+                if banned:
+                    self.users.counters.refused_banned += 1
+                    raise Refused(
+                        403,
+                        f"this user may not connect for another {math.ceil(banned)} s",
+                        headers={"Retry-After": str(math.ceil(banned))},
+                    )
                 if not granted.allows(handshake.room):
                     where = "the global channel" if room is None else f"room {room!r}"
                     raise Refused(403, f"not allowed in {where}")
@@ -426,6 +451,9 @@ class Node:
         self.timeline.offer(room, entry)
 
     def on_message(self, room: str | None, payload: bytes) -> None:
+        if room is None and payload.startswith(CONTROL_PREFIX):
+            self.users.on_control(payload)
+            return
         if self.hub.broadcast(room, payload):
             self.delivery_lag.observe_lag(payload)
 
@@ -472,7 +500,9 @@ class Node:
                 "rate_limit": self.counters.closed_rate_abuse,
                 "token_expired": self.counters.closed_expired,
             },
+            "refreshed": self.counters.refreshed,
             "broadcaster": dict(self.backend.stats()),
             "timeline": self.timeline.stats(),
             "presence": self.presence.stats(),
+            "users": self.users.stats(),
         }

@@ -25,7 +25,7 @@ from collections.abc import Awaitable
 from .backends import Stamp, Unstored
 from .core.access import Admission, Handshake
 from .core.connection import Connection, ConnectionState, Transport
-from .core.exceptions import BroadcastError, ProtocolError
+from .core.exceptions import BroadcastError, ProtocolError, Refused
 from .core.protocol import (
     Catchup,
     ClientFrame,
@@ -36,6 +36,7 @@ from .core.protocol import (
     Message,
     Ping,
     PresenceQuery,
+    Refresh,
     SendMessage,
     decode_client_frame,
     encode_ack,
@@ -73,10 +74,17 @@ class Session:
         """The session of a WebSocket the transport has just accepted for
         ``handshake``; it joins its room when ``start`` is awaited."""
         session = cls(node, node.connect(transport, handshake, granted), granted)
-        if granted.expires_at is not None:
-            delay = max(0.0, granted.expires_at - time.time())
-            session._expiry = asyncio.get_running_loop().call_later(delay, session._expire)
+        session._expire_at(granted.expires_at)
         return session
+
+    def _expire_at(self, expires_at: float | None) -> None:
+        """Close the connection with 1008 at ``expires_at`` (None: never)."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if expires_at is not None:
+            delay = max(0.0, expires_at - time.time())
+            self._expiry = asyncio.get_running_loop().call_later(delay, self._expire)
 
     async def start(self, room: str | None, catchup: Catchup) -> None:
         """Join the room of the URL (with its catch-up) and send the welcome,
@@ -100,6 +108,7 @@ class Session:
                 pod=node.pod_id,
                 room=room,
                 rooms=sorted({*conn.rooms, room} if room is not None else conn.rooms),
+                expires_at=self.admission.expires_at,
                 limits={
                     "max_message_bytes": limits.max_message_bytes,
                     "max_rooms": limits.max_rooms,
@@ -228,7 +237,42 @@ class Session:
                 if room not in conn.rooms:
                     raise ProtocolError(ErrorCode.NOT_IN_ROOM, f"join room {room!r} first", ref=ref)
                 return self._presence(room, ref)
+            case Refresh(token=token, ref=ref):
+                return self._refresh(token, ref)
         return None
+
+    async def _refresh(self, token: str, ref: str | int | None) -> None:
+        """Take a new credential for the same user: new terms (expiry, rooms)
+        from now on; rooms it may not join are left with a ``left`` frame
+        saying why. A bad one is refused and changes nothing."""
+        node = self._node
+        conn = self.conn
+        if node.reauthorize is None:
+            self._send_error(ErrorCode.INVALID_TOKEN, "this server does not use tokens", ref)
+            return
+        try:
+            granted = await node.reauthorize(token)
+        except Refused as exc:
+            self._send_error(ErrorCode.INVALID_TOKEN, exc.reason, ref)
+            return
+        if conn.state is not ConnectionState.OPEN:
+            return
+        if granted.identity.id != conn.identity.id:
+            message = "the new token is for another user; reconnect to change users"
+            self._send_error(ErrorCode.INVALID_TOKEN, message, ref)
+            return
+        self.admission = granted
+        self._expire_at(granted.expires_at)
+        node.counters.refreshed += 1
+        hub = node.hub
+        hub.send_to(conn, encode_event("refreshed", ref=ref, expires_at=granted.expires_at))
+        for room in sorted(conn.rooms):
+            if not granted.allows(room):
+                node.leave(conn, room)
+                hub.send_to(
+                    conn,
+                    encode_event("left", room=room, ref=None, reason=ErrorCode.FORBIDDEN_ROOM),
+                )
 
     def _check_join(self, room: str, ref: str | int | None) -> None:
         """Raise ``ProtocolError`` unless the connection may join ``room``."""

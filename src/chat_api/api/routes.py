@@ -15,6 +15,7 @@ from realtime.core.protocol import validate_room
 from ..auth import StatsGuard
 from ..metrics import CONTENT_TYPE, render
 from .handlers.publish import publish_handler
+from .handlers.users import disconnect_handler, user_message_handler
 from .handlers.ws import stats_handler
 
 __all__ = ["API_PREFIX", "WEB_DIR", "metrics_handler", "register_routes"]
@@ -68,6 +69,11 @@ def register_routes(
             node, publish_api_key, max_bytes=max_message_bytes, read_timeout=read_timeout
         ),
     )
+    for path, make in (("messages", user_message_handler), ("disconnect", disconnect_handler)):
+        app.router.add_post(
+            f"{API_PREFIX}/users/{{user}}/{path}",
+            make(node, publish_api_key, max_bytes=max_message_bytes, read_timeout=read_timeout),
+        )
     app.router.add_get(
         f"{API_PREFIX}/rooms/{{room}}/presence", presence_handler(node.presence, stats_guard)
     )

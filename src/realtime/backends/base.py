@@ -222,6 +222,12 @@ class Backend(Protocol):
         current epoch. Raises ``BroadcastError`` when the store cannot be
         reached."""
 
+    async def claim(self, name: str, value: str, ttl: float) -> str | None:
+        """Claim ``name`` for ``ttl`` seconds, across pods: None if this call
+        claimed it (storing ``value``), else the ``value`` of the claim that
+        came first. Raises ``BroadcastError`` when the store cannot be
+        reached. (What the HTTP API's idempotency keys rest on.)"""
+
     def presence(self, ttl: float) -> PresenceStore:
         """The presence store of this backend; a pod's entries vanish
         ``ttl`` seconds after it stops refreshing them."""

@@ -46,6 +46,10 @@ class _RoomLog:
     the digest of what they carried."""
 
 
+_MAX_CLAIMS = 100_000
+"""Claims a local-only pod remembers at once."""
+
+
 class MemoryBackend:
     """Every message reaches this pod's members and nowhere else."""
 
@@ -75,6 +79,8 @@ class MemoryBackend:
         """Rooms' offsets and history, least recently appended to first."""
         self._size = 0
         """Bytes of every room's entries."""
+        self._claims: dict[str, tuple[str, float]] = {}
+        """Claimed names: their value and when (``clock``) they expire."""
 
     @property
     def state(self) -> LinkState:
@@ -208,6 +214,20 @@ class MemoryBackend:
                 if len(picked) >= limit:
                     break
         return Slice(state.epoch, state.newest, first, tuple(picked))
+
+    async def claim(self, name: str, value: str, ttl: float) -> str | None:
+        now = self._clock()
+        claims = self._claims
+        held = claims.get(name)
+        if held is not None and held[1] > now:
+            return held[0]
+        if len(claims) >= _MAX_CLAIMS:  # expired ones first, then the oldest
+            self._claims = claims = {n: c for n, c in claims.items() if c[1] > now}
+            while len(claims) >= _MAX_CLAIMS:
+                del claims[next(iter(claims))]
+        claims.pop(name, None)
+        claims[name] = (value, now + ttl)
+        return None
 
     def presence(self, ttl: float) -> MemoryPresence:
         return MemoryPresence()

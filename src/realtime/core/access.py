@@ -25,6 +25,7 @@ __all__ = [
     "Admission",
     "Handshake",
     "Identify",
+    "Reauthorize",
     "RoomCheck",
     "admission",
     "clean_name",
@@ -78,6 +79,11 @@ class Handshake:
 
 Identify = Callable[[Handshake], Awaitable[Identity | Admission]]
 """Decide who a new connection is, or refuse it by raising ``Refused``."""
+
+Reauthorize = Callable[[str], Awaitable[Admission]]
+"""The terms a fresh credential (a ``refresh`` frame's token) grants, or
+``Refused`` (its reason is told to the client) if it grants none. The
+session checks that it names the same user."""
 
 
 def read_handshake(

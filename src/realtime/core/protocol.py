@@ -20,6 +20,7 @@ __all__ = [
     "MAX_DATA_DEPTH",
     "MAX_KEY_LENGTH",
     "MAX_REF_LENGTH",
+    "MAX_TOKEN_LENGTH",
     "MESSAGE_PREFIX",
     "NO_CATCHUP",
     "ROOM_PATTERN",
@@ -33,6 +34,7 @@ __all__ = [
     "Message",
     "Ping",
     "PresenceQuery",
+    "Refresh",
     "SendMessage",
     "check_data",
     "decode_client_frame",
@@ -71,6 +73,7 @@ class ErrorCode(enum.StrEnum):
     RATE_LIMITED = "rate_limited"
     UNAVAILABLE = "unavailable"
     KEY_CONFLICT = "key_conflict"
+    INVALID_TOKEN = "invalid_token"
 
 
 class CloseCode(enum.IntEnum):
@@ -168,7 +171,18 @@ class PresenceQuery:
     ref: str | int | None = None
 
 
-ClientFrame = SendMessage | Join | Leave | Ping | PresenceQuery
+@dataclass(frozen=True, slots=True)
+class Refresh:
+    """``{"type": "refresh", "token": ..., "ref"?: ...}``: the connection's
+    new credential, before the old one expires."""
+
+    token: str
+    ref: str | int | None = None
+
+
+MAX_TOKEN_LENGTH: Final = 8192
+
+ClientFrame = SendMessage | Join | Leave | Ping | PresenceQuery | Refresh
 
 
 def _offset(value: object, name: str, ref: str | int | None) -> int | None:
@@ -321,12 +335,21 @@ def decode_client_frame(raw: str | bytes) -> ClientFrame:
         return Leave(room=validate_room(frame.get("room"), ref=ref), ref=ref)
     if kind == "ping":
         return Ping(ref=ref)
+    if kind == "refresh":
+        token = frame.get("token")
+        if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_LENGTH:
+            raise ProtocolError(
+                ErrorCode.INVALID_FRAME,
+                f"'token' must be a string of 1-{MAX_TOKEN_LENGTH} characters",
+                ref=ref,
+            )
+        return Refresh(token=token, ref=ref)
     if not isinstance(kind, str):
         raise ProtocolError(ErrorCode.INVALID_FRAME, "a frame needs a string 'type'", ref=ref)
     shown = kind if len(kind) <= 32 else kind[:32] + "..."
     raise ProtocolError(
         ErrorCode.UNKNOWN_TYPE,
-        f"unknown frame type {shown!r}; expected message, join, leave, ping or presence",
+        f"unknown frame type {shown!r}; expected message, join, leave, ping, presence or refresh",
         ref=ref,
     )
 

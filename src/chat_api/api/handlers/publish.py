@@ -22,7 +22,7 @@ from realtime.core.protocol import check_data, validate_room
 
 from .common import idempotency_key, problem, read_json, refuse_key
 
-__all__ = ["publish_handler"]
+__all__ = ["publish_handler", "sender_of"]
 
 SERVER_IDENTITY = Identity(id="server", name="server")
 STORE_TIMEOUT = 10.0
@@ -48,7 +48,7 @@ def publish_handler(
             check_data(body["data"])  # the same limits as a WebSocket message
         except ProtocolError as exc:
             return problem(400, "invalid_data", exc.message)
-        sender = _sender(body.get("from"))
+        sender = sender_of(body.get("from"))
         if sender is None:
             return problem(400, "invalid_from", '\'from\' must be {"id": str, "name": str}')
         key = idempotency_key(request, body)
@@ -97,7 +97,8 @@ def publish_handler(
     return publish
 
 
-def _sender(raw: object) -> Identity | None:
+def sender_of(raw: object) -> Identity | None:
+    """The ``from`` of an API request (None: invalid); the server by default."""
     if raw is None:
         return SERVER_IDENTITY
     if not isinstance(raw, dict):

@@ -330,6 +330,18 @@ class RedisBackend:
         except LINK_ERRORS as exc:
             raise BroadcastError(f"script failed: {describe(exc)}") from exc
 
+    async def claim(self, name: str, value: str, ttl: float) -> str | None:
+        key = self.names.claim_key(name)
+        ms = max(1, int(ttl * 1000))
+        try:
+            if await self._call(key, pack_command(b"SET", key, value, b"NX", b"PX", ms)):
+                return None
+            held = await self._call(key, pack_command(b"GET", key))
+        except LINK_ERRORS as exc:
+            raise BroadcastError(f"claim failed: {describe(exc)}") from exc
+        # expired between the two commands: nobody holds it now, claim again
+        return held.decode() if isinstance(held, bytes) else await self.claim(name, value, ttl)
+
     async def _call(self, key: bytes, command: bytes) -> Any:
         """One command on the link of the primary that serves ``key``; the
         scripts loaded again on ``NOSCRIPT``; ``ResponseError`` raised."""

@@ -86,6 +86,10 @@ class Names:
         base = self._room(room)
         return f"{base}:seq", f"{base}:hist", f"{base}:keys", f"{base}:keyorder"
 
+    def claim_key(self, name: str) -> bytes:
+        """The key of a ``Backend.claim``."""
+        return f"{self.prefix}:claim:{name}".encode()
+
     def presence_keys(self, room: str) -> tuple[str, str]:
         """The room's set of pods, and the base of each pod's presence hash."""
         base = self._room(room)
