@@ -72,10 +72,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=40.0, help="messages/s, all clients together")
     p.add_argument("--fault-interval", type=float, default=10.0, help="mean seconds between")
     p.add_argument("--drain", type=float, default=30.0, help="seconds at most for the last acks")
+    p.add_argument(
+        "--pod-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for every pod (repeatable), e.g. REDIS_WAIT_REPLICAS=0",
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.clients < 1 or args.rooms < 1 or args.pods < 1 or args.rate <= 0:
         p.error("--clients, --rooms, --pods and --rate must be positive")
+    if any("=" not in item for item in args.pod_env):
+        p.error("--pod-env takes NAME=VALUE")
     if args.duration <= 0 or args.duration > 24 * 3600:
         p.error("--duration must be between 0 and 86400 seconds")
     return args
@@ -256,6 +265,7 @@ def result_of(run: Run, args: argparse.Namespace, counters: dict[str, int]) -> d
         "clients": args.clients,
         "rooms": run.rooms,
         "rate": args.rate,
+        "pod_env": args.pod_env,
         "sent": run.submitted,
         "send_attempts": sum(c.sends for c in run.clients),
         "acked": len(acks),
@@ -311,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     name = f"soak-{args.redis}-seed{args.seed}"
     logdir = args.out / "logs" / name
     topology = Topology.start(args.redis)
-    pods = SoakPods("chat-api", args.pods, logdir, redis_url=topology.url, extra_env=POD_ENV)
+    env = {**POD_ENV, **dict(item.split("=", 1) for item in args.pod_env)}
+    pods = SoakPods("chat-api", args.pods, logdir, redis_url=topology.url, extra_env=env)
     try:
         pods.start()
         run = Run(args, topology, pods)
