@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import json
 import random
+import signal
 import statistics
 import sys
 import time
@@ -44,6 +45,7 @@ from .soak_client import Delivery, ResumingClient
 from .soak_faults import FAULT_ERRORS, KINDS, SoakPods, Topology
 
 RESULTS = Path(__file__).parent / "results"
+MAX_FAULTS = 10_000
 POD_ENV = {
     # a lost or stalled Redis is noticed within a second or two
     "REDIS_HEARTBEAT_INTERVAL": "0.2",
@@ -201,7 +203,7 @@ class Run:
         args = self.args
         kinds: list[str] = []
         quiet = max(5.0, min(30.0, args.duration / 4))
-        while True:
+        for _ in range(MAX_FAULTS):
             wait = self.rng.uniform(0.5, 1.5) * args.fault_interval
             at = time.monotonic() + wait
             if at - self.t0 > args.duration - quiet:
@@ -318,6 +320,8 @@ def summary(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so every process started is stopped by PID
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     name = f"soak-{args.redis}-seed{args.seed}"
     logdir = args.out / "logs" / name
     topology = Topology.start(args.redis)

@@ -37,6 +37,8 @@ RESEND_AFTER = 10.0
 """Seconds without an ack before a message is sent again on a live connection."""
 RETRY_DELAY = 0.5
 """Seconds before a message the server could not confirm is sent again."""
+MAX_CONNECTS = 10_000
+"""Connections one client opens at most in a run."""
 MAX_ATTEMPTS = 50
 """Sends of one message at most (then it is given up, and counted)."""
 
@@ -171,7 +173,9 @@ class ResumingClient:
     async def run(self, stop: asyncio.Event, deadline: float) -> None:
         """Stay connected until ``stop`` is set (or ``deadline``, monotonic)."""
         backoff = 0.1
-        while not stop.is_set() and time.monotonic() < deadline:
+        for _ in range(MAX_CONNECTS):
+            if stop.is_set() or time.monotonic() >= deadline:
+                return
             try:
                 async with asyncio.timeout(10):
                     ws = await self._session.ws_connect(self._url(), heartbeat=5.0)
