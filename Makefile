@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test check lint typecheck fmt bench bench-topologies demo-cluster clean
+.PHONY: run test check lint typecheck fmt bench bench-topologies soak demo-cluster clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "chat-api needs Python >= 3.11")'
@@ -73,6 +73,14 @@ bench: $(BENCH_STAMP)
 # waiting for a replica (about 2 minutes); results in bench/results/topologies.*
 bench-topologies: $(BENCH_STAMP)
 	$(BIN)/python -m bench.topologies $(BENCH_ARGS)
+
+# A soak test with faults: 3 pods on a Redis of one topology (standalone,
+# sentinel, cluster; needs redis-server), resuming clients at a steady rate,
+# pods and Redis primaries killed on a seeded schedule; exits 1 when an acked
+# message was lost, duplicated or reordered. Results in bench/results/soak-*.json.
+# SOAK_ARGS="--redis cluster --duration 600 --seed 7"; docs/soak.md.
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
