@@ -295,10 +295,12 @@ class RedisBackend:
     async def read(self, room: str, after: int, limit: int, *, epoch: str | None = None) -> Slice:
         channel = self.names.channel(room)
         self.counters.history_reads += 1
+        # What this pod had seen when it asked: entries that arrive while the
+        # reply is on its way are newer than the reply, not a sign of loss.
+        seen = self._seen.get(room)
         try:
             reply = await self._call(channel, self._log.read_command(room, after, limit, epoch))
             got = self._log.parse_read(reply, after)
-            seen = self._seen.get(room)
             if seen is not None and got.epoch == seen[0] and got.newest < seen[1]:
                 # Redis is behind what this pod saw: writes were lost (a
                 # replica promoted before it had them). A new epoch, so that
