@@ -774,8 +774,8 @@ export class ChatClient extends EventTarget {
         // A server without token refresh: a new connection with a fresh
         // token, resuming every room, before the old token expires.
         this.#drop("refreshing the token");
-        this.#dispatch("reconnecting", { attempt: 0, delayMs: 0, code: 1000, reason: "refreshing the token" });
         this.#setState("reconnecting");
+        this.#dispatch("reconnecting", { attempt: 0, delayMs: 0, code: 1000, reason: "refreshing the token" });
         this.#open();
         return;
       }
