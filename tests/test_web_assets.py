@@ -20,7 +20,8 @@ from .support import DEFAULT_TIMEOUT, Pod
     ("path", "content_type", "needle"),
     [
         ("/", "text/html", '<script type="module" src="/static/chat.js">'),
-        ("/static/chat.js", "javascript", "function scheduleReconnect("),
+        ("/static/chat.js", "javascript", 'from "./chat-client.js"'),
+        ("/static/chat-client.js", "javascript", "export class ChatClient"),
         ("/static/chat.css", "text/css", ".status"),
     ],
 )
@@ -33,9 +34,10 @@ async def test_page_and_its_files_are_served(
         assert needle in await resp.text()
 
 
-def test_script_never_parses_strings_as_html() -> None:
+@pytest.mark.parametrize("name", ["chat.js", "chat-client.js"])
+def test_script_never_parses_strings_as_html(name: str) -> None:
     # User strings go in with textContent; these would parse them as markup or code.
-    script = (WEB_DIR / "chat.js").read_text()
+    script = (WEB_DIR / name).read_text()
     code = re.sub(r"//[^\n]*", "", script)  # the header comment names them
     for sink in (
         "innerHTML",
@@ -45,7 +47,7 @@ def test_script_never_parses_strings_as_html() -> None:
         "eval(",
         "new Function",
     ):
-        assert sink not in code, f"chat.js uses {sink}"
+        assert sink not in code, f"{name} uses {sink}"
 
 
 def test_every_input_has_a_label() -> None:

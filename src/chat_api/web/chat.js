@@ -4,20 +4,15 @@
 // server goes into the page with textContent (never innerHTML), so nothing a
 // user types -- a message, a name, a room -- can run as code.
 //
-// The wire protocol is docs/protocol.md. In short: connect to
-// /api/chat-api/ws/{room}?name=..[&access_token=..], get a `welcome`, send
-// {"type":"message","data":{"text":..},"ref":n,"key":k}, get `message` frames
-// (yours too) and an `ack` per ref; `error` frames leave the connection open.
-// Every message carries a random key, kept for its resends (after a reconnect,
-// or "Send again"): the server stores a key's message once.
+// The connection -- reconnecting with backoff, resuming the room where it
+// left off, sending unacknowledged messages again with their keys -- is
+// chat-client.js (docs/client-js.md); this file is what the page shows.
+// Every message carries a random key, kept for its resends (after a
+// reconnect, or "Send again"): the server stores a key's message once.
 
-const WS_PATH = "/api/chat-api/ws/";
+import { ChatClient, isFinalClose, newKey } from "./chat-client.js";
+
 const ROOM_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$/;
-// Reconnect delays: attempt n waits a random time between half and all of
-// min(CAP, BASE * 2^n) ("equal jitter"), so a pod restart does not bring
-// every client back in the same millisecond.
-const BACKOFF_BASE_MS = 500;
-const BACKOFF_CAP_MS = 15000;
 const MAX_QUEUED = 50; // messages kept while not connected; more are refused
 const MAX_LOG_ITEMS = 500; // older lines are dropped from the page
 const HISTORY_ON_JOIN = 50; // recent messages asked for when entering a room
@@ -89,26 +84,16 @@ const ui = {
 
 const state = {
   phase: Phase.IDLE,
-  ws: null, // the current WebSocket; events of any other one are ignored
-  welcomed: false, // did the current socket get its welcome?
+  client: null, // the ChatClient of the current room; events of any other one are ignored
   room: "",
   name: "",
   token: "",
   me: null, // {id, name} from the welcome
-  pod: "",
-  limits: { max_message_bytes: 65536 },
-  attempt: 0, // reconnect attempts since the last welcome
-  retryTimer: 0,
-  nextRef: 1,
-  outbox: [], // own messages waiting for a live connection
-  inflight: new Map(), // ref -> own message sent but not yet acknowledged
+  waiting: new Set(), // own messages queued or sent, not yet acknowledged
   unstored: new Map(), // id -> own message acknowledged without an offset
   seen: new Map(), // message id -> its element (a message is shown once)
   members: new Map(), // user id -> {id, name}
-  presenceRef: null,
   presence: "unknown", // unknown | supported | unsupported
-  resume: null, // {room, offset, epoch} of the last room message seen: a reconnect resumes there
-  catchup: "", // what the current connection asked for: "resume", "history" or ""
 };
 
 // -- small helpers -------------------------------------------------------------
@@ -279,16 +264,8 @@ function setEntryStatus(entry, status, text, canRetry = false) {
   entry.retry.hidden = !canRetry;
 }
 
-/** A random message key: a UUID where the page is a secure context, else 128
- * random bits in hex (crypto.getRandomValues works everywhere). */
-function newKey() {
-  if (typeof crypto.randomUUID === "function") return crypto.randomUUID();
-  const bytes = crypto.getRandomValues(new Uint8Array(16));
-  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
-}
-
 function newEntry(text) {
-  const entry = { ref: state.nextRef++, key: newKey(), text, room: state.room, status: "" };
+  const entry = { key: newKey(), text, room: state.room, status: "" };
   entry.el = messageElement(state.me ? state.me.name : state.name, Date.now(), { text }, true);
   entry.el.classList.add("pending");
   entry.note = el("span", "note");
@@ -300,27 +277,28 @@ function newEntry(text) {
   return entry;
 }
 
-function transmit(entry) {
-  const ws = state.ws;
-  if (state.phase !== Phase.LIVE || ws === null || ws.readyState !== WebSocket.OPEN) {
-    queue(entry);
-    return;
-  }
-  // The same key every time this message is sent: a resend is stored once.
-  const frame = { type: "message", data: { text: entry.text }, ref: entry.ref, key: entry.key };
-  if (entry.room !== state.room) frame.room = entry.room;
-  ws.send(JSON.stringify(frame));
-  state.inflight.set(entry.ref, entry);
-  setEntryStatus(entry, "sending", "sending…");
+function waitingText() {
+  return state.phase === Phase.REFUSED ? WAIT_REFUSED : WAIT_OFFLINE;
 }
 
-function queue(entry) {
-  if (state.outbox.length >= MAX_QUEUED) {
-    setEntryStatus(entry, "failed", `Not sent: ${MAX_QUEUED} messages are already waiting.`, true);
-    return;
-  }
-  state.outbox.push(entry);
-  setEntryStatus(entry, "queued", state.phase === Phase.REFUSED ? WAIT_REFUSED : WAIT_OFFLINE);
+/** Hand the message to the client, which keeps it until it is acknowledged
+ * (sending it again, with its key, after a reconnect). */
+function transmit(entry) {
+  const client = state.client;
+  if (client === null) return;
+  if (client.state === "live") setEntryStatus(entry, "sending", "sending…");
+  else setEntryStatus(entry, "queued", waitingText());
+  state.waiting.add(entry);
+  client.send({ text: entry.text }, { room: entry.room, key: entry.key }).then(
+    (ack) => {
+      state.waiting.delete(entry);
+      if (state.client === client) onAck(entry, ack);
+    },
+    (error) => {
+      state.waiting.delete(entry);
+      if (state.client === client) onSendError(entry, error);
+    },
+  );
 }
 
 function resend(entry) {
@@ -330,39 +308,32 @@ function resend(entry) {
   transmit(entry);
 }
 
-function flushOutbox() {
-  const waiting = state.outbox;
-  state.outbox = [];
-  for (const entry of waiting) {
-    if (entry.room === state.room) transmit(entry);
-    else setEntryStatus(entry, "failed", `Not sent: it was for room #${entry.room}.`, true);
+/** What the page says of messages still waiting for their ack. */
+function markWaiting(status, text) {
+  for (const entry of state.waiting) setEntryStatus(entry, status, text);
+}
+
+function onSendError(entry, error) {
+  if (error.code === "queue_full") {
+    setEntryStatus(entry, "failed", `Not sent: ${MAX_QUEUED} messages are already waiting.`, true);
+  } else if (error.code === "connection_lost" || error.code === "closed") {
+    setEntryStatus(entry, "unconfirmed", "Not confirmed: the connection dropped.", true);
+  } else {
+    const words = ERROR_TEXT[error.code] || error.message || "The server reported an error.";
+    setEntryStatus(entry, "failed", `Not sent: ${words}`, true);
   }
 }
 
-/** Messages sent but not acknowledged when a connection ends may or may not
- * have reached the room: they go back to the outbox, ahead of what was
- * written since, and are sent again, with their keys, once the page is back
- * online (a duplicate's ack confirms the stored one). */
-function requeueInflight() {
-  const unacked = [...state.inflight.values()];
-  state.inflight.clear();
-  state.outbox = [...unacked, ...state.outbox].slice(0, MAX_QUEUED);
-  for (const entry of unacked) setEntryStatus(entry, "queued", WAIT_OFFLINE);
-}
-
-function onAck(frame) {
-  const entry = state.inflight.get(frame.ref);
-  if (entry === undefined) return;
-  state.inflight.delete(frame.ref);
-  const shown = state.seen.get(frame.id);
-  if (frame.room !== null && frame.offset === null) {
+function onAck(entry, ack) {
+  const shown = state.seen.get(ack.id);
+  if (ack.room !== null && ack.offset === null) {
     // A room message the server could not store (Redis unreachable, or its
     // answer lost): it may not reach everyone. Keep our copy, say so, and
-    // confirm it if the room's copy arrives after all (renderMessage).
+    // confirm it if the room's copy arrives after all (the `stored` event).
     if (shown !== undefined && shown !== entry.el) shown.remove();
-    entry.el.dataset.id = frame.id;
-    state.seen.set(frame.id, entry.el);
-    state.unstored.set(frame.id, entry);
+    entry.el.dataset.id = ack.id;
+    state.seen.set(ack.id, entry.el);
+    state.unstored.set(ack.id, entry);
     setEntryStatus(entry, "unconfirmed", NOT_STORED, true);
     return;
   }
@@ -370,7 +341,7 @@ function onAck(frame) {
     entry.el.remove(); // the room's copy of the message is already on the page
     return;
   }
-  confirmEntry(entry, frame.id);
+  confirmEntry(entry, ack.id);
 }
 
 function confirmEntry(entry, id) {
@@ -387,10 +358,10 @@ function confirmEntry(entry, id) {
 
 function submitMessage() {
   const text = ui.message.value;
-  if (!text.trim()) return;
-  const frame = JSON.stringify({ type: "message", data: { text }, ref: state.nextRef });
+  if (!text.trim() || state.client === null) return;
+  const frame = JSON.stringify({ type: "message", data: { text }, ref: 1, key: newKey() });
   const size = new TextEncoder().encode(frame).length;
-  const limit = state.limits.max_message_bytes;
+  const limit = state.client.limits.max_message_bytes;
   if (size > limit) {
     showNotice(`That message is too long (${size} bytes; the server takes up to ${limit}).`);
     return;
@@ -416,16 +387,26 @@ function renderMembers() {
 }
 
 function requestPresence() {
-  if (state.presence === "unsupported" || state.ws === null) return;
-  state.presenceRef = `presence-${state.nextRef++}`;
-  state.ws.send(JSON.stringify({ type: "presence", room: state.room, ref: state.presenceRef }));
+  const client = state.client;
+  if (state.presence === "unsupported" || client === null) return;
+  client.presence(state.room).then(
+    (members) => {
+      if (state.client === client) showPresence(members);
+    },
+    (error) => {
+      if (state.client !== client || !error.server) return; // the connection dropped: asked again
+      // An older server: no member list, and that is fine.
+      state.presence = "unsupported";
+      ui.members.hidden = true;
+    },
+  );
 }
 
-function onPresence(frame) {
-  if (frame.room !== state.room || !Array.isArray(frame.members)) return;
+function showPresence(members) {
+  if (!Array.isArray(members)) return;
   state.presence = "supported";
   state.members.clear();
-  for (const m of frame.members) {
+  for (const m of members) {
     if (m && typeof m === "object") state.members.set(String(m.id), { id: String(m.id), name: String(m.name ?? "") });
   }
   renderMembers();
@@ -445,18 +426,12 @@ function onMemberEvent(frame) {
   if (state.presence === "supported") renderMembers();
 }
 
-// -- frames from the server ---------------------------------------------------------
+// -- what the client tells the page ----------------------------------------------------
 
-function onWelcome(frame) {
-  const again = state.me !== null && state.attempt > 0;
-  state.welcomed = true;
-  state.attempt = 0;
+function onWelcome(frame, again) {
   state.me = frame.user;
-  state.pod = String(frame.pod ?? "");
-  if (frame.limits && typeof frame.limits.max_message_bytes === "number") {
-    state.limits = frame.limits;
-  }
-  ui.status.title = state.pod ? `connected to pod ${state.pod}` : "";
+  const pod = String(frame.pod ?? "");
+  ui.status.title = pod ? `connected to pod ${pod}` : "";
   ui.roomTitle.textContent = `#${state.room} · you are ${state.me.name}`;
   setPhase(Phase.LIVE);
   showNotice("");
@@ -465,25 +440,7 @@ function onWelcome(frame) {
   systemLine(again ? `Reconnected to #${state.room}.` : `You joined #${state.room} as ${state.me.name}.`);
   state.members.clear();
   requestPresence();
-  flushOutbox();
-}
-
-function onError(frame) {
-  const words = ERROR_TEXT[frame.code] || "The server reported an error.";
-  if (frame.ref !== undefined && frame.ref === state.presenceRef) {
-    // An older server: no member list, and that is fine.
-    state.presence = "unsupported";
-    ui.members.hidden = true;
-    return;
-  }
-  const entry = frame.ref === undefined ? undefined : state.inflight.get(frame.ref);
-  if (entry !== undefined) {
-    state.inflight.delete(frame.ref);
-    setEntryStatus(entry, "failed", `Not sent: ${words}`, true);
-    return;
-  }
-  const detail = typeof frame.message === "string" && frame.message ? ` (${frame.message})` : "";
-  systemLine(`${words}${detail}`, "error");
+  markWaiting("sending", "sending…"); // the client sent them again, with their keys
 }
 
 const SYNC_REASON = {
@@ -494,106 +451,29 @@ const SYNC_REASON = {
 
 /** The start of a catch-up: say what the messages that follow are. */
 function onSync(frame) {
-  if (frame.room !== state.room) return;
-  if (frame.complete === false) {
-    const why = SYNC_REASON[frame.reason] || String(frame.reason ?? "unknown reason");
-    const what =
-      state.catchup === "history"
-        ? "Earlier messages could not be loaded"
-        : "Some messages sent while you were away could not be recovered";
-    systemLine(`${what}: ${why}.`, "error");
-    return;
-  }
+  if (frame.room !== state.room || frame.complete === false) return; // see onUnrecoverable
   const n = typeof frame.replayed === "number" ? frame.replayed : 0;
-  if (n > 0 && state.catchup === "history") {
+  if (n > 0 && frame.catchup === "history") {
     systemLine(n === 1 ? "The last message before you came:" : `The last ${n} messages before you came:`);
-  } else if (n > 0 && state.catchup === "resume") {
+  } else if (n > 0 && frame.catchup === "resume") {
     systemLine(n === 1 ? "1 message sent while you were away:" : `${n} messages sent while you were away:`);
   }
 }
 
-function onFrame(raw) {
-  let frame;
-  try {
-    frame = JSON.parse(raw);
-  } catch {
-    return; // not a frame this page understands
-  }
-  if (!frame || typeof frame !== "object") return;
-  switch (frame.type) {
-    case "welcome":
-      onWelcome(frame);
-      break;
-    case "message":
-      if (typeof frame.offset === "number" && typeof frame.epoch === "string") {
-        state.resume = { room: frame.room, offset: frame.offset, epoch: frame.epoch };
-      }
-      renderMessage(frame);
-      break;
-    case "sync":
-      onSync(frame);
-      break;
-    case "ack":
-      onAck(frame);
-      break;
-    case "error":
-      onError(frame);
-      break;
-    case "presence":
-      onPresence(frame);
-      break;
-    case "member_joined":
-    case "member_left":
-      onMemberEvent(frame);
-      break;
-    default:
-      break; // joined, left, pong, and frame types added later
-  }
+function onUnrecoverable(detail) {
+  if (detail.room !== state.room) return;
+  const why = SYNC_REASON[detail.reason] || String(detail.reason ?? "unknown reason");
+  const what =
+    detail.catchup === "history"
+      ? "Earlier messages could not be loaded"
+      : "Some messages sent while you were away could not be recovered";
+  systemLine(`${what}: ${why}.`, "error");
 }
 
-// -- the connection ----------------------------------------------------------------
-
-function socketUrl() {
-  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  const query = new URLSearchParams();
-  if (state.name) query.set("name", state.name);
-  if (state.token) query.set("access_token", state.token);
-  const resume = state.resume;
-  if (resume !== null && resume.room === state.room) {
-    // Resume where this page left off: the server sends exactly what it missed.
-    query.set("since", String(resume.offset));
-    query.set("epoch", resume.epoch);
-    state.catchup = "resume";
-  } else {
-    // Nothing seen in this room yet: ask for its recent messages (the server
-    // caps the number; one without history ignores the parameter).
-    query.set("history", String(HISTORY_ON_JOIN));
-    state.catchup = "history";
-  }
-  const search = query.toString();
-  return `${scheme}//${location.host}${WS_PATH}${encodeURIComponent(state.room)}${search ? `?${search}` : ""}`;
-}
-
-function openSocket() {
-  clearTimeout(state.retryTimer);
-  const ws = new WebSocket(socketUrl());
-  state.ws = ws;
-  state.welcomed = false;
-  if (state.phase === Phase.RECONNECTING) setPhase(Phase.RECONNECTING, `attempt ${state.attempt}`);
-  else setPhase(Phase.CONNECTING);
-  ws.addEventListener("message", (event) => {
-    if (state.ws === ws) onFrame(event.data);
-  });
-  ws.addEventListener("close", (event) => {
-    if (state.ws === ws) onClose(event);
-  });
-}
-
-function closeSocket(reason) {
-  clearTimeout(state.retryTimer);
-  const ws = state.ws;
-  state.ws = null; // its close event is ignored from now on
-  if (ws !== null && ws.readyState <= WebSocket.OPEN) ws.close(1000, reason);
+function onServerError(detail) {
+  const words = ERROR_TEXT[detail.code] || "The server reported an error.";
+  const extra = typeof detail.message === "string" && detail.message ? ` (${detail.message})` : "";
+  systemLine(`${words}${extra}`, "error");
 }
 
 function refuse(text) {
@@ -601,79 +481,76 @@ function refuse(text) {
   showNotice(text);
   showJoinForm(true);
   ui.auth.open = true;
-  for (const entry of state.outbox) setEntryStatus(entry, "queued", WAIT_REFUSED);
+  markWaiting("queued", WAIT_REFUSED);
 }
 
-function onClose(event) {
-  const welcomed = state.welcomed;
-  state.ws = null;
-  requeueInflight();
-  if (event.code === 1008) {
-    // Policy: an expired token, a flood of frames, or another refusal.
-    const reason = event.reason || "not allowed";
-    if (/expired/i.test(reason)) {
-      refuse("Your access token expired, so the server closed the connection. Paste a new one and press Join.");
-    } else if (/rate/i.test(reason)) {
-      showNotice(`The server closed the connection: ${reason}. Reconnecting shortly…`);
-      scheduleReconnect(1013);
-    } else {
-      refuse(`The server closed the connection: ${reason}. Check the access token and press Join.`);
-    }
-    return;
-  }
-  if (!welcomed && event.code === 1006) {
-    // A browser cannot see why an upgrade failed. Ask the same URL over plain
-    // HTTP: a 401 or 403 means the server refused us, so retrying is pointless.
-    probe();
-    return;
-  }
-  const words = CLOSE_TEXT[event.code];
-  if (words) showNotice(`${words} ${event.reason ? `(${event.reason}) ` : ""}Reconnecting…`);
-  scheduleReconnect(event.code);
-}
-
-async function probe() {
-  const url = socketUrl().replace(/^ws/, "http");
-  const ws = state.ws;
-  let status = 0;
-  let body = "";
-  try {
-    const response = await fetch(url, { cache: "no-store", credentials: "same-origin" });
-    status = response.status;
-    body = (await response.text()).trim().slice(0, 200);
-  } catch {
-    // The server is unreachable: a restart, or the network is down.
-  }
-  if (state.ws !== ws || state.phase === Phase.IDLE) return; // the user moved on meanwhile
-  if (status === 401 || status === 403) {
-    const why = body ? `: ${body}` : "";
+/** The client will not reconnect by itself: say why, and what to do. */
+function onClosed(detail) {
+  if (detail.byCaller) return;
+  const reason = detail.reason || "not allowed";
+  if (detail.status === 401 || detail.status === 403) {
+    const why = detail.reason ? `: ${detail.reason}` : "";
     let hint = "Paste an access token and press Join.";
-    if (status === 403) hint = "Try another room, or a token that allows this one.";
+    if (detail.status === 403) hint = "Try another room, or a token that allows this one.";
     else if (state.token) hint = "Check the access token (it may have expired) and press Join.";
-    refuse(`The server refused the connection (HTTP ${status}${why}). ${hint}`);
-    return;
+    refuse(`The server refused the connection (HTTP ${detail.status}${why}). ${hint}`);
+  } else if (detail.code === 1008 && /expired/i.test(reason)) {
+    refuse("Your access token expired, so the server closed the connection. Paste a new one and press Join.");
+  } else if (detail.code === 1008) {
+    refuse(`The server closed the connection: ${reason}. Check the access token and press Join.`);
+  } else if (isFinalClose(detail.code)) {
+    refuse(`The server closed the connection: ${reason}. Press Join to connect again.`);
   }
-  scheduleReconnect(1006);
 }
 
-/** The one place that decides when to connect again after a connection was
- * lost: capped exponential backoff with jitter. socketUrl() adds since/epoch,
- * so the server replays exactly what was missed meanwhile. */
-function scheduleReconnect(closeCode) {
-  clearTimeout(state.retryTimer);
-  // A busy or full pod (1013) gets a longer first wait than a restart (1001).
-  const attempt = closeCode === 1013 ? Math.max(state.attempt, 3) : state.attempt;
-  state.attempt = attempt + 1;
-  const ceiling = Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * 2 ** attempt);
-  const delay = ceiling / 2 + Math.random() * (ceiling / 2);
-  setPhase(Phase.RECONNECTING, `attempt ${state.attempt} in ${(delay / 1000).toFixed(1)} s`);
-  state.retryTimer = setTimeout(openSocket, delay);
+function onReconnecting(detail) {
+  markWaiting("queued", WAIT_OFFLINE);
+  setPhase(Phase.RECONNECTING, `attempt ${detail.attempt} in ${(detail.delayMs / 1000).toFixed(1)} s`);
+  const words = CLOSE_TEXT[detail.code];
+  if (words) showNotice(`${words} ${detail.reason ? `(${detail.reason}) ` : ""}Reconnecting…`);
+}
+
+function onConnecting(detail) {
+  if (detail.attempt > 0) setPhase(Phase.RECONNECTING, `attempt ${detail.attempt}`);
+}
+
+/** A client for `room`, its events wired to the page (those of a client
+ * that is no longer the page's are ignored). */
+function newClient(room) {
+  const client = new ChatClient({
+    room,
+    name: state.name,
+    token: state.token,
+    history: HISTORY_ON_JOIN,
+    maxPending: MAX_QUEUED,
+  });
+  const on = (type, handler) =>
+    client.addEventListener(type, (event) => {
+      if (state.client === client) handler(event.detail);
+    });
+  on("connecting", onConnecting);
+  on("connected", (frame) => onWelcome(frame, false));
+  on("reconnected", (frame) => onWelcome(frame, true));
+  on("reconnecting", onReconnecting);
+  on("closed", onClosed);
+  on("message", renderMessage);
+  on("stored", (frame) => {
+    const entry = state.unstored.get(frame.id);
+    if (entry !== undefined) confirmEntry(entry, frame.id); // stored after all: everyone has it
+  });
+  on("sync", onSync);
+  on("unrecoverable", onUnrecoverable);
+  on("presence", (frame) => {
+    if (frame.room === state.room) showPresence(frame.members);
+  });
+  on("member_joined", onMemberEvent);
+  on("member_left", onMemberEvent);
+  on("error", onServerError);
+  return client;
 }
 
 function reconnectNow() {
-  if (state.phase !== Phase.RECONNECTING) return;
-  clearTimeout(state.retryTimer);
-  openSocket();
+  if (state.client !== null) state.client.reconnectNow();
 }
 
 // -- joining ------------------------------------------------------------------------
@@ -694,13 +571,18 @@ function join(room, name, token) {
     ui.room.focus();
     return false;
   }
-  closeSocket("joining again");
-  if (room !== state.room) {
+  state.name = name;
+  state.token = token;
+  if (room !== state.room || state.client === null) {
     const old = state.room;
-    const unsent = state.outbox.length;
-    const unconfirmed = state.inflight.size;
-    state.outbox = [];
-    state.inflight.clear();
+    const unsent = [...state.waiting].filter((e) => e.status === "queued").length;
+    const unconfirmed = state.waiting.size - unsent;
+    if (state.client !== null) {
+      const previous = state.client;
+      state.client = null; // its events (and the rejections of close) are ignored
+      previous.close();
+    }
+    state.waiting.clear();
     ui.log.replaceChildren();
     state.seen.clear();
     state.unstored.clear();
@@ -712,11 +594,14 @@ function join(room, name, token) {
     if (unconfirmed) {
       systemLine(`${unconfirmed} message(s) in #${old} were not confirmed by the server.`, "error");
     }
+    state.room = room;
+    state.client = newClient(room);
+  } else {
+    // The same room again (another name or token): a new connection that
+    // resumes where the last one left off, with what is still waiting.
+    state.client.name = name;
+    state.client.token = token;
   }
-  state.room = room;
-  state.name = name;
-  state.token = token;
-  state.attempt = 0;
   state.presence = state.presence === "unsupported" ? "unsupported" : "unknown";
   store("chat-api.name", name);
   writeAddress(room);
@@ -724,16 +609,18 @@ function join(room, name, token) {
   document.title = `#${room} · chat-api`;
   showNotice("");
   setPhase(Phase.CONNECTING);
-  openSocket();
+  state.client.connect().catch(() => {
+    // Refused: the `closed` event has said why.
+  });
   return true;
 }
 
-/** Leave the room: close the connection, and show the join form again. */
+/** Leave the room: close the connection, and show the join form again.
+ * What is still waiting stays queued for the next Join of this room. */
 function leave() {
   const room = state.room;
-  closeSocket("left");
-  requeueInflight();
-  state.welcomed = false;
+  if (state.client !== null) state.client.disconnect();
+  markWaiting("queued", WAIT_OFFLINE);
   state.members.clear();
   ui.members.hidden = true;
   document.body.classList.remove("joined");
