@@ -14,8 +14,10 @@ wait on a condition in the page with a timeout.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -460,9 +462,6 @@ def test_a_token_source_keeps_the_client_live_past_its_first_tokens_expiry(
     assert ada.evaluate("window.chat.ada.record.tokens") >= 2
 
 
-@pytest.mark.xfail(
-    reason="needs the server's refresh frame (lands on main separately)", strict=False
-)
 def test_a_token_source_refreshes_in_place_with_a_refresh_frame(
     auth_pod: Pod, open_page: OpenPage
 ) -> None:
@@ -475,3 +474,37 @@ def test_a_token_source_refreshes_in_place_with_a_refresh_frame(
     )
     assert events(ada, "ada", "reconnecting", "reconnected", "closed") == []
     assert ada.evaluate("window.chat.ada.client.expiresAt") == int(now + 12)
+
+
+def api_post(pod: Pod, path: str, body: dict[str, Any]) -> int:
+    request = urllib.request.Request(
+        f"{pod.base}/api/chat-api/users/{path}",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": "Bearer api-key", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        status: int = response.status
+        return status
+
+
+def test_a_user_message_arrives_and_a_disconnect_by_the_app_is_final(
+    pod_factory: PodFactory, open_page: OpenPage
+) -> None:
+    pod = pod_factory(
+        {"AUTH_ENABLED": "true", "AUTH_JWT_SECRET": SECRET, "PUBLISH_API_KEY": "api-key"}
+    )
+    page = start(open_page, pod, "ada", room="general", token=token("ada", time.time() + 600))
+    assert api_post(pod, "ada/messages", {"data": {"text": "ping from the app"}}) == 202
+    page.wait_for_function(
+        "() => window.chat.ada.record.events.some("
+        "(e) => e.type === 'message' && e.detail.to === 'ada')",
+        timeout=WAIT_MS,
+    )
+    assert api_post(pod, "ada/disconnect", {"code": 4003, "reason": "signed out"}) == 202
+    page.wait_for_function(
+        "() => window.chat.ada.record.events.some((e) => e.type === 'closed')", timeout=WAIT_MS
+    )
+    kinds = [e["type"] for e in events(page, "ada", "reconnecting", "closed")]
+    assert kinds == ["closed"]  # the application's close: no retry
+    (closed,) = events(page, "ada", "closed")
+    assert (closed["detail"]["code"], closed["detail"]["reason"]) == (4003, "signed out")
