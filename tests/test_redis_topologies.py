@@ -332,11 +332,11 @@ async def test_on_a_cluster_each_pod_subscribes_its_rooms_on_their_shards_and_no
     channel_prefix: str,
     session: aiohttp.ClientSession,
 ) -> None:
-    pods = start_pods(pod_factory, cluster.url, channel_prefix, 2)
+    pods = start_pods(pod_factory, cluster.url, channel_prefix, 2, PUBLISH_API_KEY="k")
     primaries = cluster.primaries()
     rooms = [rooms_on(cluster, channel_prefix, port, 1)[0] for port in primaries]
     members = [(await connect(session, pod.ws_url(room)))[0] for room in rooms for pod in pods]
-    everyone = [(await connect(session, pod.ws_url()))[0] for pod in pods]
+    everyone, welcomes = zip(*[await connect(session, pod.ws_url()) for pod in pods], strict=True)
 
     async def subscribed_on_owners() -> bool:
         return all(
@@ -366,6 +366,16 @@ async def test_on_a_cluster_each_pod_subscribes_its_rooms_on_their_shards_and_no
     await send(everyone[0], {"type": "message", "data": "to all"})
     for ws in [*everyone, *members]:
         assert (await recv_type(ws, "message"))["data"] == "to all"
+
+    # the users API across shards: a message to the user on the other pod, once
+    user = welcomes[0]["user"]["id"]
+    url = f"{pods[1].base}/api/chat-api/users/{user}/messages"
+    headers = {"Authorization": "Bearer k", "Idempotency-Key": "n1"}
+    for status in (202, 200):  # the retry is a duplicate: sent once
+        async with session.post(url, json={"data": "to you"}, headers=headers) as resp:
+            assert resp.status == status, await resp.text()
+    got = await recv_type(everyone[0], "message")
+    assert (got["to"], got["data"]) == (user, "to you")
 
     # presence across shards: a second user in the last room is seen on the other pod
     joiner, _ = await connect(session, pods[0].ws_url(rooms[-1], name="zoe"))
