@@ -7,8 +7,9 @@ returns who the client is, or refuses it by raising ``Refused`` (answered
 with that HTTP status before the WebSocket is accepted). It may return a
 bare ``Identity`` or an ``Admission``: the identity, when its credential
 stops being valid (the connection is closed then with 1008 "token
-expired"), and which rooms it may join. ``guest_identity`` is the hook when
-nobody authenticates clients.
+expired"), which rooms it may join, whether its messages skip the
+node's publish screen (``trusted``) and what its welcome frame shows.
+``guest_identity`` is the hook when nobody authenticates clients.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from .exceptions import ProtocolError, Refused
 from .protocol import NO_CATCHUP, Catchup, ErrorCode, Identity, parse_catchup, validate_room
@@ -46,6 +48,10 @@ class Admission:
     """Unix time at which the credential expires; None: never."""
     may_join: RoomCheck | None = None
     """Room authorization; None: every room."""
+    trusted: bool = False
+    """Its messages skip the node's publish ``Screen``."""
+    data: Any = None
+    """Shown to the client in its ``welcome`` frame (``data``); None: not shown."""
 
     def allows(self, room: str | None) -> bool:
         return self.may_join is None or self.may_join(room)
