@@ -210,13 +210,16 @@ class HookCollector(Collector):
                 requests.add_metric([health.hook, result], n)
             buckets = [(_le(bound), n) for bound, n in health.seconds.cumulative()]
             seconds.add_metric([health.hook], buckets, health.seconds.sum)
+        failing = GaugeMetricFamily(
+            "chat_api_hook_failing",
+            "1 while a hook is failing (from its first failed request to its next answer), else 0.",
+            labels=["hook"],
+        )
+        for health in self._hooks.health:
+            failing.add_metric([health.hook], 0 if health.failing_since is None else 1)
         yield requests
         yield seconds
-        yield GaugeMetricFamily(
-            "chat_api_hooks_failing",
-            "Hooks failing now (from their first failed request to their next answer).",
-            sum(health.failing_since is not None for health in self._hooks.health),
-        )
+        yield failing
 
 
 def make_registry(node: Node, hooks: Hooks | None = None) -> CollectorRegistry:
