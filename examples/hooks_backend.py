@@ -10,8 +10,9 @@
   a random key by default). A browser on the same site sends it with its
   WebSocket upgrade; chat-api passes it on (``HOOK_CONNECT_HEADERS``).
 - ``POST /hooks/connect``: the session cookie's user, with its rooms and a
-  little data for the welcome frame; 401 without a session, 403 for a user
-  in ``EXAMPLE_BANNED``. Users in ``EXAMPLE_TRUSTED`` are trusted (their
+  little data for the welcome frame; without a session, a chat-api token's
+  user (``AUTH_ENABLED``: the hook gets its verified claims), else 401; 403
+  for a user in ``EXAMPLE_BANNED``. Users in ``EXAMPLE_TRUSTED`` are trusted (their
   messages skip the publish hook).
 - ``POST /hooks/publish``: a word filter. Words of ``EXAMPLE_MASKED``
   (default ``darn,heck``) are replaced by stars; a message with a word of
@@ -133,6 +134,10 @@ async def connect_hook(request: Request) -> JSONResponse:
     """Who a WebSocket upgrade is: the session cookie's user, or a refusal."""
     facts = await verified(request)
     user = _session_user(_cookie(facts["headers"].get("cookie")))
+    claims = facts["claims"]  # with AUTH_ENABLED: the verified token's
+    if user is None and claims is not None:
+        # No session of ours, but a good token: its user and rooms stand.
+        return JSONResponse({"data": {"signed_in_by": "token", "room": facts["room"]}})
     if user is None:
         return JSONResponse({"reason": "sign in first: POST /login"}, status_code=401)
     if user["name"].lower() in BANNED:

@@ -18,7 +18,7 @@ import pytest
 from chat_api.config import Config, ConfigError
 from chat_api.hooks import SIGNATURE_HEADER, sign
 
-from .conftest import PodFactory
+from .conftest import PodFactory, redis_pod_env
 from .security_support import SECRET as JWT_SECRET
 from .security_support import claims, handshake, hs_token
 from .support import ROOT, Pod, connect, eventually, recv, recv_type, send
@@ -160,22 +160,31 @@ async def test_a_wrong_secret_is_refused_by_the_app(
     assert (status, body) == (401, "the hook request's signature does not verify")
 
 
-@pytest.mark.aiohttp_only("the example has no JWT sign-in")
-async def test_the_hook_gets_the_tokens_claims_and_a_trusted_token_skips_the_publish_hook(
+@pytest.mark.aiohttp_only("the ASGI example has no JWT sign-in")
+async def test_with_a_token_the_hook_gets_its_claims_and_a_trusted_token_skips_the_publish_hook(
     pod_factory: PodFactory, backend: Pod, session: aiohttp.ClientSession
 ) -> None:
     pod = pod_factory(
         {
-            **hook_env(backend, connect=False),
+            **hook_env(backend),
             "AUTH_ENABLED": "true",
             "AUTH_JWT_SECRET": JWT_SECRET,
             "AUTH_TRUSTED_CLAIM": "trusted",
         }
     )
     auth = {"Authorization": f"Bearer {hs_token(claims('svc', trusted=True))}"}
-    plain = {"Authorization": f"Bearer {hs_token(claims('user-2'))}"}
+    plain = {"Authorization": f"Bearer {hs_token(claims('user-2', name='Two', rooms=['news']))}"}
+    status, _, _ = await handshake(session, pod.ws_url("news"))
+    assert status == 401  # the token comes first: no hook request without one
     trusted, _ = await connect(session, pod.ws_url("news"), headers=auth)
-    member, _ = await connect(session, pod.ws_url("news"), headers=plain)
+    member, welcome = await connect(session, pod.ws_url("news"), headers=plain)
+    assert welcome["user"] == {"id": "user-2", "name": "Two"}  # the app kept the token's
+    assert welcome["data"] == {"signed_in_by": "token", "room": "news"}
+    status, body, _ = await handshake(session, pod.ws_url("sport"), plain)
+    assert (status, body) == (403, "not allowed in room 'sport'")  # the token's rooms claim
+    both = {**plain, **await login(session, backend, "Kim")}
+    _, welcome = await connect(session, pod.ws_url("news"), headers=both)
+    assert welcome["user"] == {"id": "user-kim", "name": "Kim"}  # the app's own session wins
     await send(member, {"type": "message", "data": "spam", "ref": 1})
     assert (await next_reply(member))["code"] == "blocked_word"
     await send(trusted, {"type": "message", "data": "spam and heck", "ref": 1})
@@ -257,7 +266,22 @@ async def test_order_and_acks_hold_with_many_messages_in_flight(
 async def test_a_resend_of_a_replaced_message_is_a_duplicate(
     pod_factory: PodFactory, backend: Pod, session: aiohttp.ClientSession
 ) -> None:
-    pod = pod_factory(hook_env(backend))
+    await resend_a_replaced_message(session, pod_factory(hook_env(backend)), backend)
+
+
+@pytest.mark.aiohttp_only("one transport is enough for the Redis-side check")
+async def test_a_resend_of_a_replaced_message_is_a_duplicate_on_redis(
+    pod_factory: PodFactory,
+    backend: Pod,
+    session: aiohttp.ClientSession,
+    shared_redis_url: str,
+    channel_prefix: str,
+) -> None:
+    env = {**hook_env(backend), **redis_pod_env(shared_redis_url, channel_prefix)}
+    await resend_a_replaced_message(session, pod_factory(env), backend)
+
+
+async def resend_a_replaced_message(session: aiohttp.ClientSession, pod: Pod, backend: Pod) -> None:
     sender, _ = await connect(
         session, pod.ws_url("resend"), headers=await login(session, backend, "hal")
     )

@@ -22,7 +22,7 @@ import hmac
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import jwt
 from aiohttp import web
@@ -37,11 +37,9 @@ from .config import Config, ConfigError, redact_url
 from .jwks import JwksCache, JwksError
 from .origin import OriginPolicy
 
-if TYPE_CHECKING:
-    from .hooks import ConnectHook
-
 __all__ = [
     "Authenticator",
+    "ConnectDecider",
     "RoomPatterns",
     "StatsGuard",
     "TokenError",
@@ -331,8 +329,16 @@ def _refusal(exc: TokenError) -> Refused:
     return Refused(401, exc.reason, headers={"WWW-Authenticate": challenge})
 
 
+class ConnectDecider(Protocol):
+    """What decides after the token (the connect hook, ``hooks.ConnectHook``)."""
+
+    async def admit(
+        self, handshake: Handshake, *, claims: Mapping[str, Any] | None, fallback: Admission
+    ) -> Admission: ...
+
+
 def make_identify(
-    origins: OriginPolicy, auth: Authenticator | None, connect_hook: ConnectHook | None = None
+    origins: OriginPolicy, auth: Authenticator | None, connect_hook: ConnectDecider | None = None
 ) -> Identify:
     """The handler's ``identify`` hook: the Origin check, then the token
     (``AUTH_ENABLED``) or a guest name from ``?name=``; then, with
