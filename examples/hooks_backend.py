@@ -139,7 +139,11 @@ async def connect_hook(request: Request) -> JSONResponse:
         # No session of ours, but a good token: its user and rooms stand.
         return JSONResponse({"data": {"signed_in_by": "token", "room": facts["room"]}})
     if user is None:
-        return JSONResponse({"reason": "sign in first: POST /login"}, status_code=401)
+        return JSONResponse(
+            {"reason": "sign in first: POST /login"},
+            status_code=401,
+            headers={"WWW-Authenticate": 'Session realm="chat"'},  # RFC 9110: a 401 names one
+        )
     if user["name"].lower() in BANNED:
         return JSONResponse({"reason": f"{user['name']} is banned"}, status_code=403)
     answer: dict[str, Any] = {

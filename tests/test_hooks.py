@@ -128,8 +128,9 @@ async def test_the_apps_refusal_is_the_http_refusal(
     pod_factory: PodFactory, backend: Pod, session: aiohttp.ClientSession
 ) -> None:
     pod = pod_factory(hook_env(backend))
-    status, body, _ = await handshake(session, pod.ws_url("lobby"))
+    status, body, headers = await handshake(session, pod.ws_url("lobby"))
     assert (status, body) == (401, "sign in first: POST /login")
+    assert headers["WWW-Authenticate"] == 'Session realm="chat"'  # the app's, passed on
     cookie = await login(session, backend, "mallory")
     status, body, _ = await handshake(session, pod.ws_url("lobby"), cookie)
     assert (status, body) == (403, "mallory is banned")

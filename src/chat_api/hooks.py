@@ -39,6 +39,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from multidict import CIMultiDict
 
 from realtime import ACCEPT, Admission, Handshake, Identity, Refused, Reject, Replace
 from realtime.core.access import clean_name
@@ -188,7 +189,7 @@ class HookClient:
             ):
                 raw = await _read_bounded(resp)
                 status = resp.status
-                answer_headers = dict(resp.headers)
+                answer_headers = CIMultiDict(resp.headers)
                 content_type = resp.content_type
         except TimeoutError:
             raise HookFailure("timeout", f"no answer within {self._timeout:g}s") from None
