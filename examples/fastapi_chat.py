@@ -18,6 +18,9 @@ brings the cookie speaks as that user. Without one it is a guest (set
 ``EXAMPLE_REQUIRE_LOGIN=1`` to refuse guests with HTTP 401 instead). Any
 check of your app can go there: a database session, a FastAPI dependency's
 logic, an API key; raise ``realtime.Refused`` to refuse before the upgrade.
+chat-api's backend hooks work here too (``HOOK_CONNECT_URL``,
+``HOOK_PUBLISH_URL``; ``examples/hooks_backend.py`` is an app that answers
+them).
 """
 
 from __future__ import annotations
@@ -35,9 +38,11 @@ from starlette.routing import WebSocketRoute
 
 from chat_api.app import node_settings
 from chat_api.config import Config
+from chat_api.hooks import Hooks
 from chat_api.metrics import CONTENT_TYPE, make_registry, render
 from chat_api.origin import OriginPolicy
-from realtime import AsgiTransport, Handshake, Identity, Node, Refused, guest_identity
+from realtime import Admission, AsgiTransport, Handshake, Identity, Node, Refused, guest_identity
+from realtime.core.access import admission
 
 config = Config.load()
 # The pod's own origins: PUBLIC_URL, and localhost (on any port: uvicorn's is not known here).
@@ -56,10 +61,19 @@ def session_user(handshake: Handshake) -> Identity | None:
     return None if morsel is None else SESSIONS.get(morsel.value)
 
 
-async def identify(handshake: Handshake) -> Identity:
-    """Who a new WebSocket is: the team's own sign-in, else a guest."""
+hooks = Hooks.from_config(config)
+"""chat-api's backend hooks (HOOK_CONNECT_URL, HOOK_PUBLISH_URL), if set."""
+
+
+async def identify(handshake: Handshake) -> Identity | Admission:
+    """Who a new WebSocket is: the team's own sign-in, else a guest; with
+    HOOK_CONNECT_URL the connect hook decides (this stands if it fails
+    under HOOK_FAILURE_POLICY=allow)."""
     origins.check(handshake)  # the same Origin rule as chat-api
     user = session_user(handshake)
+    if hooks is not None and hooks.connect is not None:
+        own = Admission(user) if user is not None else admission(await guest_identity(handshake))
+        return await hooks.connect.admit(handshake, claims=None, fallback=own)
     if user is not None:
         return user
     if REQUIRE_LOGIN:
@@ -67,15 +81,23 @@ async def identify(handshake: Handshake) -> Identity:
     return await guest_identity(handshake)
 
 
-node = Node(node_settings(config), identify=identify)
+node = Node(
+    node_settings(config), identify=identify, screen=None if hooks is None else hooks.screen
+)
 transport = AsgiTransport(node, close_timeout=config.ws_close_timeout)
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    async with node.running():
-        yield
-        node.close_connections()
+    if hooks is not None:
+        await hooks.start()
+    try:
+        async with node.running():
+            yield
+            node.close_connections()
+    finally:
+        if hooks is not None:
+            await hooks.close()
 
 
 app = FastAPI(title="chat-api protocol on FastAPI", lifespan=lifespan)
@@ -102,7 +124,7 @@ async def stats() -> dict[str, Any]:
     return node.stats()
 
 
-metrics = make_registry(node)
+metrics = make_registry(node, hooks)
 
 
 @app.get("/metrics")

@@ -2,8 +2,9 @@
 
 ``create_app`` is the one place the service is put together: the ``Node``
 (realtime's wiring root: hub, backend, timeline, presence) from the config,
-the aiohttp transport that serves its WebSockets, and the service's own HTTP
-routes (health, stats, presence, the publish API, the page).
+the aiohttp transport that serves its WebSockets, the backend hooks to the
+team's app (``hooks``), and the service's own HTTP routes (health, stats,
+presence, the publish API, the page).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from realtime import AiohttpTransport, BroadcastError, Limits, Node, NodeSetting
 
 from . import logfilter
 from .api.routes import metrics_handler, register_routes
-from .auth import Authenticator, make_identify, stats_guard
+from .auth import Authenticator, make_identify, make_reauthorize, stats_guard
 from .config import Config, ConfigError, redact_url
+from .hooks import Hooks
 from .metrics import make_registry
 from .origin import OriginPolicy
 
@@ -89,10 +91,14 @@ def node_settings(config: Config) -> NodeSettings:
 
 
 def make_node(
-    config: Config, auth: Authenticator | None = None, origins: OriginPolicy | None = None
+    config: Config,
+    auth: Authenticator | None = None,
+    origins: OriginPolicy | None = None,
+    hooks: Hooks | None = None,
 ) -> Node:
     """The pod's ``Node``, with the service's identify hook (origin check,
-    then the token or a guest name); ``ConfigError`` for a bad ``REDIS_URL``."""
+    then the token or a guest name, then the connect hook) and the publish
+    hook as its screen; ``ConfigError`` for a bad ``REDIS_URL``."""
     if origins is None:
         origins = OriginPolicy(
             config.allowed_origins, public_url=config.public_url, host=config.host, port=config.port
@@ -110,8 +116,11 @@ def make_node(
     try:
         return Node(
             node_settings(config),
-            identify=make_identify(origins, auth),
-            reauthorize=None if auth is None else auth.reauthorize,
+            identify=make_identify(origins, auth, None if hooks is None else hooks.connect),
+            screen=None if hooks is None else hooks.screen,
+            reauthorize=None
+            if auth is None
+            else make_reauthorize(auth, hooked=hooks is not None and hooks.connect is not None),
         )
     except (BroadcastError, ValueError) as exc:
         raise ConfigError("REDIS_URL", str(exc)) from None
@@ -123,7 +132,8 @@ def create_app(config: Config) -> web.Application:
     origins = OriginPolicy(
         config.allowed_origins, public_url=config.public_url, host=config.host, port=config.port
     )
-    node = make_node(config, auth, origins)
+    hooks = Hooks.from_config(config)
+    node = make_node(config, auth, origins, hooks)
     transport = AiohttpTransport(
         node,
         ping_interval=config.ws_ping_interval,
@@ -135,7 +145,7 @@ def create_app(config: Config) -> web.Application:
     app[NODE] = node
     app[TRANSPORT] = transport
     app[ORIGINS] = origins
-    app[METRICS] = registry = make_registry(node)
+    app[METRICS] = registry = make_registry(node, hooks)
     register_routes(
         app,
         node=node,
@@ -149,6 +159,8 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_run_node)
     if auth is not None:
         app.cleanup_ctx.append(_run_authenticator(auth))
+    if hooks is not None:
+        app.cleanup_ctx.append(_run_hooks(hooks, config))
     app.on_shutdown.append(_close_connections)
     return app
 
@@ -177,6 +189,21 @@ def _run_authenticator(
         )
         yield
         await auth.close()
+
+    return run
+
+
+def _run_hooks(hooks: Hooks, config: Config) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def run(app: web.Application) -> AsyncIterator[None]:
+        await hooks.start()
+        log.info(
+            "backend hooks: connect %s, publish %s; on failure %s (HOOK_FAILURE_POLICY)",
+            redact_url(config.hook_connect_url) if config.hook_connect_url else "off",
+            redact_url(config.hook_publish_url) if config.hook_publish_url else "off",
+            config.hook_failure_policy,
+        )
+        yield
+        await hooks.close()
 
     return run
 

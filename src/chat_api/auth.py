@@ -8,7 +8,8 @@ the keys of a JWKS URL (fetched with aiohttp, cached, refetched when a token
 names an unknown ``kid``). Only the algorithms of ``AUTH_JWT_ALGORITHMS`` are
 accepted (never ``none``; never HS* next to a public key). A token that fails
 is refused before the WebSocket is accepted, with HTTP 401; nothing about the
-token is echoed or logged.
+token is echoed or logged. A token whose ``AUTH_TRUSTED_CLAIM`` is ``true``
+makes a trusted connection: its messages skip the publish hook.
 
 A good token becomes an ``Admission`` for the realtime handler: identity
 ``sub`` + display name, the expiry (the handler closes with 1008 "token
@@ -17,19 +18,28 @@ expired" then), and the rooms of the rooms claim, if any.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from realtime import Admission, Handshake, Identify, Identity, Refused, guest_identity
-from realtime.core.access import clean_name
+from realtime import (
+    Admission,
+    Handshake,
+    Identify,
+    Identity,
+    Reauthorize,
+    Refused,
+    guest_identity,
+)
+from realtime.core.access import admission, clean_name
 from realtime.core.protocol import ROOM_PATTERN
 
 from .config import Config, ConfigError, redact_url
@@ -38,6 +48,7 @@ from .origin import OriginPolicy
 
 __all__ = [
     "Authenticator",
+    "ConnectDecider",
     "RoomPatterns",
     "StatsGuard",
     "TokenError",
@@ -265,6 +276,10 @@ class Authenticator:
 
     async def admit(self, token: str | None) -> Admission:
         """The admission a token grants; raises ``TokenError``."""
+        return (await self.admit_claims(token))[0]
+
+    async def admit_claims(self, token: str | None) -> tuple[Admission, dict[str, Any]]:
+        """The admission a token grants, and its verified claims; raises ``TokenError``."""
         if token is None:
             raise TokenError(
                 "a token is required: Authorization: Bearer or ?access_token=", missing=True
@@ -276,16 +291,24 @@ class Authenticator:
         shown = claims.get(self._config.auth_name_claim)
         name = clean_name(shown if isinstance(shown, str) else None) or clean_name(sub) or "user"
         rooms = claims.get(self._config.auth_rooms_claim)
-        return Admission(
+        trusted_claim = self._config.auth_trusted_claim
+        granted = Admission(
             Identity(id=sub, name=name),
             expires_at=float(claims["exp"]) + self._config.auth_leeway_seconds,
             may_join=None if rooms is None else RoomPatterns.from_claim(rooms),
+            trusted=bool(trusted_claim) and claims.get(trusted_claim) is True,
+            subject=sub,
         )
+        return granted, claims
 
     async def identify(self, handshake: Handshake) -> Admission:
         """The realtime ``identify`` hook: admit, or refuse with HTTP 401/503."""
+        return (await self.identify_claims(handshake))[0]
+
+    async def identify_claims(self, handshake: Handshake) -> tuple[Admission, dict[str, Any]]:
+        """``identify``, with the token's verified claims (for the connect hook)."""
         try:
-            return await self.admit(bearer_token(handshake.headers, handshake.query))
+            return await self.admit_claims(bearer_token(handshake.headers, handshake.query))
         except TokenError as exc:
             log.debug(
                 "refused a WebSocket from %s: %s",
@@ -302,8 +325,8 @@ class Authenticator:
             raise _refusal(exc) from None
 
     async def reauthorize(self, token: str) -> Admission:
-        """The realtime ``reauthorize`` hook (a ``refresh`` frame's token):
-        the admission it grants, or ``Refused`` with the reason."""
+        """The admission a ``refresh`` frame's token grants, or ``Refused``
+        with the reason."""
         try:
             return await self.admit(token)
         except TokenError as exc:
@@ -324,17 +347,49 @@ def _refusal(exc: TokenError) -> Refused:
     return Refused(401, exc.reason, headers={"WWW-Authenticate": challenge})
 
 
-def make_identify(origins: OriginPolicy, auth: Authenticator | None) -> Identify:
+class ConnectDecider(Protocol):
+    """What decides after the token (the connect hook, ``hooks.ConnectHook``)."""
+
+    async def admit(
+        self, handshake: Handshake, *, claims: Mapping[str, Any] | None, fallback: Admission
+    ) -> Admission: ...
+
+
+def make_identify(
+    origins: OriginPolicy, auth: Authenticator | None, connect_hook: ConnectDecider | None = None
+) -> Identify:
     """The handler's ``identify`` hook: the Origin check, then the token
-    (``AUTH_ENABLED``) or a guest name from ``?name=``."""
+    (``AUTH_ENABLED``) or a guest name from ``?name=``; then, with
+    ``HOOK_CONNECT_URL``, the app's connect hook, which gets the token's
+    verified claims and decides (the token's or guest's admission stands
+    when the hook fails under ``HOOK_FAILURE_POLICY=allow``)."""
 
     async def identify(handshake: Handshake) -> Identity | Admission:
         origins.check(handshake)
+        claims: dict[str, Any] | None = None
         if auth is None:
-            return await guest_identity(handshake)
-        return await auth.identify(handshake)
+            granted = admission(await guest_identity(handshake))
+        else:
+            granted, claims = await auth.identify_claims(handshake)
+        if connect_hook is None:
+            return granted
+        return await connect_hook.admit(handshake, claims=claims, fallback=granted)
 
     return identify
+
+
+def make_reauthorize(auth: Authenticator, *, hooked: bool) -> Reauthorize:
+    """The node's ``reauthorize`` hook: the new token's terms; with a connect
+    hook, the terms the app gave at connect, for as long as the new token
+    lasts (the app chose the user, rooms and data; a token only extends them)."""
+
+    async def reauthorize(token: str, current: Admission) -> Admission:
+        fresh = await auth.reauthorize(token)
+        if not hooked:
+            return fresh
+        return dataclasses.replace(current, expires_at=fresh.expires_at, subject=fresh.subject)
+
+    return reauthorize
 
 
 StatsGuard = Callable[[web.Request], Awaitable[None]]

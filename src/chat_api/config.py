@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import socket
 import typing
 from collections.abc import Mapping
@@ -183,6 +184,12 @@ class Config:
         "admin",
         "Token claim that, when true, lets the token read the stats endpoint.",
     )
+    auth_trusted_claim: str = _setting(
+        "AUTH_TRUSTED_CLAIM",
+        "",
+        "Token claim that, when true, lets the token's messages skip the publish hook "
+        "(empty: no token skips it).",
+    )
     auth_jwks_cache_seconds: float = _setting(
         "AUTH_JWKS_CACHE_SECONDS",
         300.0,
@@ -330,6 +337,42 @@ class Config:
         "(empty: that route is off).",
         secret=True,
     )
+    hook_connect_url: str = _setting(
+        "HOOK_CONNECT_URL",
+        "",
+        "Your app's connect hook: each WebSocket upgrade is POSTed there and the app answers "
+        "with the user and its rooms, or refuses (empty: off).",
+    )
+    hook_publish_url: str = _setting(
+        "HOOK_PUBLISH_URL",
+        "",
+        "Your app's publish hook: each client message is POSTed there before it is sent; the "
+        "app accepts, replaces its data or rejects it (empty: off).",
+    )
+    hook_secret: str = _setting(
+        "HOOK_SECRET",
+        "",
+        "Shared secret that signs every hook request (Chat-Api-Signature, HMAC-SHA256; at "
+        "least 32 bytes; required with a hook URL).",
+        secret=True,
+    )
+    hook_timeout: float = _setting(
+        "HOOK_TIMEOUT",
+        2.0,
+        "Seconds a hook request may take before it counts as failed.",
+        minimum=0.01,
+    )
+    hook_failure_policy: str = _setting(
+        "HOOK_FAILURE_POLICY",
+        "refuse",
+        "What a failed hook (down, slow, 5xx, a bad answer) means: refuse (HTTP 503 for a "
+        "connect, an unavailable error for a message) or allow (as if there were no hook).",
+    )
+    hook_connect_headers: tuple[str, ...] = _setting(
+        "HOOK_CONNECT_HEADERS",
+        ("Cookie", "Authorization"),
+        "Request headers of the upgrade passed to the connect hook, comma-separated.",
+    )
     shutdown_timeout: float = _setting(
         "SHUTDOWN_TIMEOUT",
         10.0,
@@ -410,6 +453,7 @@ class Config:
                 "REDIS_CHANNEL_PREFIX", "must be non-empty, without glob characters or spaces"
             )
         _validate_security(self)
+        _validate_hooks(self)
 
     @property
     def local_only(self) -> bool:
@@ -525,6 +569,35 @@ def _validate_security(config: Config) -> None:
             f"{', '.join(wrong)} cannot be used with {keys[0]}"
             + (" (HS* needs AUTH_JWT_SECRET)" if not hmac else " (it needs a public key)"),
         )
+
+
+_HOOK_POLICIES = ("refuse", "allow")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _validate_hooks(config: Config) -> None:
+    """Hook URLs are http(s), a set one needs ``HOOK_SECRET``."""
+    urls = [
+        (env, url)
+        for env, url in (
+            ("HOOK_CONNECT_URL", config.hook_connect_url),
+            ("HOOK_PUBLISH_URL", config.hook_publish_url),
+        )
+        if url
+    ]
+    for env, url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(env, "must be an http:// or https:// URL with a host")
+    if urls and not config.hook_secret:
+        raise ConfigError("HOOK_SECRET", f"{urls[0][0]} is set: hook requests must be signed")
+    if config.hook_secret and len(config.hook_secret.encode()) < 32:
+        raise ConfigError("HOOK_SECRET", "must be at least 32 bytes long")
+    if config.hook_failure_policy not in _HOOK_POLICIES:
+        raise ConfigError("HOOK_FAILURE_POLICY", f"must be one of {', '.join(_HOOK_POLICIES)}")
+    for name in config.hook_connect_headers:
+        if not _HEADER_NAME.fullmatch(name):
+            raise ConfigError("HOOK_CONNECT_HEADERS", f"{name!r} is not a header name")
 
 
 def _is_origin(value: str) -> bool:

@@ -35,7 +35,9 @@ from realtime import Node
 from realtime.core.histogram import ROUNDTRIP_BUCKETS, Histogram
 from realtime.core.protocol import ErrorCode
 
-__all__ = ["CONTENT_TYPE", "NodeCollector", "make_registry", "render"]
+from .hooks import RESULTS, Hooks
+
+__all__ = ["CONTENT_TYPE", "HookCollector", "NodeCollector", "make_registry", "render"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -87,9 +89,10 @@ class NodeCollector(Collector):
         )
         yield _labelled(
             "chat_api_errors_sent",
-            "Error frames sent to clients, by error code.",
+            "Error frames sent to clients, by error code (rejected: by the publish hook, "
+            "whatever code it gave).",
             "code",
-            _seeded(counters.errors, [code.value for code in ErrorCode]),
+            _seeded(counters.errors, [*(code.value for code in ErrorCode), "rejected"]),
         )
         yield _labelled(
             "chat_api_messages_published",
@@ -182,11 +185,51 @@ def _number(stats: Mapping[str, object], key: str) -> int:
     return value if isinstance(value, int) else 0
 
 
-def make_registry(node: Node) -> CollectorRegistry:
+class HookCollector(Collector):
+    """Reads the backend hooks' counters at scrape time (only the hooks set)."""
+
+    def __init__(self, hooks: Hooks) -> None:
+        self._hooks = hooks
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "chat_api_hook_requests",
+            "Requests to the team's app's hooks, by hook (connect, publish) and result: accept, "
+            "replace (publish: other data), reject (publish) or refuse (connect); error (no "
+            "answer, or not 2xx/4xx), invalid (an answer that makes no sense), timeout "
+            "(HOOK_TIMEOUT).",
+            labels=["hook", "result"],
+        )
+        seconds = HistogramMetricFamily(
+            "chat_api_hook_seconds",
+            "Seconds per hook request, from its send to its answer (or its failure).",
+            labels=["hook"],
+        )
+        for health in self._hooks.health:
+            for result, n in sorted(_seeded(health.results, RESULTS[health.hook]).items()):
+                requests.add_metric([health.hook, result], n)
+            buckets = [(_le(bound), n) for bound, n in health.seconds.cumulative()]
+            seconds.add_metric([health.hook], buckets, health.seconds.sum)
+        failing = GaugeMetricFamily(
+            "chat_api_hook_failing",
+            "1 while a hook is failing (from its first failed request to its next answer), else 0.",
+            labels=["hook"],
+        )
+        for health in self._hooks.health:
+            failing.add_metric([health.hook], 0 if health.failing_since is None else 1)
+        yield requests
+        yield seconds
+        yield failing
+
+
+def make_registry(node: Node, hooks: Hooks | None = None) -> CollectorRegistry:
     """A registry of the pod's own (never the process-global one): the node's
-    collector and prometheus-client's process, platform and GC collectors."""
+    collector, the hooks' (if any) and prometheus-client's process, platform
+    and GC collectors."""
     registry = CollectorRegistry()
     registry.register(NodeCollector(node))
+    if hooks is not None:
+        registry.register(HookCollector(hooks))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)

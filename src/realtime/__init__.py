@@ -8,7 +8,9 @@ and Redis parts load only where they are used.
 The parts (see ``docs/architecture.md``): ``Node`` is the wiring root of a
 pod; ``Session`` is what one connection may do; transports adapt a web
 server (``AiohttpTransport``, ``AsgiTransport``); backends link the pods
-(``MemoryBackend``, ``RedisBackend``, chosen by URL with ``open_backend``).
+(``MemoryBackend``, ``RedisBackend``, chosen by URL with ``open_backend``);
+the application's hooks are ``Identify`` (who connects) and ``Screen``
+(what a client's message becomes).
 This package imports nothing from ``chat_api``.
 """
 
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
     from .core.hub import LocalHub
     from .core.protocol import Catchup, CloseCode, ErrorCode, Identity, Message
     from .core.ratelimit import RateLimiter, Verdict
+    from .core.screen import ACCEPT, Decision, Reject, Replace, Screen, Submission
     from .core.sequencer import Entry, RoomSequencer
     from .node import Limits, Node, NodeSettings
     from .rooms.presence import Presence
@@ -77,6 +80,12 @@ _EXPORTS: dict[str, str] = {
     "Message": "core.protocol",
     "RateLimiter": "core.ratelimit",
     "Verdict": "core.ratelimit",
+    "ACCEPT": "core.screen",
+    "Decision": "core.screen",
+    "Reject": "core.screen",
+    "Replace": "core.screen",
+    "Screen": "core.screen",
+    "Submission": "core.screen",
     "Entry": "core.sequencer",
     "RoomSequencer": "core.sequencer",
     "Backend": "backends",
@@ -103,6 +112,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "ACCEPT",
     "Admission",
     "AiohttpTransport",
     "AsgiTransport",
@@ -113,6 +123,7 @@ __all__ = [
     "CloseCode",
     "Connection",
     "ConnectionState",
+    "Decision",
     "Entry",
     "ErrorCode",
     "Handshake",
@@ -136,12 +147,16 @@ __all__ = [
     "RedisBackend",
     "RedisOptions",
     "Refused",
+    "Reject",
+    "Replace",
     "RoomCheck",
     "RoomSequencer",
+    "Screen",
     "Session",
     "Slice",
     "Stamp",
     "StateError",
+    "Submission",
     "Timeline",
     "TimelineSettings",
     "Transport",

@@ -17,7 +17,9 @@ in and out of them:
   then opens or closes the room's timeline and subscribes or unsubscribes the
   backend.
 - **admission**: ``admit`` decides whether a WebSocket upgrade may proceed
-  (draining, capacity, the ``Identify`` hook, the room).
+  (draining, capacity, the ``Identify`` hook, the room). The optional
+  ``Screen`` hook (``screen``) is what sessions ask before sending a
+  client's message (``realtime.core.screen``).
 
 Transports (``realtime.transports``) adapt a web server to it; ``Session``
 (``realtime.session``) is what one connection may do.
@@ -52,6 +54,7 @@ from .core.exceptions import Refused, StateError
 from .core.histogram import LAG_BUCKETS, Histogram
 from .core.hub import LocalHub
 from .core.protocol import Catchup, CloseCode, Message
+from .core.screen import Screen
 from .core.sequencer import Entry
 from .rooms.presence import Presence
 from .rooms.timeline import Timeline, TimelineSettings
@@ -186,6 +189,7 @@ class Node:
         backend: Backend | None = None,
         identify: Identify = guest_identity,
         reauthorize: Reauthorize | None = None,
+        screen: Screen | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
@@ -229,6 +233,8 @@ class Node:
         self._identify = identify
         self.reauthorize = reauthorize
         """How a ``refresh`` frame's token is checked; None: refreshes are refused."""
+        self.screen = screen
+        """The publish hook sessions ask about their clients' messages (None: none)."""
         self.new_message_id = Ids()
         """A fresh message id, unique across pods."""
         self._connection_ids = Ids()

@@ -11,8 +11,9 @@ knows a web framework or a socket; when the socket is gone the transport
 calls ``closed``.
 
 ``receive`` returns an awaitable for the frames whose answer needs the
-network (a join that catches up, a presence query): the transport awaits it
-before reading the next frame, so a client's frames keep their order.
+network (a join that catches up, a presence query, a message the node's
+publish ``Screen`` must see first): the transport awaits it before reading
+the next frame, so a client's frames keep their order.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable
+from typing import Any
 
-from .backends import Stamp, Unstored
+from .backends import Stamp, Unstored, data_digest
 from .core.access import Admission, Handshake
 from .core.connection import Connection, ConnectionState, Transport
 from .core.exceptions import BroadcastError, ProtocolError, Refused
@@ -45,6 +47,7 @@ from .core.protocol import (
     encode_presence,
 )
 from .core.ratelimit import RateLimiter, Verdict
+from .core.screen import Reject, Replace, Screen, Submission
 from .node import Node
 
 __all__ = ["Session"]
@@ -113,6 +116,7 @@ class Session:
                     "max_message_bytes": limits.max_message_bytes,
                     "max_rooms": limits.max_rooms,
                 },
+                **({} if self.admission.data is None else {"data": self.admission.data}),
             ),
         )
 
@@ -173,11 +177,15 @@ class Session:
     def _error(self, exc: ProtocolError) -> None:
         self._send_error(exc.code, exc.message, exc.ref)
 
-    def _send_error(self, code: str, message: str, ref: str | int | None) -> None:
-        """An ``error`` frame to the client, counted by code."""
+    def _send_error(
+        self, code: str, message: str, ref: str | int | None, *, counted_as: str | None = None
+    ) -> None:
+        """An ``error`` frame to the client, counted by code (or by
+        ``counted_as``: the application's codes are not metric labels)."""
         counters = self._node.counters
         counters.errors_sent += 1
-        counters.errors[code] = counters.errors.get(code, 0) + 1
+        label = counted_as or code
+        counters.errors[label] = counters.errors.get(label, 0) + 1
         self._node.hub.send_to(self.conn, encode_error(code, message, ref))
 
     def _within_rate(self, raw: str | bytes | None) -> bool:
@@ -215,7 +223,7 @@ class Session:
         hub = self._node.hub
         match frame:
             case SendMessage():
-                self._send(frame)
+                return self._send(frame)
             case Join(room=room, ref=ref):
                 if room not in conn.rooms:
                     self._check_join(room, ref)
@@ -251,13 +259,13 @@ class Session:
             self._send_error(ErrorCode.INVALID_TOKEN, "this server does not use tokens", ref)
             return
         try:
-            granted = await node.reauthorize(token)
+            granted = await node.reauthorize(token, self.admission)
         except Refused as exc:
             self._send_error(ErrorCode.INVALID_TOKEN, exc.reason, ref)
             return
         if conn.state is not ConnectionState.OPEN:
             return
-        if granted.identity.id != conn.identity.id:
+        if granted.holder != self.admission.holder:
             message = "the new token is for another user; reconnect to change users"
             self._send_error(ErrorCode.INVALID_TOKEN, message, ref)
             return
@@ -295,21 +303,57 @@ class Session:
             return
         hub.send_to(self.conn, encode_presence(room, [m.as_json() for m in members], ref))
 
-    def _send(self, frame: SendMessage) -> None:
+    def _send(self, frame: SendMessage) -> Awaitable[None] | None:
         conn = self.conn
-        node = self._node
         room = conn.default_room if frame.room is None else frame.room
         if room is not None and room not in conn.rooms:  # never joined, or left since
             raise ProtocolError(
                 ErrorCode.NOT_IN_ROOM, f"join room {room!r} before sending to it", ref=frame.ref
             )
+        screen = self._node.screen
+        if screen is not None and not self.admission.trusted:
+            return self._screened(screen, frame, room)
+        self._publish(frame, room, frame.data)
+        return None
+
+    async def _screened(self, screen: Screen, frame: SendMessage, room: str | None) -> None:
+        """Send ``frame`` as the node's publish screen decides (the transport
+        awaits this before the next frame: the client's order holds)."""
+        conn = self.conn
+        key = None if room is None else frame.key
+        try:
+            decision = await screen(Submission(room, conn.identity, frame.data, key, conn.id))
+        except Exception:
+            log.exception("publish screen failed", extra={"connection_id": conn.id})
+            self._send_error(
+                ErrorCode.UNAVAILABLE, "the message could not be checked; not sent", frame.ref
+            )
+            return
+        if conn.state is not ConnectionState.OPEN:
+            return
+        if room is not None and room not in conn.rooms:  # removed while it was checked
+            self._send_error(ErrorCode.NOT_IN_ROOM, f"not in room {room!r} any more", frame.ref)
+        elif isinstance(decision, Reject):
+            self._send_error(decision.code, decision.message, frame.ref, counted_as="rejected")
+        elif isinstance(decision, Replace):
+            # Under its key the message stays what the client sent: a resend is a duplicate.
+            self._publish(frame, room, decision.data, digest=data_digest(frame.data))
+        else:
+            self._publish(frame, room, frame.data)
+
+    def _publish(
+        self, frame: SendMessage, room: str | None, data: Any, *, digest: str | None = None
+    ) -> None:
+        conn = self.conn
+        node = self._node
         key = None if room is None else frame.key  # messages to everyone are not stored
         message = Message(
             id=node.message_id(room, key),
             room=room,
             sender=conn.identity,
             ts=time.time_ns() // 1_000_000,
-            data=frame.data,
+            data=data,
+            digest=digest,
         )
         node.counters.messages_received += 1
         ref = frame.ref

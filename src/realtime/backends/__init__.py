@@ -22,6 +22,7 @@ from .base import (
     Stamp,
     Unstored,
     content_digest,
+    data_digest,
     key_field,
     new_epoch,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "Stamp",
     "Unstored",
     "content_digest",
+    "data_digest",
     "key_field",
     "new_epoch",
     "open_backend",

@@ -44,6 +44,7 @@ __all__ = [
     "Stamp",
     "Unstored",
     "content_digest",
+    "data_digest",
     "key_field",
     "new_epoch",
 ]
@@ -118,9 +119,14 @@ def key_field(message: Message, key: str) -> str:
 
 
 def content_digest(message: Message) -> str:
-    """What a key's message carried (its data): a resend carries the same,
-    another message under the same key does not."""
-    return hashlib.blake2b(orjson.dumps(message.data), digest_size=12).hexdigest()
+    """What a key's message carried (the data its sender sent): a resend
+    carries the same, another message under the same key does not."""
+    return message.digest or data_digest(message.data)
+
+
+def data_digest(data: Any) -> str:
+    """The digest of a message's data (``content_digest``)."""
+    return hashlib.blake2b(orjson.dumps(data), digest_size=12).hexdigest()
 
 
 def new_epoch() -> str:

@@ -7,8 +7,9 @@ returns who the client is, or refuses it by raising ``Refused`` (answered
 with that HTTP status before the WebSocket is accepted). It may return a
 bare ``Identity`` or an ``Admission``: the identity, when its credential
 stops being valid (the connection is closed then with 1008 "token
-expired"), and which rooms it may join. ``guest_identity`` is the hook when
-nobody authenticates clients.
+expired"), which rooms it may join, whether its messages skip the
+node's publish screen (``trusted``) and what its welcome frame shows.
+``guest_identity`` is the hook when nobody authenticates clients.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from .exceptions import ProtocolError, Refused
 from .protocol import NO_CATCHUP, Catchup, ErrorCode, Identity, parse_catchup, validate_room
@@ -47,6 +49,19 @@ class Admission:
     """Unix time at which the credential expires; None: never."""
     may_join: RoomCheck | None = None
     """Room authorization; None: every room."""
+    trusted: bool = False
+    """Its messages skip the node's publish ``Screen``."""
+    data: Any = None
+    """Shown to the client in its ``welcome`` frame (``data``); None: not shown."""
+    subject: str | None = None
+    """Whom the credential names (a token's ``sub``), where that is not
+    ``identity.id`` (an app's hook chose the identity); a ``refresh`` must
+    name the same."""
+
+    @property
+    def holder(self) -> str:
+        """Whom the credential names: ``subject``, else the identity's id."""
+        return self.identity.id if self.subject is None else self.subject
 
     def allows(self, room: str | None) -> bool:
         return self.may_join is None or self.may_join(room)
@@ -80,10 +95,11 @@ class Handshake:
 Identify = Callable[[Handshake], Awaitable[Identity | Admission]]
 """Decide who a new connection is, or refuse it by raising ``Refused``."""
 
-Reauthorize = Callable[[str], Awaitable[Admission]]
-"""The terms a fresh credential (a ``refresh`` frame's token) grants, or
-``Refused`` (its reason is told to the client) if it grants none. The
-session checks that it names the same user."""
+Reauthorize = Callable[[str, Admission], Awaitable[Admission]]
+"""The terms a fresh credential (a ``refresh`` frame's token) grants a
+connection admitted on the given terms, or ``Refused`` (its reason is told
+to the client) if it grants none. The session checks that both name the
+same ``holder``."""
 
 
 def read_handshake(

@@ -366,6 +366,10 @@ class Message:
     sender: Identity
     ts: int
     data: Any
+    digest: str | None = None
+    """What identifies the message under a key, when ``data`` is not what
+    the sender sent (a publish screen replaced it): the ``data_digest`` of
+    the sent data. None: that of ``data``."""
 
     def encode(self) -> bytes:
         """The client-facing JSON of this message, built once per broadcast.
