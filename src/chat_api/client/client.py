@@ -572,7 +572,8 @@ class Client:
                 return Closed(None, detail, status=exc.status, error=detail), None
             return Closed(None, f"HTTP {exc.status}", error=f"HTTP {exc.status}"), None
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            return Closed(None, str(exc) or type(exc).__name__, error=repr(exc)), None
+            why = str(exc) or type(exc).__name__
+            return Closed(None, why, error=why), None
         link = _Link(next(self._links), url, ws, token, room)
         self._link = link
         try:
