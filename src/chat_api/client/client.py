@@ -2,7 +2,7 @@
 
 :class:`Client` owns one supervisor task (``_run``) that connects, reads
 frames until the connection ends, and connects again with capped, jittered
-backoff, rotating through its URLs. Each connection (a ``_Link``) has up to
+backoff, rotating through its URLs. Each connection (a ``Link``) has up to
 three tasks of its own, all cancelled with it: the resume (rejoin every room
 with ``since``/``epoch``, then go live), the outbox pump (send, and resend
 with the same key, whatever is not acknowledged yet) and the token refresh.
@@ -19,12 +19,9 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import random
 import time
 import uuid
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, TypeAlias
 
@@ -49,189 +46,28 @@ from .events import (
     ServerError,
     User,
 )
+from .link import (
+    NO_REFRESH,
+    REFUSED_STATUSES,
+    RETRY_LATER,
+    Answer,
+    EventQueue,
+    Link,
+    LinkLost,
+    Outgoing,
+    backoff_delay,
+    is_terminal_close,
+    split_endpoint,
+    token_expiry,
+)
 
-__all__ = ["Client", "TokenSource", "backoff_delay"]
+__all__ = ["Client", "TokenSource", "backoff_delay", "split_endpoint"]
 
 log = logging.getLogger("chat_api.client")
 
 TokenSource: TypeAlias = str | Callable[[], Awaitable[str]] | None
 """A fixed token, or a coroutine function asked for a fresh one at every
 (re)connect and before the current one expires."""
-
-REFUSED_STATUSES = frozenset({400, 401, 403, 404})
-"""Handshake answers that trying again will not change."""
-CLIENT_FAULT_CODES = frozenset({1002, 1003, 1007})
-"""Close codes that say this client broke the protocol: reconnecting would repeat it."""
-RETRY_LATER = frozenset({"rate_limited", "unavailable"})
-"""Error codes after which a message is sent again later (same key)."""
-NO_REFRESH = frozenset({"unknown_type", "invalid_frame"})
-"""A server that answers ``refresh`` with these does not know the frame."""
-
-
-def backoff_delay(
-    attempt: int, base: float, cap: float, rand: Callable[[], float] = random.random
-) -> float:
-    """Seconds before attempt ``attempt`` (0, 1, 2…): a random time between
-    half and all of ``min(cap, base * 2**attempt)`` ("equal jitter"), so a
-    pod restart does not bring every client back in the same millisecond."""
-    ceiling = min(cap, base * 2.0 ** min(attempt, 32))
-    return float(ceiling / 2 + rand() * ceiling / 2)
-
-
-def is_terminal_close(code: int) -> bool:
-    """Close codes after which the client must not reconnect by itself:
-    1008 (policy: token expired, flood), 4000-4999 (the service's own, e.g.
-    a disconnect by the server API), and the client's own protocol faults."""
-    return code == 1008 or 4000 <= code <= 4999 or code in CLIENT_FAULT_CODES
-
-
-def split_endpoint(url: str) -> tuple[URL, str | None]:
-    """``(base, room)`` of a chat-api WebSocket URL: ``…/ws`` (no room) or
-    ``…/ws/{room}``; ``base`` ends in ``/ws`` and keeps the query."""
-    parsed = URL(url)
-    if parsed.scheme not in ("ws", "wss"):
-        raise ValueError(f"{url!r}: a chat-api URL starts with ws:// or wss://")
-    parts = [p for p in parsed.path.split("/") if p]
-    if parts and parts[-1] == "ws":
-        return parsed, None
-    if len(parts) >= 2 and parts[-2] == "ws":
-        return parsed.with_path("/" + "/".join(parts[:-1])).with_query(parsed.query), parts[-1]
-    raise ValueError(
-        f"{url!r}: a chat-api WebSocket URL ends in /ws or /ws/{{room}} "
-        "(e.g. ws://127.0.0.1:8000/api/chat-api/ws/general)"
-    )
-
-
-def token_expiry(token: str) -> float | None:
-    """The ``exp`` claim of a JWT, read without verifying it (the server
-    does that); None when there is none or it is not a JWT."""
-    import jwt
-
-    try:
-        claims = jwt.decode(token, options={"verify_signature": False})
-    except jwt.PyJWTError:
-        return None
-    exp = claims.get("exp")
-    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
-
-
-class _LinkLost(Exception):
-    """The connection a request was sent on ended before its answer."""
-
-
-class _Answer(ClientError):
-    """An ``error`` frame answering a request of ours."""
-
-    def __init__(self, code: str, message: str) -> None:
-        self.code = code
-        self.message = message
-        super().__init__(f"{code}: {message}")
-
-
-@dataclass(eq=False)
-class _Outgoing:
-    """A message sent (or to send) until it is acknowledged with an offset."""
-
-    ref: int
-    key: str
-    room: str | None
-    frame: str
-    future: asyncio.Future[Ack]
-    link: int = 0
-    """Number of the connection it was last written to (0: none yet)."""
-    due: float | None = None
-    """Loop time of a planned resend (after ``offset: null`` or ``rate_limited``)."""
-    attempts: int = 0
-
-
-@dataclass(eq=False)
-class _Link:
-    """One WebSocket connection and what belongs to it."""
-
-    number: int
-    url: str
-    ws: aiohttp.ClientWebSocketResponse
-    token: str | None
-    room: str | None
-    """The room of the connection's URL (joined by the handshake)."""
-    welcomed: bool = False
-    live: bool = False
-    pod: str = ""
-    expires_at: float | None = None
-    max_message_bytes: int | None = None
-    rooms: set[str] = field(default_factory=set)
-    requests: dict[str, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    refs: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
-    immediate: bool = False
-    """Closed by us to reconnect at once (a token the server cannot refresh)."""
-
-    async def send(self, frame: dict[str, Any] | str, timeout: float) -> None:
-        text = frame if isinstance(frame, str) else orjson.dumps(frame).decode()
-        async with self.lock, asyncio.timeout(timeout):
-            await self.ws.send_str(text)
-
-    async def request(self, frame: dict[str, Any], timeout: float) -> dict[str, Any]:
-        """Send ``frame`` with a fresh ``ref``; its answer (``_Answer`` for an error)."""
-        ref = f"c{next(self.refs)}"
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.requests[ref] = future
-        try:
-            await self.send({**frame, "ref": ref}, timeout)
-            async with asyncio.timeout(timeout):
-                return await future
-        finally:
-            self.requests.pop(ref, None)
-
-    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self.tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("connection task %s failed", task.get_name(), exc_info=task.exception())
-            # A broken helper must not leave a half-working connection: drop
-            # it, and the supervisor connects again.
-            self.spawn(self._abort(), "chat_api.client abort")
-
-    async def _abort(self) -> None:
-        await self.ws.close(code=1011, message=b"client error")
-
-
-class _Events:
-    """The caller's event queue. Over ``limit`` events waiting, the reader
-    stops reading (the server then holds, or drops us, and we resume)."""
-
-    def __init__(self, limit: int) -> None:
-        self._items: deque[Event | None] = deque()
-        self._limit = limit
-        self._readable = asyncio.Event()
-        self._writable = asyncio.Event()
-        self._writable.set()
-
-    async def put(self, event: Event) -> None:
-        await self._writable.wait()
-        self.put_nowait(event)
-
-    def put_nowait(self, event: Event | None) -> None:
-        self._items.append(event)
-        self._readable.set()
-        if len(self._items) >= self._limit:
-            self._writable.clear()
-
-    async def get(self) -> Event | None:
-        while not self._items:
-            self._readable.clear()
-            await self._readable.wait()
-        item = self._items[0]
-        if item is not None:  # the end mark stays, for every later reader
-            self._items.popleft()
-        if len(self._items) < self._limit // 2 + 1:
-            self._writable.set()
-        return item
 
 
 class Client:
@@ -286,12 +122,12 @@ class Client:
         if self._url_room is not None:
             self._rooms[self._url_room] = Cursor(self._url_room, history)
         self._seen = SeenIds()
-        self._outbox: dict[int, _Outgoing] = {}
+        self._outbox: dict[int, Outgoing] = {}
         self._refs = itertools.count(1)
         self._links = itertools.count(1)
         self._index = 0
-        self._link: _Link | None = None
-        self._events = _Events(max_pending_events)
+        self._link: Link | None = None
+        self._events = EventQueue(max_pending_events)
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._started: asyncio.Future[None] | None = None
@@ -394,7 +230,7 @@ class Client:
         link = self._link
         if link is not None and room in link.rooms:
             link.rooms.discard(room)
-            with contextlib.suppress(_LinkLost, _Answer, TimeoutError, aiohttp.ClientError):
+            with contextlib.suppress(LinkLost, Answer, TimeoutError, aiohttp.ClientError):
                 await link.request({"type": "leave", "room": room}, self._timeout)
         await self._events.put(Left(room))
 
@@ -420,7 +256,7 @@ class Client:
         if limit is not None and len(text.encode()) > limit:
             raise SendError("too_large", f"the message is over the server's {limit} bytes", room)
         future: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
-        self._outbox[ref] = _Outgoing(ref, key, room, text, future)
+        self._outbox[ref] = Outgoing(ref, key, room, text, future)
         self._poke()
         try:
             return await future
@@ -435,9 +271,9 @@ class Client:
             raise ClientClosed("not connected right now; try again after Reconnected")
         try:
             frame = await link.request({"type": "presence", "room": room}, self._timeout)
-        except _Answer as exc:
+        except Answer as exc:
             raise JoinError(exc.code, exc.message, room) from None
-        except _LinkLost:
+        except LinkLost:
             raise ClientClosed("the connection was lost meanwhile") from None
         return _presence(frame)
 
@@ -538,7 +374,7 @@ class Client:
         self._events.put_nowait(closed)
         self._events.put_nowait(None)
 
-    async def _connect_once(self, url: str) -> tuple[Closed, _Link | None]:
+    async def _connect_once(self, url: str) -> tuple[Closed, Link | None]:
         """One connection, from the handshake to its end: how it ended (a
         ``Closed`` with ``error`` set when it was a failure) and the link."""
         assert self._session is not None
@@ -574,7 +410,7 @@ class Client:
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             why = str(exc) or type(exc).__name__
             return Closed(None, why, error=why), None
-        link = _Link(next(self._links), url, ws, token, room)
+        link = Link(next(self._links), url, ws, token, room)
         self._link = link
         try:
             return await self._read(link), link
@@ -587,7 +423,7 @@ class Client:
                     await task
             for future in link.requests.values():
                 if not future.done():
-                    future.set_exception(_LinkLost())
+                    future.set_exception(LinkLost())
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.close(), self._timeout)
 
@@ -613,7 +449,7 @@ class Client:
 
     # -- one connection -------------------------------------------------------------
 
-    async def _read(self, link: _Link) -> Closed:
+    async def _read(self, link: Link) -> Closed:
         ws = link.ws
         while True:
             msg = await ws.receive()
@@ -638,7 +474,7 @@ class Client:
                 why = repr(ws.exception()) if ws.exception() else "connection lost"
                 return Closed(code, why, error=why)
 
-    async def _on_frame(self, link: _Link, frame: dict[str, Any]) -> None:
+    async def _on_frame(self, link: Link, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
         ref = frame.get("ref")
         if isinstance(ref, str) and ref in link.requests and kind != "message":
@@ -646,7 +482,7 @@ class Client:
             if not future.done():
                 if kind == "error":
                     future.set_exception(
-                        _Answer(str(frame.get("code")), str(frame.get("message", "")))
+                        Answer(str(frame.get("code")), str(frame.get("message", "")))
                     )
                 else:
                     future.set_result(frame)
@@ -685,7 +521,7 @@ class Client:
             await self._events.put(_presence(frame))
         # pong, refreshed and types added later: nothing to do
 
-    async def _on_welcome(self, link: _Link, frame: dict[str, Any]) -> None:
+    async def _on_welcome(self, link: Link, frame: dict[str, Any]) -> None:
         link.welcomed = True
         link.pod = str(frame.get("pod", ""))
         user = frame.get("user")
@@ -712,14 +548,14 @@ class Client:
         if future is not None and not future.done():
             future.set_result(None)
 
-    async def _resume(self, link: _Link) -> None:
+    async def _resume(self, link: Link) -> None:
         """Rejoin every room this client is in (each from its position), then
         go live: the pump (re)sends what is not acknowledged."""
         rooms = [room for room in self._rooms if room not in link.rooms]
         await asyncio.gather(*(self._join_on(link, room) for room in rooms))
         if link.room is not None and link.room not in self._rooms:
             # The URL's room, left by the caller: only there to connect.
-            with contextlib.suppress(_Answer, TimeoutError):
+            with contextlib.suppress(Answer, TimeoutError):
                 await link.request({"type": "leave", "room": link.room}, self._timeout)
         link.live = True
         self._ever_live = True
@@ -729,13 +565,13 @@ class Client:
         if callable(self._token_source):
             link.spawn(self._refresh(link), f"chat_api.client refresh #{link.number}")
 
-    async def _join_on(self, link: _Link, room: str) -> None:
+    async def _join_on(self, link: Link, room: str) -> None:
         cursor = self._rooms.get(room)
         if cursor is None:
             return
         try:
             await link.request({"type": "join", "room": room, **cursor.catchup()}, self._timeout)
-        except _Answer as exc:
+        except Answer as exc:
             if self._rooms.get(room) is not cursor:
                 return
             del self._rooms[room]
@@ -746,10 +582,10 @@ class Client:
             else:
                 await self._events.put(Left(room, exc.code))
             self._drop_room(room, SendError(exc.code, exc.message, room))
-        except (_LinkLost, TimeoutError, aiohttp.ClientError, ConnectionError):
+        except (LinkLost, TimeoutError, aiohttp.ClientError, ConnectionError):
             return  # the next connection rejoins it
 
-    async def _on_left(self, link: _Link, frame: dict[str, Any]) -> None:
+    async def _on_left(self, link: Link, frame: dict[str, Any]) -> None:
         room = frame.get("room")
         if not isinstance(room, str):
             return
@@ -810,7 +646,7 @@ class Client:
             )
         )
 
-    def _retry_later(self, outgoing: _Outgoing) -> None:
+    def _retry_later(self, outgoing: Outgoing) -> None:
         delay = backoff_delay(outgoing.attempts - 1, *self._backoff)
         outgoing.due = asyncio.get_running_loop().time() + delay
         self._poke()
@@ -828,7 +664,7 @@ class Client:
             else:
                 outgoing.future.set_exception(SendError(code, message, outgoing.room))
 
-    async def _pump(self, link: _Link) -> None:
+    async def _pump(self, link: Link) -> None:
         """Write every message not written on this connection yet, and those
         due for a resend, in the order they were sent; then wait for more."""
         assert self._wake is not None
@@ -858,7 +694,7 @@ class Client:
                 async with asyncio.timeout(wait):
                     await self._wake.wait()
 
-    async def _refresh(self, link: _Link) -> None:
+    async def _refresh(self, link: Link) -> None:
         """Replace the connection's token before it expires (``refresh``
         frame). A server without the frame: reconnect at once with a fresh
         token (the resume makes that lossless)."""
@@ -870,7 +706,7 @@ class Client:
             try:
                 token = await source()
                 answer = await link.request({"type": "refresh", "token": token}, self._timeout)
-            except _Answer as exc:
+            except Answer as exc:
                 if exc.code in NO_REFRESH:
                     log.info("the server cannot refresh tokens: reconnecting with a fresh one")
                     link.immediate = True
@@ -881,7 +717,7 @@ class Client:
                     return  # the server closes us (1008); nothing more to try
                 await asyncio.sleep(min(5.0, max(0.5, (link.expires_at - time.time()) / 4)))
                 continue
-            except (_LinkLost, aiohttp.ClientError, ConnectionError):
+            except (LinkLost, aiohttp.ClientError, ConnectionError):
                 return
             except TimeoutError:
                 continue
