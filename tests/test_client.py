@@ -17,8 +17,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aiohttp
 import pytest
-from aiohttp import web
 
 from chat_api.client import (
     Client,
@@ -273,42 +273,33 @@ async def test_an_expired_token_ends_the_client_without_a_reconnect(
     assert closed.value.code == 1008
 
 
-async def test_a_close_code_of_the_service_is_final(clients: list[Client]) -> None:
-    """4000-4999 (a disconnect by the server API): told, never retried. A
-    minimal WebSocket server stands in for a pod: the disconnect API is
-    built on main separately."""
-    connections = 0
+async def test_a_disconnect_by_the_users_api_is_final_and_a_user_message_arrives(
+    pod_factory: PodFactory, clients: list[Client]
+) -> None:
+    """4000-4999 (a disconnect by the server API): told, never retried."""
+    pod = pod_factory({"PUBLISH_API_KEY": "k"})
+    client = await open_client(pod.ws_url("general"))
+    clients.append(client)
+    seen = Collector(client)
+    assert client.user is not None
+    api = f"{pod.base}/api/chat-api/users/{client.user.id}"
+    headers = {"Authorization": "Bearer k"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{api}/messages", json={"data": "note"}, headers=headers) as r:
+            assert r.status == 202
 
-    async def handler(request: web.Request) -> web.WebSocketResponse:
-        nonlocal connections
-        connections += 1
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        await ws.send_json({"type": "welcome", "pod": "stub", "room": None, "rooms": []})
-        await ws.receive()  # the client's message: disconnected by "the API" meanwhile
-        await ws.close(code=4001, message=b"banned for a while")
-        return ws
+        async def noted() -> bool:
+            return any(m.data == "note" for m in seen.messages())
 
-    app = web.Application()
-    app.router.add_get("/api/chat-api/ws", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        port = runner.addresses[0][1]
-        client = await open_client(f"ws://127.0.0.1:{port}/api/chat-api/ws")
-        clients.append(client)
-        seen = Collector(client)
-        with pytest.raises(ClientClosed, match="4001"):
-            await client.send(None, {"text": "hi"})
-        await seen.done()
-        closed = seen.events[-1]
-        assert isinstance(closed, Closed), seen.events
-        assert (closed.code, closed.reason) == (4001, "banned for a while")
-        assert connections == 1
-    finally:
-        await runner.cleanup()
+        await eventually(noted, timeout=DEFAULT_TIMEOUT)
+        body = {"code": 4001, "reason": "banned for a while", "ban_seconds": 30}
+        async with http.post(f"{api}/disconnect", json=body, headers=headers) as r:
+            assert r.status == 202
+    await seen.done()
+    closed = seen.events[-1]
+    assert isinstance(closed, Closed), seen.events
+    assert (closed.code, closed.reason) == (4001, "banned for a while")
+    assert not any(isinstance(e, Reconnected) for e in seen.events)
 
 
 async def test_a_token_source_keeps_the_client_going_past_its_tokens_expiry(
@@ -338,9 +329,6 @@ async def test_a_token_source_keeps_the_client_going_past_its_tokens_expiry(
     assert not seen.of(Closed)
 
 
-@pytest.mark.xfail(
-    reason="needs the server's refresh frame (lands on main separately)", strict=False
-)
 async def test_a_refresh_keeps_the_same_connection(
     pod_factory: PodFactory, clients: list[Client]
 ) -> None:
