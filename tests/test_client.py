@@ -302,36 +302,11 @@ async def test_a_disconnect_by_the_users_api_is_final_and_a_user_message_arrives
     assert not any(isinstance(e, Reconnected) for e in seen.events)
 
 
-async def test_a_token_source_keeps_the_client_going_past_its_tokens_expiry(
-    pod_factory: PodFactory, clients: list[Client]
-) -> None:
-    """A callable token is asked at every connect and before expiry; with or
-    without the server's refresh frame, the client outlives its tokens."""
-    pod = pod_factory(
-        {"AUTH_ENABLED": "true", "AUTH_JWT_SECRET": SECRET, "AUTH_LEEWAY_SECONDS": "0"}
-    )
-    expiries: list[float] = []
-
-    async def token() -> str:
-        payload = claims("ada", ttl=3)
-        expiries.append(payload["exp"])
-        return hs_token(payload)
-
-    ada = await open_client(pod.ws_url("general"), token=token)
-    clients.append(ada)
-    seen = Collector(ada)
-    # Five tokens: at least two refreshes (or reconnects, each asking twice),
-    # the second one due after the first token's expiry.
-    await seen.until(lambda: len(expiries) >= 5, timeout=20)
-    assert time.time() > expiries[0]
-    await ada.send("general", {"text": "still here"})
-    await seen.until(lambda: seen.texts() == ["still here"])
-    assert not seen.of(Closed)
-
-
 async def test_a_refresh_keeps_the_same_connection(
     pod_factory: PodFactory, clients: list[Client]
 ) -> None:
+    """A callable token is asked at connect and before each expiry, and sent
+    in a refresh frame: the client outlives its tokens on one connection."""
     pod = pod_factory(
         {"AUTH_ENABLED": "true", "AUTH_JWT_SECRET": SECRET, "AUTH_LEEWAY_SECONDS": "0"}
     )

@@ -28,7 +28,7 @@ from typing import Any, Final
 import orjson
 
 from .backends import Backend
-from .core.connection import ConnectionState
+from .core.connection import Connection, ConnectionState
 from .core.hub import LocalHub
 from .core.protocol import Message
 
@@ -132,7 +132,7 @@ class Users:
             # from a pod of another version, or a bug: never a client's doing
             log.warning("ignored a control envelope (%s): %.200r", exc, payload)
 
-    def _connections(self, user: str) -> list[Any]:
+    def _connections(self, user: str) -> list[Connection]:
         return [
             conn
             for conn in self._hub.connections()
