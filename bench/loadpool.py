@@ -235,6 +235,14 @@ def measured_run(
         }
         if messages
         else {},
+        # and how many calls of each, per room message (a script's inner
+        # commands are counted inside it and again on their own)
+        redis_command_calls_per_message={
+            name: round(v["calls"] / messages, 3)
+            for name, v in sorted(commands.items(), key=lambda kv: -kv[1]["usec"])
+        }
+        if messages
+        else {},
         loadgen_cpu_cores=round((gen1 - gen0) / wall, 3),
         acks=sum(r["acks"] for r in collected),
         errors=sum(r["errors"] for r in collected),
