@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 import pytest
+import redis.asyncio as aioredis
 
 from realtime import Member, PresenceStore, RedisBackend
 from realtime.backends import PRESENCE_BURST, MemoryPresence
@@ -115,3 +116,37 @@ async def test_a_dead_pods_users_are_pruned_with_member_left(make: Make) -> None
     assert {e["type"] for e in pruned} == {"member_left"}
     assert [m.id for m in await alive.members("r")] == ["u5"]
     assert await alive.refresh(["r"]) == []
+
+
+async def test_one_refresh_prunes_many_rooms_even_after_redis_forgot_the_scripts(
+    make: Make, shared_redis_url: str
+) -> None:
+    # A pod's refresh covers every room it hosts in one batch per primary;
+    # each room's events come back under its own name, in the order asked,
+    # and a Redis that lost its scripts (restart, SCRIPT FLUSH) has them
+    # loaded again and every room refreshed.
+    dead, alive = await make("pod-dead", ttl=0.3), await make("pod-alive", ttl=0.3)
+    if isinstance(dead, MemoryPresence):
+        pytest.skip("one pod only in local-only mode")
+    rooms = [f"r{i}" for i in range(40)]
+    for i, room in enumerate(rooms):
+        await dead.update(room, users(1, i), [])
+        await alive.update(room, users(1, 100), [])
+    client = aioredis.from_url(shared_redis_url)
+    try:
+        await client.script_flush()
+    finally:
+        await client.aclose()
+
+    pruned: list[tuple[str, dict[str, Any]]] = []
+
+    async def pruned_all() -> bool:
+        pruned.extend((room, orjson.loads(e)) for room, e in await alive.refresh(rooms))
+        return len(pruned) >= len(rooms)
+
+    await eventually(pruned_all, timeout=5)
+    assert [room for room, _ in pruned] == rooms
+    assert [(e["type"], e["room"], e["user"]["id"]) for _, e in pruned] == [
+        ("member_left", room, f"u{i}") for i, room in enumerate(rooms)
+    ]
+    assert await alive.refresh(rooms) == []

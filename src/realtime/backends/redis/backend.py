@@ -290,7 +290,9 @@ class RedisBackend:
         )
 
     def presence(self, ttl: float) -> RedisPresence:
-        return RedisPresence(self.run_script, self.names, pod_id=self.pod_id, ttl=ttl)
+        return RedisPresence(
+            self.run_script, self.run_scripts, self.names, pod_id=self.pod_id, ttl=ttl
+        )
 
     async def read(self, room: str, after: int, limit: int, *, epoch: str | None = None) -> Slice:
         channel = self.names.channel(room)
@@ -344,9 +346,41 @@ class RedisBackend:
         # expired between the two commands: nobody holds it now, claim again
         return held.decode() if isinstance(held, bytes) else await self.claim(name, value, ttl)
 
+    async def run_scripts(
+        self, script: Script, calls: list[tuple[list[str], list[Any]]]
+    ) -> list[Any]:
+        """``run_script`` for many ``(keys, args)`` at once: the calls for one
+        primary written together (one round trip per primary, not per call),
+        the primaries in parallel; the replies in the order of ``calls``."""
+        if self._sharded:
+            script = sharded(script)
+        groups: dict[int, tuple[bytes, list[int], list[bytes]]] = {}
+        for i, (keys, args) in enumerate(calls):
+            key = keys[0].encode()
+            shard = self._owner(key)
+            _, indices, commands = groups.setdefault(id(shard), (key, [], []))
+            indices.append(i)
+            commands.append(pack_command(b"EVALSHA", script.sha, len(keys), *keys, *args))
+        replies: list[Any] = [None] * len(calls)
+        try:
+            done = await asyncio.gather(
+                *(self._call_many(key, commands) for key, _, commands in groups.values())
+            )
+        except LINK_ERRORS as exc:
+            raise BroadcastError(f"script failed: {describe(exc)}") from exc
+        for (_, indices, _), got in zip(groups.values(), done, strict=True):
+            for i, reply in zip(indices, got, strict=True):
+                replies[i] = reply
+        return replies
+
     async def _call(self, key: bytes, command: bytes) -> Any:
         """One command on the link of the primary that serves ``key``; the
         scripts loaded again on ``NOSCRIPT``; ``ResponseError`` raised."""
+        (reply,) = await self._call_many(key, [command])
+        return reply
+
+    async def _call_many(self, key: bytes, commands: list[bytes]) -> list[Any]:
+        """``_call`` for commands that go where ``key`` lives, in one write."""
         if self._state is LinkState.STOPPED or self._handler is None:
             raise BroadcastError("the backend is not running")
         for _ in range(2):
@@ -356,18 +390,26 @@ class RedisBackend:
                 raise ConnectionError("the link to Redis is down")
             try:
                 async with asyncio.timeout(self._heartbeat_timeout):
-                    (reply,) = await link.call(command, 1)
+                    replies = await link.call(b"".join(commands), len(commands))
             except TimeoutError:
                 link.abort(STALLED)
                 raise InFlightLost(STALLED) from None
-            if isinstance(reply, NoScriptError):
+            missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            if missing and len(missing) == len(commands):
                 await self.load_scripts(shard)
                 continue
-            if isinstance(reply, BaseException):
-                if is_redirect(reply):
-                    self._relocate.set()
-                raise reply
-            return reply
+            if missing:
+                # some ran and some did not: run only those again
+                await self.load_scripts(shard)
+                again = await self._call_many(key, [commands[i] for i in missing])
+                for i, reply in zip(missing, again, strict=True):
+                    replies[i] = reply
+            for reply in replies:
+                if isinstance(reply, BaseException):
+                    if is_redirect(reply):
+                        self._relocate.set()
+                    raise reply
+            return replies
         raise BroadcastError("Redis does not keep the scripts loaded")
 
     async def load_scripts(self, shard: ShardLink) -> None:

@@ -27,18 +27,29 @@ from ..base import Member
 from .names import Names
 from .scripts import PRESENCE_MEMBERS, PRESENCE_REFRESH, PRESENCE_UPDATE, Script
 
-__all__ = ["RedisPresence", "RunScript"]
+__all__ = ["RedisPresence", "RunScript", "RunScripts"]
 
 RunScript = Callable[[Script, list[str], list[Any]], Awaitable[Any]]
 """Runs one of the backend's scripts with these keys and arguments; raises
 ``BroadcastError`` on link trouble."""
+RunScripts = Callable[[Script, list[tuple[list[str], list[Any]]]], Awaitable[list[Any]]]
+"""``RunScript`` for many ``(keys, args)``, one round trip per primary."""
 
 
 class RedisPresence:
     """``PresenceStore`` through the Redis backend's command connection."""
 
-    def __init__(self, run_script: RunScript, names: Names, *, pod_id: str, ttl: float) -> None:
+    def __init__(
+        self,
+        run_script: RunScript,
+        run_scripts: RunScripts,
+        names: Names,
+        *,
+        pod_id: str,
+        ttl: float,
+    ) -> None:
         self._run = run_script
+        self._run_many = run_scripts
         self._names = names
         self._pod = pod_id
         self._ttl_ms = max(1, int(ttl * 1000))
@@ -61,12 +72,16 @@ class RedisPresence:
         return [bytes(event) for event in reply]
 
     async def refresh(self, rooms: list[str]) -> list[tuple[str, bytes]]:
-        events: list[tuple[str, bytes]] = []
-        for room in rooms:
-            pods, _ = self._keys(room)
-            reply = await self._run(PRESENCE_REFRESH, [pods], self._args(room))
-            events += [(room, bytes(event)) for event in reply]
-        return events
+        # every room's refresh in one round trip per primary: a pod hosting
+        # thousands of rooms wakes itself and Redis once per period, not once
+        # per room
+        calls = [([self._keys(room)[0]], self._args(room)) for room in rooms]
+        replies = await self._run_many(PRESENCE_REFRESH, calls)
+        return [
+            (room, bytes(event))
+            for room, reply in zip(rooms, replies, strict=True)
+            for event in reply
+        ]
 
     async def members(self, room: str) -> list[Member]:
         pods, base = self._keys(room)
