@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from realtime import Identity, LinkState, Message, RedisBackend
+from realtime.backends import Stamp, Unstored
 from realtime.core.sequencer import Entry
 
 from .redis_support import RedisServer
@@ -50,7 +51,7 @@ class Pods:
         self.started: list[RedisBackend] = []
 
     async def start(
-        self, url: str, pod_id: str, *, wait: bool = True
+        self, url: str, pod_id: str, *, wait: bool = True, history_length: int = 100
     ) -> tuple[RedisBackend, Delivered]:
         delivered: Delivered = []
 
@@ -62,6 +63,7 @@ class Pods:
             heartbeat_interval=0.2,
             heartbeat_timeout=1.0,
             reconnect_max_delay=0.3,
+            history_length=history_length,
         )
         self.started.append(broadcaster)
         async with asyncio.timeout(5):
@@ -297,3 +299,92 @@ async def test_rediss_with_a_verified_certificate(pods: Pods) -> None:
             async with asyncio.timeout(2):
                 await broadcaster.stop()
         server.close()
+
+
+async def appended(backend: RedisBackend, msg: Message, key: str | None = None) -> Stamp:
+    """``backend.append`` awaited: the stamp (fails on any other outcome)."""
+    got: asyncio.Future[Stamp | Unstored] = asyncio.get_running_loop().create_future()
+    backend.append(msg, got.set_result, key=key)
+    async with asyncio.timeout(5):
+        outcome = await got
+    assert isinstance(outcome, Stamp), outcome
+    return outcome
+
+
+def room_message(n: int) -> Message:
+    return Message(id=f"m-{n}", room="r", sender=Identity("u1", "Ann"), ts=1, data=n)
+
+
+async def test_offsets_continue_across_pods_that_saw_other_epochs_and_rooms_stored_before(
+    pods: Pods, redis_server: RedisServer
+) -> None:
+    """The append script counts a room's offsets under its epoch and
+    increments the counter of the epoch the pod saw last: a pod that saw
+    an epoch the room no longer has is corrected without a stray counter,
+    a room stored by an earlier version (one ``offset`` field) goes on
+    from its offset, and every write leaves the room's keys with a TTL."""
+    a, _ = await pods.start(redis_server.url, "pod-a")
+    b, _ = await pods.start(redis_server.url, "pod-b")
+    a.subscribe("r")
+    b.subscribe("r")
+    await wait_subscribed(a, 3)
+    await wait_subscribed(b, 3)
+    seq, hist = f"{pods.prefix}:room:{{r}}:seq", f"{pods.prefix}:room:{{r}}:hist"
+
+    first = await appended(a, room_message(1))
+    assert first.offset == 1
+    for n in range(2, 5):  # both pods have seen the room by now: the short path
+        assert (await appended(b if n % 2 else a, room_message(n))).offset == n
+    assert redis_server.command("HGETALL", seq) == {
+        b"epoch": first.epoch.encode(),
+        f"o:{first.epoch}".encode(): b"4",
+    }
+    assert all(redis_server.command("PTTL", k) > 0 for k in (seq, hist))
+
+    # the room moved to another epoch behind the pods' backs (its keys lost,
+    # a new epoch stored), and both pods still hold the old one as seen
+    redis_server.command("DEL", seq, hist)
+    redis_server.command("HSET", seq, "epoch", "00000000000000aa", "o:00000000000000aa", "9")
+    moved = await appended(a, room_message(5))
+    assert (moved.epoch, moved.offset) == ("00000000000000aa", 10)
+    assert redis_server.command("HEXISTS", seq, f"o:{first.epoch}") == 0
+    assert all(redis_server.command("PTTL", k) > 0 for k in (seq, hist))
+
+    # a room as the previous version stored it: `epoch` and `offset`
+    redis_server.command("DEL", seq, hist)
+    redis_server.command("HSET", seq, "epoch", "00000000000000bb", "offset", "41")
+    redis_server.command("XADD", hist, "41-0", "b", b'"room":"r","data":41}')
+    old = await appended(b, room_message(6))
+    assert (old.epoch, old.offset) == ("00000000000000bb", 42)
+    assert redis_server.command("HGETALL", seq) == {
+        b"epoch": b"00000000000000bb",
+        b"o:00000000000000bb": b"42",
+    }
+    got = await a.read("r", 40, 10)
+    assert (got.epoch, got.newest, [e.offset for e in got.entries]) == (
+        "00000000000000bb",
+        42,
+        [41, 42],
+    )
+
+
+async def test_reads_never_reach_past_the_history_length_the_stream_may_exceed(
+    pods: Pods, redis_server: RedisServer
+) -> None:
+    """Redis trims a room's stream a node of entries at a time, so it may
+    hold more than the history length; what a read returns, and the
+    ``first`` it reports, stop at the history length all the same."""
+    a, _ = await pods.start(redis_server.url, "pod-a", history_length=5)
+    for n in range(1, 13):
+        await appended(a, room_message(n))
+    hist = f"{pods.prefix}:room:{{r}}:hist"
+    assert redis_server.command("XLEN", hist) > 5  # kept by Redis, never read
+    for after, limit in ((0, 100), (2, 100), (-1, 100), (-1, 3), (9, 100)):
+        got = await a.read("r", after, limit)
+        offsets = [e.offset for e in got.entries]
+        assert (got.newest, got.first) == (12, 8), (after, limit)
+        want = {0: [8, 9, 10, 11, 12], 2: [8, 9, 10, 11, 12], 9: [10, 11, 12]}.get(after)
+        assert offsets == (want if want is not None else list(range(max(8, 13 - limit), 13))), (
+            after,
+            limit,
+        )

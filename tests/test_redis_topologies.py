@@ -518,7 +518,9 @@ async def test_a_replica_promoted_behind_moves_the_room_to_a_new_epoch(
     for n in range(3):
         await send(a, {"type": "message", "data": f"kept {n}", "ref": n})
     for ws in (a, b):
-        assert [(await recv_type(ws, "message"))["offset"] for _ in range(3)] == [1, 2, 3]
+        kept = [await recv_type(ws, "message") for _ in range(3)]
+        assert [m["offset"] for m in kept] == [1, 2, 3]
+    epoch = kept[0]["epoch"]
     old = sentinel_set.primary_port()
     replica = next(s for s in sentinel_set.servers if s.port != old)
     sentinel_set.wait_ready()
@@ -526,15 +528,15 @@ async def test_a_replica_promoted_behind_moves_the_room_to_a_new_epoch(
     replica.command("CONFIG", "SET", "masterauth", "wrong-on-purpose")
     replica.command("CLIENT", "KILL", "TYPE", "master")
     seq_key = f"{channel_prefix}:room:{{general}}:seq"
-    assert int(replica.command("HGET", seq_key, "offset")) == 3
+    assert int(replica.command("HGET", seq_key, f"o:{epoch}")) == 3
     lost = []
     for n in range(2):
         await send(a, {"type": "message", "data": f"lost {n}", "ref": 10 + n})
     for ws in (a, b):
         lost = [await recv_type(ws, "message") for _ in range(2)]
         assert [m["offset"] for m in lost] == [4, 5]
-    epoch = lost[0]["epoch"]
-    assert int(replica.command("HGET", seq_key, "offset")) == 3  # it never got them
+    assert lost[0]["epoch"] == epoch
+    assert int(replica.command("HGET", seq_key, f"o:{epoch}")) == 3  # it never got them
     new = sentinel_set.kill_primary()
     assert new == replica.port
 

@@ -2,16 +2,21 @@
 
 Per room, two keys in one hash slot (the ``{room}`` hash tag):
 
-* ``{prefix}:room:{<room>}:seq`` — a hash: ``epoch`` and the last ``offset``;
-* ``{prefix}:room:{<room>}:hist`` — a stream capped at the history length,
+* ``{prefix}:room:{<room>}:seq`` — a hash: ``epoch``, and ``o:<epoch>``: the
+  last offset of that epoch (the append script increments the counter of the
+  epoch the pod saw last, so it need not read the epoch first);
+* ``{prefix}:room:{<room>}:hist`` — a stream capped at the history length
+  (approximately: Redis trims whole nodes of entries, so it may hold up to a
+  node more, ``stream-node-max-entries``; reads never reach further back),
   one entry per message with ID ``<offset>-0`` and field ``b``: the message's
   body (``Message.body``; ``entry_payload`` makes the frame of it).
 
 Both expire ``history_ttl`` seconds after the room's last message; the next
 message then starts a new epoch at offset 1. ``APPEND`` does, atomically and
 in one round trip: the idempotency check, the epoch (created if missing), the
-offset (``HINCRBY``), ``XADD`` with ``MAXLEN``, the TTLs and the ``PUBLISH``
-of the envelope (``names.py``) on the room channel. ``READ`` returns the
+offset (``HINCRBY``), ``XADD`` with ``MAXLEN ~``, the TTLs (when this pod last
+refreshed them an eighth of the TTL ago or more) and the ``PUBLISH`` of the
+envelope (``names.py``) on the room channel. ``READ`` returns the
 room's epoch, newest and oldest offsets and a range of entries, atomically.
 """
 
@@ -53,6 +58,27 @@ class RedisRoomLog:
         self.ttl_ms = max(1, int(history_ttl * 1000))
         self.max_bytes = history_max_bytes
         self.max_keys = idempotency_keys
+        self._refresh_after = history_ttl / 8
+        self._refreshed: dict[str, float] = {}
+        """When this pod last had each room's TTLs refreshed (monotonic s)."""
+        self._refreshed_pruned = 0
+
+    def _refresh(self, room: str, now: float) -> bool:
+        """Whether this append should refresh ``room``'s TTLs (and note it)."""
+        last = self._refreshed.get(room)
+        if last is not None and now - last < self._refresh_after:
+            return False
+        self._refreshed[room] = now
+        if len(self._refreshed) > 2 * self._refreshed_pruned + 1024:
+            stale = now - self._refresh_after
+            self._refreshed = {r: t for r, t in self._refreshed.items() if t > stale}
+            self._refreshed_pruned = len(self._refreshed)
+        return True
+
+    def forget_refreshes(self) -> None:
+        """After a batch whose outcome is unknown: refresh every room's TTLs
+        with its next message."""
+        self._refreshed.clear()
 
     def append_command(self, batch: Sequence[tuple[Message, str | None, bytes, str]]) -> bytes:
         """One ``EVALSHA`` that appends every ``(message, key, body, seen)``
@@ -66,20 +92,18 @@ class RedisRoomLog:
             self.max_bytes,
             self.max_keys,
             self.names.envelope,
-            time.time_ns() // 1_000_000,
         ]
+        now = time.monotonic()
         for message, key, body, seen in batch:
             room = message.room
             assert room is not None  # only room messages are appended
             keys += self.names.log_keys(room)
-            args += [
-                self.names.channel(room),
-                new_epoch(),
-                body,
-                "" if key is None else key_field(message, key),
-                "" if key is None else content_digest(message),
-                seen,
-            ]
+            refresh = self._refresh(room, now)
+            if key is None:
+                args += [self.names.channel(room), new_epoch(), body, seen, int(refresh)]
+            else:
+                args += [self.names.channel(room), new_epoch(), body, seen, 2 + refresh]
+                args += [key_field(message, key), content_digest(message)]
         return pack_command(b"EVALSHA", self.append_script.sha, len(keys), *keys, *args)
 
     @staticmethod
@@ -96,7 +120,9 @@ class RedisRoomLog:
 
     def read_command(self, room: str, after: int, limit: int, epoch: str | None) -> bytes:
         seq, history, _, _ = self.names.log_keys(room)
-        return pack_command(b"EVALSHA", READ.sha, 2, seq, history, after, limit, epoch or "")
+        return pack_command(
+            b"EVALSHA", READ.sha, 2, seq, history, after, limit, epoch or "", self.history_length
+        )
 
     def rebase_command(self, room: str, epoch: str, offset: int) -> bytes:
         """Move ``room`` to a new epoch if it is behind ``offset`` in ``epoch``."""

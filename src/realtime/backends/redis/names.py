@@ -6,7 +6,7 @@ For a deployment whose names start with ``prefix`` (``REDIS_CHANNEL_PREFIX``):
 ``{prefix}:global``                     channel: messages to everyone
 ``{prefix}:room:<room>``                channel: a room's messages and presence events
 ``{prefix}:pod:<pod>``                  channel: a pod's heartbeat to itself
-``{prefix}:room:{<room>}:seq``          hash: the room's ``epoch`` and last ``offset``
+``{prefix}:room:{<room>}:seq``          hash: the room's ``epoch``; ``o:<epoch>``: its last offset
 ``{prefix}:room:{<room>}:hist``         stream: the room's history (message bodies)
 ``{prefix}:room:{<room>}:keys``         hash: message key -> offset, epoch, digest
 ``{prefix}:room:{<room>}:keyorder``     sorted set: the keys by offset (the oldest go)

@@ -447,9 +447,11 @@ class Publisher:
         try:
             replies = await self._roundtrip(link, groups, publishes)
         except LINK_ERRORS as exc:
+            self._log.forget_refreshes()  # whether they ran is not known
             return link, [exc] * len(groups), [exc] * len(publishes)
         except Exception as exc:  # a bug: count and log it, keep the publisher alive
             log.exception("publishing to redis failed unexpectedly")
+            self._log.forget_refreshes()
             return link, [exc] * len(groups), [exc] * len(publishes)
         count = len(groups)
         waited = count > 0 and self._wait_replicas > 0

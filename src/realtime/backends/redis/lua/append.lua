@@ -1,61 +1,97 @@
 -- Append room messages, one or many in one call: give each its room's next
 -- offset, store it in the room's history, publish it on the room's channel.
 -- KEYS: four per message: the room's seq hash, history stream, keys hash, key order.
--- ARGV: TTL in ms, history length, history bytes, most keys kept, envelope head (pod
--- id + newline), now (ms, the pod's clock); then six per message: channel, epoch to use
--- if the room has none (or a new one), body (the JSON after `{"type":"message",`), key
--- ('' for none), digest of its data, and `<offset>:<epoch>`: the newest entry of the room
--- the pod has seen ('' if none).
+-- ARGV: TTL in ms, history length, history bytes, most keys kept, envelope head (pod id +
+-- newline); then per message: channel, epoch to use if the room has none (or a new one),
+-- body (the JSON after `{"type":"message",`), `<offset>:<epoch>`: the newest entry of the
+-- room the pod has seen ('' if none), and a mode: 0, or the sum of 1 (refresh the TTLs)
+-- and 2 (a key follows: two more arguments, the key and the digest of its data).
 -- Returns three per message: offset, epoch, flag (0 stored; 1 its key's message is
 -- stored already: that one's offset and epoch; 2 its key names other data: not stored).
--- The body is stored and published as it is; the envelope's second line is
--- `<offset>:<epoch>`; pods build the frame. Per message this is one hash read, one
--- increment, one XADD (exact MAXLEN) and one PUBLISH; the TTLs are refreshed only when
--- an eighth of them has passed, and the history's bytes counted only when a message is
--- big enough for the count alone not to bound them. If the room is behind what the pod
--- has seen in its epoch (Redis lost writes: a replica promoted before it had them), the
--- room starts a new epoch above that offset, so no offset ever names two messages.
+-- The seq hash holds `epoch` and, under `o:<epoch>`, the newest offset of that epoch:
+-- a pod that has seen the room increments the counter of the epoch it saw, so in the
+-- common case a message costs one increment, one XADD and one PUBLISH. The history is
+-- trimmed approximately (`MAXLEN ~`: whole nodes of entries; the read script never
+-- reads past the history length).
+-- An increment that returns 1 found no such counter (the room expired, or moved to
+-- another epoch): it is undone and the room's own epoch read. The body is stored and
+-- published as it is; the envelope's second line is `<offset>:<epoch>`; pods build the
+-- frame. The pod asks for the TTLs to be refreshed when an eighth of them has passed
+-- since it last did. If the room is behind what the pod has seen in its epoch (Redis
+-- lost writes: a replica promoted before it had them), the room starts a new epoch above
+-- that offset, so no offset ever names two messages.
 local ttl, maxlen = tonumber(ARGV[1]), ARGV[2]
 local max_bytes, max_keys = tonumber(ARGV[3]), tonumber(ARGV[4])
-local head, now = ARGV[5], tonumber(ARGV[6])
+local head = ARGV[5]
 local big = max_bytes / tonumber(maxlen)
 local out = {}
-local a = 7
-for k = 1, #KEYS, 4 do
+local a, k = 6, 1
+
+local function renew(seq, hist, epoch, offset)
+  -- the room's counter is gone or behind: one epoch, `offset` the newest in it
+  redis.call('DEL', seq, hist)
+  redis.call('HSET', seq, 'epoch', epoch, 'o:' .. epoch, offset)
+end
+
+while a <= #ARGV do
   local seq, hist, keys, order = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
-  local channel, fresh, body, key, digest = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
-  local seen_at = ARGV[a + 5]
-  a = a + 6
-  local seen = false
-  if key ~= '' then
-    seen = redis.call('HGET', keys, key)
+  local channel, fresh, body, seen_at = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  local mode = tonumber(ARGV[a + 4])
+  local key, digest = '', ''
+  k, a = k + 4, a + 5
+  if mode >= 2 then
+    key, digest = ARGV[a], ARGV[a + 1]
+    a, mode = a + 2, mode - 2
   end
-  if seen then
-    local p = string.find(seen, ':', 1, true)
-    local q = string.find(seen, ':', p + 1, true)
+  local stored = false
+  if key ~= '' then
+    stored = redis.call('HGET', keys, key)
+  end
+  if stored then
+    local p = string.find(stored, ':', 1, true)
+    local q = string.find(stored, ':', p + 1, true)
     local flag = 1
-    if string.sub(seen, q + 1) ~= digest then flag = 2 end
-    out[#out + 1] = tonumber(string.sub(seen, 1, p - 1))
-    out[#out + 1] = string.sub(seen, p + 1, q - 1)
+    if string.sub(stored, q + 1) ~= digest then flag = 2 end
+    out[#out + 1] = tonumber(string.sub(stored, 1, p - 1))
+    out[#out + 1] = string.sub(stored, p + 1, q - 1)
     out[#out + 1] = flag
   else
-    local state = redis.call('HMGET', seq, 'epoch', 'refreshed', 'offset')
-    local epoch, refreshed = state[1], tonumber(state[2])
-    if not epoch then
-      epoch = fresh
-      redis.call('DEL', hist, keys, order)
-      redis.call('HSET', seq, 'epoch', epoch, 'offset', 0)
-    elseif seen_at ~= '' then
+    local epoch, offset, seen, seen_epoch = nil, nil, nil, nil
+    if seen_at ~= '' then
       local c = string.find(seen_at, ':', 1, true)
-      local seen = tonumber(string.sub(seen_at, 1, c - 1))
-      if string.sub(seen_at, c + 1) == epoch and tonumber(state[3]) < seen then
-        epoch = fresh
-        redis.call('DEL', hist)
-        redis.call('HSET', seq, 'epoch', epoch, 'offset', seen)
+      seen, seen_epoch = tonumber(string.sub(seen_at, 1, c - 1)), string.sub(seen_at, c + 1)
+      offset = redis.call('HINCRBY', seq, 'o:' .. seen_epoch, 1)
+      if offset == 1 then
+        -- no counter for that epoch: not the room's epoch (or no room)
+        redis.call('HDEL', seq, 'o:' .. seen_epoch)
+        offset = nil
+      else
+        epoch = seen_epoch
       end
     end
-    local offset = redis.call('HINCRBY', seq, 'offset', 1)
-    redis.call('XADD', hist, 'MAXLEN', maxlen, offset .. '-0', 'b', body)
+    if offset == nil then
+      mode = 1
+      epoch = redis.call('HGET', seq, 'epoch')
+      if epoch then
+        offset = redis.call('HINCRBY', seq, 'o:' .. epoch, 1)
+        if offset == 1 then
+          -- a room stored before offsets were counted per epoch
+          offset = tonumber(redis.call('HGET', seq, 'offset') or 0) + 1
+          redis.call('HSET', seq, 'o:' .. epoch, offset)
+          redis.call('HDEL', seq, 'offset', 'refreshed')
+        end
+      else
+        epoch, offset = fresh, 1
+        redis.call('DEL', keys, order)
+        renew(seq, hist, epoch, offset)
+      end
+    end
+    if epoch == seen_epoch and offset <= seen then
+      -- behind what the pod saw in this epoch: Redis lost writes
+      epoch, offset, mode = fresh, seen + 1, 1
+      renew(seq, hist, epoch, offset)
+    end
+    redis.call('XADD', hist, 'MAXLEN', '~', maxlen, offset .. '-0', 'b', body)
     if #body > big then
       -- Count alone would not bound the history's bytes: trim by bytes.
       local total, kept = 0, nil
@@ -67,10 +103,9 @@ for k = 1, #KEYS, 4 do
       end
       redis.call('XTRIM', hist, 'MINID', kept)
     end
-    if refreshed == nil or now - refreshed > ttl / 8 or now < refreshed then
+    if mode == 1 then
       redis.call('PEXPIRE', seq, ttl)
       redis.call('PEXPIRE', hist, ttl)
-      redis.call('HSET', seq, 'refreshed', now)
     end
     redis.call('PUBLISH', channel, head .. offset .. ':' .. epoch .. '\n' .. body)
     if key ~= '' then

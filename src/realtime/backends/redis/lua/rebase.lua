@@ -3,10 +3,17 @@
 -- KEYS: seq hash, history stream. ARGV: the epoch seen, the newest offset seen, the new
 -- epoch. Returns the room's epoch after the call (the new one, or the current one if the
 -- room is not behind: another pod moved it already, or it is fine).
-local state = redis.call('HMGET', KEYS[1], 'epoch', 'offset')
-if state[1] ~= ARGV[1] or tonumber(state[2]) >= tonumber(ARGV[2]) then
-  return state[1]
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if epoch ~= ARGV[1] then
+  return epoch
+end
+-- the newest offset: counted per epoch (`o:<epoch>`; `offset` in rooms stored before)
+local newest = tonumber(redis.call('HGET', KEYS[1], 'o:' .. epoch)
+  or redis.call('HGET', KEYS[1], 'offset') or 0)
+if newest >= tonumber(ARGV[2]) then
+  return epoch
 end
 redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[1], 'epoch', ARGV[3], 'offset', ARGV[2])
+redis.call('HDEL', KEYS[1], 'o:' .. epoch, 'offset', 'refreshed')  -- the TTL stays
+redis.call('HSET', KEYS[1], 'epoch', ARGV[3], 'o:' .. ARGV[3], ARGV[2])
 return ARGV[3]
