@@ -75,6 +75,8 @@ def test_readme_configuration_table_lists_every_setting() -> None:
         ({"REDIS_URL": "http://example"}, "REDIS_URL"),
         ({"REDIS_CHANNEL_PREFIX": "a*b"}, "REDIS_CHANNEL_PREFIX"),
         ({"WS_PING_INTERVAL": "nan"}, "WS_PING_INTERVAL"),
+        ({"REDIS_FLUSH_DELAY": "-0.001"}, "REDIS_FLUSH_DELAY"),
+        ({"REDIS_FLUSH_DELAY": "2"}, "REDIS_FLUSH_DELAY"),
         # the drain delay counts against the shutdown timeout
         ({"SHUTDOWN_DRAIN_DELAY": "10", "SHUTDOWN_TIMEOUT": "10"}, "SHUTDOWN_DRAIN_DELAY"),
         (

@@ -51,7 +51,13 @@ class Pods:
         self.started: list[RedisBackend] = []
 
     async def start(
-        self, url: str, pod_id: str, *, wait: bool = True, history_length: int = 100
+        self,
+        url: str,
+        pod_id: str,
+        *,
+        wait: bool = True,
+        history_length: int = 100,
+        flush_delay: float = 0.002,
     ) -> tuple[RedisBackend, Delivered]:
         delivered: Delivered = []
 
@@ -64,6 +70,7 @@ class Pods:
             heartbeat_timeout=1.0,
             reconnect_max_delay=0.3,
             history_length=history_length,
+            flush_delay=flush_delay,
         )
         self.started.append(broadcaster)
         async with asyncio.timeout(5):
@@ -388,3 +395,28 @@ async def test_reads_never_reach_past_the_history_length_the_stream_may_exceed(
             after,
             limit,
         )
+
+
+@pytest.mark.parametrize(("delay", "calls"), [(0.0, 2), (0.5, 1)])
+async def test_an_idle_pod_waits_the_flush_delay_so_what_follows_shares_the_call(
+    pods: Pods, redis_server: RedisServer, delay: float, calls: int
+) -> None:
+    """A message that finds the publisher idle waits ``flush_delay``; one
+    queued a moment later goes in the same script call. Without the delay
+    the first is written at once and the second needs a call of its own."""
+    a, _ = await pods.start(redis_server.url, "pod-a", flush_delay=delay)
+    await appended(a, room_message(0))  # the scripts loaded (a new Redis has none)
+    redis_server.command("CONFIG", "RESETSTAT")
+    outcomes: list[Stamp | Unstored] = []
+    a.append(room_message(1), outcomes.append)
+    for _ in range(3):  # the publisher wakes up and writes (or starts waiting)
+        await asyncio.sleep(0)
+    a.append(room_message(2), outcomes.append)
+
+    async def both_stored() -> bool:
+        return len(outcomes) == 2
+
+    await eventually(both_stored, timeout=5)
+    assert [o.offset for o in outcomes if isinstance(o, Stamp)] == [2, 3]
+    stats = redis_server.command("INFO", "commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == calls, {k: v["calls"] for k, v in stats.items()}

@@ -86,6 +86,7 @@ def node_settings(config: Config) -> NodeSettings:
                 None if config.redis_wait_replicas == "auto" else int(config.redis_wait_replicas)
             ),
             wait_timeout=config.redis_wait_timeout,
+            flush_delay=config.redis_flush_delay,
         ),
     )
 

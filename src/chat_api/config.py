@@ -134,6 +134,14 @@ class Config:
         "Seconds an append waits for REDIS_WAIT_REPLICAS replicas (below REDIS_HEARTBEAT_TIMEOUT).",
         minimum=0.001,
     )
+    redis_flush_delay: float = _setting(
+        "REDIS_FLUSH_DELAY",
+        0.002,
+        "Seconds a pod waits, when it has had nothing to send to Redis, before it sends what "
+        "came: messages that arrive meanwhile share one script call and one round trip "
+        "(less CPU in the pod and in Redis, this much more latency; 0: send at once).",
+        minimum=0,
+    )
     auth_enabled: bool = _setting(
         "AUTH_ENABLED", False, "Require a JWT on every WebSocket connection."
     )
@@ -438,6 +446,10 @@ class Config:
         waits = self.redis_wait_replicas not in ("auto", "0") or "+" in self.redis_url.split(":")[0]
         if waits and self.redis_wait_timeout >= self.redis_heartbeat_timeout:
             raise ConfigError("REDIS_WAIT_TIMEOUT", "must be shorter than REDIS_HEARTBEAT_TIMEOUT")
+        if self.redis_flush_delay > 1.0 or self.redis_flush_delay >= self.redis_heartbeat_timeout:
+            raise ConfigError(
+                "REDIS_FLUSH_DELAY", "must be at most 1 second and below REDIS_HEARTBEAT_TIMEOUT"
+            )
         if self.redis_heartbeat_timeout <= self.redis_heartbeat_interval:
             raise ConfigError(
                 "REDIS_HEARTBEAT_TIMEOUT", "must be longer than REDIS_HEARTBEAT_INTERVAL"

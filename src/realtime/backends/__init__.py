@@ -82,6 +82,9 @@ class RedisOptions:
     (``WAIT``); None: 1 with Sentinel or Cluster, 0 with one server."""
     wait_timeout: float = 1.0
     """Seconds an append waits for them (below ``heartbeat_timeout``)."""
+    flush_delay: float = 0.002
+    """Seconds an idle publisher waits before it writes, so that what comes
+    meanwhile goes in the same batch (0: write at once)."""
 
 
 def open_backend(
@@ -125,6 +128,7 @@ def open_backend(
         publish_queue=options.publish_queue,
         wait_replicas=options.wait_replicas,
         wait_timeout=options.wait_timeout,
+        flush_delay=options.flush_delay,
         history_length=history_length,
         history_ttl=history_ttl,
         history_max_bytes=history_max_bytes,

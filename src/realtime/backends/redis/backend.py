@@ -123,6 +123,7 @@ class RedisBackend:
         idempotency_keys: int = 1000,
         wait_replicas: int | None = None,
         wait_timeout: float = 1.0,
+        flush_delay: float = 0.002,
     ) -> None:
         if not pod_id or any(c.isspace() or not c.isprintable() for c in pod_id):
             raise ValueError("pod_id must be non-empty, printable, without white space")
@@ -137,6 +138,9 @@ class RedisBackend:
             raise ValueError("wait_timeout must be above 0 and below heartbeat_timeout")
         self.wait_replicas = wait_replicas
         self._wait_timeout = wait_timeout
+        if not 0 <= flush_delay < heartbeat_timeout:
+            raise ValueError("flush_delay must be 0 or more and below heartbeat_timeout")
+        self._flush_delay = flush_delay
         self.pod_id = pod_id
         self._client_name = f"{name}:{pod_id}:link"
         """Names the Redis connections (``CLIENT LIST``): service and pod."""
@@ -728,6 +732,7 @@ class RedisBackend:
             wait_timeout=self._wait_timeout,
             on_redirect=self._redirected,
             roundtrip=self._roundtrip,
+            flush_delay=self._flush_delay,
         )
         self._heartbeats[heartbeat] = link
         return link

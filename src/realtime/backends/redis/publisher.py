@@ -135,6 +135,7 @@ class Publisher:
         wait_replicas: int = 0,
         wait_timeout: float = 0.0,
         roundtrip: Histogram | None = None,
+        flush_delay: float = 0.0,
     ) -> None:
         self._link = link
         """The pod's link to Redis (waiting, briefly, while it reconnects),
@@ -162,6 +163,7 @@ class Publisher:
         """The batch being sent has been written (its outcome is Redis's)."""
         self._outbox_ready = asyncio.Event()
         self._outage = False
+        self._flush_delay = flush_delay
 
     @property
     def queued(self) -> int:
@@ -258,6 +260,12 @@ class Publisher:
             if not outbox:
                 self._outbox_ready.clear()
                 await self._outbox_ready.wait()
+                if self._flush_delay > 0:
+                    # Idle until now: let what comes in the next moment join
+                    # this batch (one script call, one write, one reply for
+                    # all of it). A busy publisher does not wait: what queued
+                    # while a batch was in flight goes at once.
+                    await asyncio.sleep(self._flush_delay)
             count = min(len(outbox), self._batch)
             batch = [outbox.popleft() for _ in range(count)]
             self._written = False

@@ -90,6 +90,7 @@ class ShardLink:
         wait_timeout: float = 0.0,
         on_redirect: Callable[[list[Outgoing], str], None] | None = None,
         roundtrip: Histogram | None = None,
+        flush_delay: float = 0.0,
     ) -> None:
         self.address = address
         self.label = address.label
@@ -135,6 +136,7 @@ class ShardLink:
             wait_timeout=wait_timeout,
             on_redirect=on_redirect,
             roundtrip=roundtrip,
+            flush_delay=flush_delay,
         )
 
     @property
