@@ -207,6 +207,11 @@ async def test_a_full_publish_queue_counts_failures_instead_of_growing(
     pods.started.append(broadcaster)
     async with asyncio.timeout(5):
         await broadcaster.start(Handler(delivered))
+
+    async def drained() -> bool:  # nothing queued (a heartbeat waits the flush delay)
+        return broadcaster.stats()["publish_queue"] == 0
+
+    await eventually(drained)
     for n in range(25):  # no await in between: the publisher cannot drain yet
         send(broadcaster, message(None, n))
     assert len(delivered) == 25
