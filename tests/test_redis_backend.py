@@ -425,3 +425,35 @@ async def test_an_idle_pod_waits_the_flush_delay_so_what_follows_shares_the_call
     assert [o.offset for o in outcomes if isinstance(o, Stamp)] == [2, 3]
     stats = redis_server.command("INFO", "commandstats")
     assert stats["cmdstat_evalsha"]["calls"] == calls, {k: v["calls"] for k, v in stats.items()}
+
+
+async def test_sparse_traffic_does_not_wait_the_flush_delay(
+    pods: Pods, redis_server: RedisServer
+) -> None:
+    """The flush delay is for dense traffic: a message that comes longer
+    than the delay after the last write goes at once."""
+    a = RedisBackend(
+        redis_server.url,
+        pod_id="pod-a",
+        channel_prefix=pods.prefix,
+        heartbeat_interval=2.0,
+        heartbeat_timeout=5.0,
+        flush_delay=0.05,
+    )
+    pods.started.append(a)
+    async with asyncio.timeout(5):
+        await a.start(Handler([]))
+    await appended(a, room_message(1))
+    shard = next(iter(a._shards.values()))  # one primary
+
+    async def quiet() -> bool:  # nothing written for twice the delay
+        loop = asyncio.get_running_loop()
+        return loop.time() - shard.publisher._last_write > 0.1 and not shard.publisher.queued
+
+    await eventually(quiet, timeout=3)
+    waits = a.stats()["flush_waits"]
+    await appended(a, room_message(2))
+    assert a.stats()["flush_waits"] == waits
+    # and dense traffic waits: right after that write, another one does
+    await appended(a, room_message(3))
+    assert a.stats()["flush_waits"] == waits + 1

@@ -480,6 +480,8 @@ class RedisBackend:
             "wait_replicas": self.wait_replicas,
             "unreplicated": sum(p.counters.unreplicated for p in publishers),
             "resent": sum(p.counters.resent for p in publishers),
+            "batches": sum(p.counters.batches for p in publishers),
+            "flush_waits": sum(p.counters.flush_waits for p in publishers),
             "received_bytes": sum(s.received_bytes for s in shards) + self._retired_bytes,
             "rewinds": self.counters.rewinds,
         }

@@ -113,6 +113,10 @@ class PublisherCounters:
     """messages a Cluster node sent elsewhere (``MOVED``, ``ASK``, …) and sent again"""
     resent: int = 0
     """room messages in flight when a connection went, found not stored and sent again"""
+    batches: int = 0
+    """batches written (each one write, one script call per slot for its appends)"""
+    flush_waits: int = 0
+    """batches that waited ``flush_delay`` for more to join them"""
 
 
 class Publisher:
@@ -164,6 +168,8 @@ class Publisher:
         self._outbox_ready = asyncio.Event()
         self._outage = False
         self._flush_delay = flush_delay
+        self._last_write = float("-inf")
+        """When the last batch was taken out (loop time)."""
 
     @property
     def queued(self) -> int:
@@ -256,18 +262,25 @@ class Publisher:
         """Publish the outbox in order, a pipelined batch at a time, until cancelled."""
         outbox = self._outbox
         task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
         while True:
             if not outbox:
                 self._outbox_ready.clear()
                 await self._outbox_ready.wait()
-                if self._flush_delay > 0:
-                    # Idle until now: let what comes in the next moment join
-                    # this batch (one script call, one write, one reply for
-                    # all of it). A busy publisher does not wait: what queued
-                    # while a batch was in flight goes at once.
-                    await asyncio.sleep(self._flush_delay)
+                delay = self._flush_delay
+                if delay > 0 and loop.time() - self._last_write < delay:
+                    # Idle, but traffic is dense (the last write was less than
+                    # the delay ago): let what comes next join this batch (one script
+                    # call, one write, one reply for all of it). Sparse
+                    # traffic does not wait (nothing would join), and neither
+                    # does a busy publisher: what queued while a batch was in
+                    # flight goes at once.
+                    self.counters.flush_waits += 1
+                    await asyncio.sleep(delay)
             count = min(len(outbox), self._batch)
             batch = [outbox.popleft() for _ in range(count)]
+            self._last_write = loop.time()
+            self.counters.batches += 1
             self._written = False
             try:
                 await self._send(batch)
