@@ -1,0 +1,138 @@
+"""What the room-log script costs Redis, and what part of it is the script.
+
+    python -m bench.scriptcost                 # about 40 s
+    python -m bench.scriptcost --against OLD.lua --old-layout
+
+A private redis-server, two subscribers on every room channel (two pods),
+500 rooms whose histories are full (so every append trims), and one client
+calling, one at a time: the append script as pods call it (a pod that has
+seen the room), an empty script with the same keys and arguments, a script
+that only publishes, and a plain ``PUBLISH``. Each is measured back to back
+and paced (1,000 calls/s, so Redis sleeps between calls, as it does under
+chat traffic at low rates). The figure is Redis's own time for the call
+(``INFO commandstats``: ``usec`` per call, the script's inner commands
+included). ``--against`` measures another append script beside this one (an
+earlier checkout's ``lua/append.lua``; ``--old-layout`` for the argument
+layout before per-epoch counters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+
+from realtime.backends.redis.scripts import APPEND
+
+from .cluster import HOST, start_redis
+
+ROOMS = 500
+BODY = b'"room":"r","data":{"text":"hello there, a chat message"},"from":"u1","id":"m"}'
+HEAD = b"pod-a\n"
+EMPTY = "return {1, 'e', 0}"
+PUBLISH_ONLY = "redis.call('PUBLISH', ARGV[6], ARGV[5] .. '1:e\\n' .. ARGV[8])\nreturn {1, 'e', 0}"
+
+Call = Callable[[int], None]
+
+
+def _keys(tag: str, i: int) -> list[str]:
+    room = f"{{{tag}{i % ROOMS}}}"
+    return [f"{room}:seq", f"{room}:hist", f"{room}:keys", f"{room}:order"]
+
+
+def _append(client: redis.Redis, sha: str, tag: str, *, old_layout: bool = False) -> Call:
+    seen: dict[int, str] = {}
+
+    def call(i: int) -> None:
+        room = i % ROOMS
+        channel = f"ch{room}"
+        last = seen.get(room, "")
+        if old_layout:
+            args: list[object] = [3_600_000, 100, 1 << 20, 1000, HEAD, int(time.time() * 1000)]
+            args += [channel, "0123456789abcdef", BODY, "", "", last]
+        else:
+            args = [3_600_000, 100, 1 << 20, 1000, HEAD]
+            args += [channel, "0123456789abcdef", BODY, last, 0 if last else 1]
+        offset, epoch, _ = client.evalsha(sha, 4, *_keys(tag, i), *args)
+        seen[room] = f"{offset}:{epoch.decode()}"
+
+    return call
+
+
+def _script(client: redis.Redis, sha: str) -> Call:
+    def call(i: int) -> None:
+        channel = f"ch{i % ROOMS}"
+        client.evalsha(sha, 4, *_keys("x", i), 1, 100, 1, 1, HEAD, channel, "e", BODY, "", 0)
+
+    return call
+
+
+def _measure(client: redis.Redis, call: Call, count: int, rate: float) -> float:
+    """Redis's microseconds per call of ``call`` (its commandstats)."""
+    client.config_resetstat()
+    start = time.perf_counter()
+    for i in range(count):
+        call(i)
+        if rate:
+            due = start + (i + 1) / rate
+            while (left := due - time.perf_counter()) > 0:
+                time.sleep(left)
+    stats = client.info("commandstats")
+    name = "cmdstat_publish" if call.__name__ == "publish" else "cmdstat_evalsha"
+    return float(stats[name]["usec"]) / count
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.scriptcost", description=__doc__)
+    parser.add_argument("--against", type=Path, help="another append.lua to measure beside")
+    parser.add_argument("--old-layout", action="store_true", help="its arguments are the old ones")
+    parser.add_argument("--calls", type=int, default=3000, help="calls per paced measurement")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as logdir:
+        server = start_redis(Path(logdir))
+        try:
+            client = redis.Redis(host=HOST, port=server.port)
+            for _ in range(2):  # two pods, each subscribed to every room
+                sub = redis.Redis(host=HOST, port=server.port).pubsub()
+                sub.subscribe(*[f"ch{i}" for i in range(ROOMS)])
+                threading.Thread(target=lambda s=sub: _drain(s), daemon=True).start()
+
+            def publish(i: int) -> None:
+                client.publish(f"ch{i % ROOMS}", HEAD + b"1:e\n" + BODY)
+
+            this = client.script_load(APPEND.source)
+            calls: dict[str, Call] = {"append.lua (this checkout)": _append(client, this, "a")}
+            if args.against:
+                sha = client.script_load(args.against.read_text())
+                calls[f"append.lua ({args.against})"] = _append(
+                    client, sha, "b", old_layout=args.old_layout
+                )
+            calls["empty script, same arguments"] = _script(client, client.script_load(EMPTY))
+            calls["script that only publishes"] = _script(client, client.script_load(PUBLISH_ONLY))
+            calls["PUBLISH (no script)"] = publish
+            for name, call in calls.items():
+                if name.startswith("append"):
+                    for i in range(ROOMS * 110):  # every history full: each append trims
+                        call(i)
+            print(f"{'µs of Redis per call':40} {'back to back':>14} {'1,000/s':>10}")
+            for name, call in calls.items():
+                hot = _measure(client, call, args.calls * 5, 0)
+                paced = _measure(client, call, args.calls, 1000)
+                print(f"{name:40} {hot:14.1f} {paced:10.1f}")
+        finally:
+            server.stop()
+
+
+def _drain(sub: redis.client.PubSub) -> None:
+    while True:
+        sub.get_message(timeout=1.0)
+
+
+if __name__ == "__main__":
+    main()
