@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--against", type=Path, help="another append.lua to measure beside")
     parser.add_argument("--old-layout", action="store_true", help="its arguments are the old ones")
     parser.add_argument("--calls", type=int, default=3000, help="calls per paced measurement")
+    parser.add_argument(
+        "--fill", type=int, default=110, help="appends per room first (110: full histories)"
+    )
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as logdir:
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
             calls["PUBLISH (no script)"] = publish
             for name, call in calls.items():
                 if name.startswith("append"):
-                    for i in range(ROOMS * 110):  # every history full: each append trims
+                    for i in range(ROOMS * args.fill):  # full histories: each append trims
                         call(i)
             print(f"{'µs of Redis per call':40} {'back to back':>14} {'1,000/s':>10}")
             for name, call in calls.items():

@@ -76,6 +76,19 @@ def test_bench_wakeups_runs() -> None:
     assert all(float(row.rsplit("|", 2)[1]) >= 0 for row in rows), text
 
 
+def test_bench_scriptcost_runs(tmp_path: Path) -> None:
+    old = tmp_path / "append.lua"  # an "earlier" script: this one, in the new layout
+    old.write_text((ROOT / "src/realtime/backends/redis/lua/append.lua").read_text())
+    cmd = [sys.executable, "-m", "bench.scriptcost", "--calls", "20", "--fill", "1"]
+    cmd += ["--against", str(old)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("append", "empty"))]
+    rows += [line for line in done.stdout.splitlines() if line.startswith(("script", "PUBLISH"))]
+    assert len(rows) == 5, done.stdout
+    assert all(float(x) > 0 for row in rows for x in row.split()[-2:]), done.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("system", ["django-channels", "django-channels-pubsub"])
 def test_django_channels_peer_round_trip(system: str, tmp_path: Path) -> None:
