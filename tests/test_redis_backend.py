@@ -354,9 +354,13 @@ async def test_offsets_continue_across_pods_that_saw_other_epochs_and_rooms_stor
     assert all(redis_server.command("PTTL", k) > 0 for k in (seq, hist))
 
     # the room moved to another epoch behind the pods' backs (its keys lost,
-    # a new epoch stored), and both pods still hold the old one as seen
+    # a new epoch stored, as an append creating the room leaves it), and
+    # both pods still hold the old one as seen
     redis_server.command("DEL", seq, hist)
     redis_server.command("HSET", seq, "epoch", "00000000000000aa", "o:00000000000000aa", "9")
+    redis_server.command("XADD", hist, "9-0", "b", b'"room":"r","data":9}')
+    for key in (seq, hist):
+        redis_server.command("PEXPIRE", key, 3_600_000)
     moved = await appended(a, room_message(5))
     assert (moved.epoch, moved.offset) == ("00000000000000aa", 10)
     assert redis_server.command("HEXISTS", seq, f"o:{first.epoch}") == 0
@@ -457,3 +461,61 @@ async def test_sparse_traffic_does_not_wait_the_flush_delay(
     # and dense traffic waits: right after that write, another one does
     await appended(a, room_message(3))
     assert a.stats()["flush_waits"] == waits + 1
+
+
+async def test_traffic_keeps_a_rooms_keys_alive_the_pod_refreshing_their_ttls(
+    pods: Pods, redis_server: RedisServer
+) -> None:
+    """The pod asks the script to refresh a room's TTLs once an eighth of
+    them has passed since it last did: the keys of a room that keeps
+    getting messages never run out, and a message sooner than that does
+    not touch them."""
+    a = RedisBackend(redis_server.url, pod_id="pod-a", channel_prefix=pods.prefix, history_ttl=4.0)
+    pods.started.append(a)
+    async with asyncio.timeout(5):
+        await a.start(Handler([]))
+    seq, hist = f"{pods.prefix}:room:{{r}}:seq", f"{pods.prefix}:room:{{r}}:hist"
+    await appended(a, room_message(1))
+    redis_server.command("CONFIG", "RESETSTAT")
+    await appended(a, room_message(2))  # within an eighth (0.5 s): no refresh
+    assert "cmdstat_pexpire" not in redis_server.command("INFO", "commandstats")
+    first = redis_server.command("PTTL", seq)
+    assert 3000 < first <= 4000
+
+    async def an_eighth_gone() -> bool:
+        return redis_server.command("PTTL", seq) < 3400
+
+    await eventually(an_eighth_gone, timeout=5)
+    await appended(a, room_message(3))
+    assert all(redis_server.command("PTTL", k) > 3600 for k in (seq, hist))
+
+
+async def test_a_room_redis_set_back_moves_to_a_new_epoch_and_keeps_its_ttls(
+    pods: Pods, redis_server: RedisServer
+) -> None:
+    """A read that finds Redis behind what the pod saw (writes lost) moves
+    the room to a new epoch above that offset; its keys keep their TTLs
+    (the stream is emptied, not deleted), and the next message goes on
+    above the offsets the pod's members saw."""
+    a, _ = await pods.start(redis_server.url, "pod-a")
+    a.subscribe("r")
+    await wait_subscribed(a, 3)
+    seq, hist = f"{pods.prefix}:room:{{r}}:seq", f"{pods.prefix}:room:{{r}}:hist"
+    stamps = [await appended(a, room_message(n)) for n in range(1, 4)]
+    epoch = stamps[0].epoch
+
+    async def seen_all() -> bool:  # the pod saw its own three on the channel
+        got = await a.read("r", 0, 10)
+        return got.newest == 3
+
+    await eventually(seen_all)
+    # Redis lost the last two writes
+    redis_server.command("HSET", seq, f"o:{epoch}", "1")
+    redis_server.command("XTRIM", hist, "MAXLEN", "1")
+    got = await a.read("r", 0, 10)
+    assert got.epoch != epoch
+    assert (got.newest, list(got.entries)) == (3, [])
+    assert a.stats()["rewinds"] == 1
+    assert all(redis_server.command("PTTL", k) > 0 for k in (seq, hist))
+    after = await appended(a, room_message(4))
+    assert (after.epoch, after.offset) == (got.epoch, 4)

@@ -70,7 +70,6 @@ while a <= #ARGV do
       end
     end
     if offset == nil then
-      mode = 1
       epoch = redis.call('HGET', seq, 'epoch')
       if epoch then
         offset = redis.call('HINCRBY', seq, 'o:' .. epoch, 1)
@@ -81,7 +80,7 @@ while a <= #ARGV do
           redis.call('HDEL', seq, 'offset', 'refreshed')
         end
       else
-        epoch, offset = fresh, 1
+        epoch, offset, mode = fresh, 1, 1  -- new keys: they get their TTLs now
         redis.call('DEL', keys, order)
         renew(seq, hist, epoch, offset)
       end

@@ -13,7 +13,9 @@ local newest = tonumber(redis.call('HGET', KEYS[1], 'o:' .. epoch)
 if newest >= tonumber(ARGV[2]) then
   return epoch
 end
-redis.call('DEL', KEYS[2])
-redis.call('HDEL', KEYS[1], 'o:' .. epoch, 'offset', 'refreshed')  -- the TTL stays
+-- emptied, not deleted: both keys keep their TTLs (an append recreating a deleted
+-- stream would leave it without one until the next refresh)
+redis.call('XTRIM', KEYS[2], 'MAXLEN', 0)
+redis.call('HDEL', KEYS[1], 'o:' .. epoch, 'offset', 'refreshed')
 redis.call('HSET', KEYS[1], 'epoch', ARGV[3], 'o:' .. ARGV[3], ARGV[2])
 return ARGV[3]
