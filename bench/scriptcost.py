@@ -1,7 +1,7 @@
 """What the room-log script costs Redis, and what part of it is the script.
 
     python -m bench.scriptcost                 # about 40 s
-    python -m bench.scriptcost --against OLD.lua --old-layout
+    python -m bench.scriptcost --against OLD.lua --layout counters --batch 8
 
 A private redis-server, two subscribers on every room channel (two pods),
 500 rooms whose histories are full (so every append trims), and one client
@@ -12,8 +12,10 @@ and paced (1,000 calls/s, so Redis sleeps between calls, as it does under
 chat traffic at low rates). The figure is Redis's own time for the call
 (``INFO commandstats``: ``usec`` per call, the script's inner commands
 included). ``--against`` measures another append script beside this one (an
-earlier checkout's ``lua/append.lua``; ``--old-layout`` for the argument
-layout before per-epoch counters).
+earlier checkout's ``lua/append.lua``; ``--layout`` names the arguments it
+takes: ``counters`` for 21442ef to 5fa679e, ``offset`` before that);
+``--batch`` puts that many rooms' messages in each append call, as a busy
+pod does (the append rows then also say µs per message).
 """
 
 from __future__ import annotations
@@ -35,39 +37,63 @@ ROOMS = 500
 BODY = b'"room":"r","data":{"text":"hello there, a chat message"},"from":"u1","id":"m"}'
 HEAD = b"pod-a\n"
 EMPTY = "return {1, 'e', 0}"
-PUBLISH_ONLY = "redis.call('PUBLISH', ARGV[6], ARGV[5] .. '1:e\\n' .. ARGV[8])\nreturn {1, 'e', 0}"
+PUBLISH_ONLY = "redis.call('PUBLISH', ARGV[7], ARGV[5] .. '1:e\\n' .. ARGV[8])\nreturn {1, 'e', 0}"
 
 Call = Callable[[int], None]
 
 
-def _keys(tag: str, i: int) -> list[str]:
+def _keys(tag: str, i: int, epoch: str = "") -> list[str]:
     room = f"{{{tag}{i % ROOMS}}}"
-    return [f"{room}:seq", f"{room}:hist", f"{room}:keys", f"{room}:order"]
+    return [f"{room}:seq", f"{room}:hist:{epoch}", f"{room}:keys", f"{room}:order"]
 
 
-def _append(client: redis.Redis, sha: str, tag: str, *, old_layout: bool = False) -> Call:
-    seen: dict[int, str] = {}
+def _append(client: redis.Redis, sha: str, tag: str, *, layout: str, batch: int) -> Call:
+    """Calls of an append script, ``batch`` rooms a call, as a pod that has
+    seen each room makes them (``layout``: the arguments of which version)."""
+    seen: dict[int, tuple[str, str]] = {}
 
     def call(i: int) -> None:
-        room = i % ROOMS
-        channel = f"ch{room}"
-        last = seen.get(room, "")
-        if old_layout:
-            args: list[object] = [3_600_000, 100, 1 << 20, 1000, HEAD, int(time.time() * 1000)]
-            args += [channel, "0123456789abcdef", BODY, "", "", last]
+        keys: list[str] = []
+        rooms = [(i * batch + j) % ROOMS for j in range(batch)]
+        if layout == "streams":  # this checkout: the epoch names the stream
+            args: list[object] = [3_600_000, 100, 1 << 20, 1000, HEAD, "0123456789abcdef"]
+            for room in rooms:
+                offset, epoch = seen.get(room, ("", ""))
+                keys += _keys(tag, room, epoch)
+                args += [f"ch{room}", BODY, offset, epoch, 0 if epoch else 1]
         else:
             args = [3_600_000, 100, 1 << 20, 1000, HEAD]
-            args += [channel, "0123456789abcdef", BODY, last, 0 if last else 1]
-        offset, epoch, _ = client.evalsha(sha, 4, *_keys(tag, i), *args)
-        seen[room] = f"{offset}:{epoch.decode()}"
+            if layout == "offset":
+                args.append(int(time.time() * 1000))
+            for room in rooms:
+                seq, _, keyed, order = _keys(tag, room)
+                keys += [seq, f"{{{tag}{room}}}:hist", keyed, order]
+                offset, epoch = seen.get(room, ("", ""))
+                last = f"{offset}:{epoch}" if epoch else ""
+                if layout == "offset":
+                    args += [f"ch{room}", "0123456789abcdef", BODY, "", "", last]
+                else:
+                    args += [f"ch{room}", "0123456789abcdef", BODY, last, 0 if last else 1]
+        reply = client.evalsha(sha, len(keys), *keys, *args)
+        for j, room in enumerate(rooms):
+            seen[room] = (str(int(reply[3 * j])), reply[3 * j + 1].decode())
 
     return call
+
+
+def _source(path: Path) -> str:
+    """An append.lua as Redis runs it: with the prelude it uses from its own
+    folder (``room_common.lua``, this version on), if any."""
+    text = path.read_text()
+    if "history_key(" in text and "function history_key" not in text:
+        text = (path.parent / "room_common.lua").read_text() + text
+    return text
 
 
 def _script(client: redis.Redis, sha: str) -> Call:
     def call(i: int) -> None:
         channel = f"ch{i % ROOMS}"
-        client.evalsha(sha, 4, *_keys("x", i), 1, 100, 1, 1, HEAD, channel, "e", BODY, "", 0)
+        client.evalsha(sha, 4, *_keys("x", i), 1, 100, 1, 1, HEAD, "e", channel, BODY, "", "", 0)
 
     return call
 
@@ -90,7 +116,14 @@ def _measure(client: redis.Redis, call: Call, count: int, rate: float) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.scriptcost", description=__doc__)
     parser.add_argument("--against", type=Path, help="another append.lua to measure beside")
-    parser.add_argument("--old-layout", action="store_true", help="its arguments are the old ones")
+    parser.add_argument(
+        "--layout",
+        choices=("streams", "counters", "offset"),
+        default="counters",
+        help="the --against script's arguments: streams (this version), counters "
+        "(o:<epoch> counters, 21442ef-5fa679e), offset (before 21442ef)",
+    )
+    parser.add_argument("--batch", type=int, default=1, help="messages per append call")
     parser.add_argument("--calls", type=int, default=3000, help="calls per paced measurement")
     parser.add_argument(
         "--fill", type=int, default=110, help="appends per room first (110: full histories)"
@@ -110,24 +143,32 @@ def main(argv: list[str] | None = None) -> None:
                 client.publish(f"ch{i % ROOMS}", HEAD + b"1:e\n" + BODY)
 
             this = client.script_load(APPEND.source)
-            calls: dict[str, Call] = {"append.lua (this checkout)": _append(client, this, "a")}
+            calls: dict[str, Call] = {
+                "append.lua (this checkout)": _append(
+                    client, this, "a", layout="streams", batch=args.batch
+                )
+            }
             if args.against:
-                sha = client.script_load(args.against.read_text())
+                sha = client.script_load(_source(args.against))
                 calls[f"append.lua ({args.against})"] = _append(
-                    client, sha, "b", old_layout=args.old_layout
+                    client, sha, "b", layout=args.layout, batch=args.batch
                 )
             calls["empty script, same arguments"] = _script(client, client.script_load(EMPTY))
             calls["script that only publishes"] = _script(client, client.script_load(PUBLISH_ONLY))
             calls["PUBLISH (no script)"] = publish
             for name, call in calls.items():
                 if name.startswith("append"):
-                    for i in range(ROOMS * args.fill):  # full histories: each append trims
+                    for i in range(ROOMS * args.fill // args.batch):  # full histories
                         call(i)
             print(f"{'µs of Redis per call':40} {'back to back':>14} {'1,000/s':>10}")
             for name, call in calls.items():
                 hot = _measure(client, call, args.calls * 5, 0)
                 paced = _measure(client, call, args.calls, 1000)
-                print(f"{name:40} {hot:14.1f} {paced:10.1f}")
+                line = f"{name:40} {hot:14.1f} {paced:10.1f}"
+                if name.startswith("append") and args.batch > 1:
+                    per = args.batch
+                    line += f"   per message: {hot / per:.1f} / {paced / per:.1f}"
+                print(line)
         finally:
             server.stop()
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 
 import orjson
 import pytest
+import redis
 
 from realtime import Identity, LinkState, Message, RedisBackend
 from realtime.backends import Stamp, Unstored
@@ -330,58 +331,92 @@ def room_message(n: int) -> Message:
 async def test_offsets_continue_across_pods_that_saw_other_epochs_and_rooms_stored_before(
     pods: Pods, redis_server: RedisServer
 ) -> None:
-    """The append script counts a room's offsets under its epoch and
-    increments the counter of the epoch the pod saw last: a pod that saw
-    an epoch the room no longer has is corrected without a stray counter,
-    a room stored by an earlier version (one ``offset`` field) goes on
-    from its offset, and every write leaves the room's keys with a TTL."""
+    """The append script appends to the stream of the epoch the pod saw
+    last, which gives the next offset: a pod that saw an epoch the room no
+    longer has is corrected, rooms stored by the two earlier layouts (an
+    ``offset`` field; ``o:<epoch>`` counters, IDs ``<offset>-0``) go on
+    from their offsets with their history, and every write leaves the
+    room's keys with a TTL (the hash's a little longer)."""
     a, _ = await pods.start(redis_server.url, "pod-a")
     b, _ = await pods.start(redis_server.url, "pod-b")
     a.subscribe("r")
     b.subscribe("r")
     await wait_subscribed(a, 3)
     await wait_subscribed(b, 3)
-    seq, hist = f"{pods.prefix}:room:{{r}}:seq", f"{pods.prefix}:room:{{r}}:hist"
+    base = f"{pods.prefix}:room:{{r}}"
+    seq, legacy = f"{base}:seq", f"{base}:hist"
+
+    def ids(key: str) -> list[bytes]:
+        return [entry[0] for entry in redis_server.command("XRANGE", key, "-", "+")]
+
+    def ttls_kept(hist: str) -> bool:
+        return 0 < redis_server.command("PTTL", hist) < redis_server.command("PTTL", seq)
 
     first = await appended(a, room_message(1))
     assert first.offset == 1
     for n in range(2, 5):  # both pods have seen the room by now: the short path
         assert (await appended(b if n % 2 else a, room_message(n))).offset == n
+    hist = f"{base}:hist:{first.epoch}"
     assert redis_server.command("HGETALL", seq) == {
         b"epoch": first.epoch.encode(),
-        f"o:{first.epoch}".encode(): b"4",
+        f"o:{first.epoch}".encode(): b"streams",
     }
-    assert all(redis_server.command("PTTL", k) > 0 for k in (seq, hist))
+    assert ids(hist) == [b"0-1", b"0-2", b"0-3", b"0-4"]
+    assert ttls_kept(hist)
+    # a pod of the previous version increments `o:<epoch>`: refused, so it
+    # cannot move the room away behind this layout's back
+    with pytest.raises(redis.exceptions.ResponseError, match="not an integer"):
+        redis_server.command("HINCRBY", seq, f"o:{first.epoch}", 1)
 
     # the room moved to another epoch behind the pods' backs (its keys lost,
     # a new epoch stored, as an append creating the room leaves it), and
     # both pods still hold the old one as seen
     redis_server.command("DEL", seq, hist)
-    redis_server.command("HSET", seq, "epoch", "00000000000000aa", "o:00000000000000aa", "9")
-    redis_server.command("XADD", hist, "9-0", "b", b'"room":"r","data":9}')
-    for key in (seq, hist):
+    redis_server.command("HSET", seq, "epoch", "00000000000000aa", "o:00000000000000aa", "streams")
+    redis_server.command("XADD", f"{base}:hist:00000000000000aa", "0-9", "b", b'"data":9}')
+    for key in (seq, f"{base}:hist:00000000000000aa"):
         redis_server.command("PEXPIRE", key, 3_600_000)
     moved = await appended(a, room_message(5))
     assert (moved.epoch, moved.offset) == ("00000000000000aa", 10)
-    assert redis_server.command("HEXISTS", seq, f"o:{first.epoch}") == 0
-    assert all(redis_server.command("PTTL", k) > 0 for k in (seq, hist))
+    assert redis_server.command("EXISTS", hist) == 0  # nothing left under the old epoch
 
-    # a room as the previous version stored it: `epoch` and `offset`
-    redis_server.command("DEL", seq, hist)
+    # a room as the version before last stored it: `epoch` and `offset`
+    redis_server.command("DEL", seq, f"{base}:hist:00000000000000aa")
     redis_server.command("HSET", seq, "epoch", "00000000000000bb", "offset", "41")
-    redis_server.command("XADD", hist, "41-0", "b", b'"room":"r","data":41}')
+    redis_server.command("XADD", legacy, "41-0", "b", b'"room":"r","data":41}')
+    for key in (seq, legacy):
+        redis_server.command("PEXPIRE", key, 3_600_000)
     old = await appended(b, room_message(6))
     assert (old.epoch, old.offset) == ("00000000000000bb", 42)
     assert redis_server.command("HGETALL", seq) == {
         b"epoch": b"00000000000000bb",
-        b"o:00000000000000bb": b"42",
+        b"o:00000000000000bb": b"streams",
     }
+    assert redis_server.command("EXISTS", legacy) == 0
+    assert ids(f"{base}:hist:00000000000000bb") == [b"0-41", b"0-42"]
+    assert ttls_kept(f"{base}:hist:00000000000000bb")
     got = await a.read("r", 40, 10)
     assert (got.epoch, got.newest, [e.offset for e in got.entries]) == (
         "00000000000000bb",
         42,
         [41, 42],
     )
+
+    # and as the last version stored it: `o:<epoch>` counters, converted by
+    # the first script that touches it (here a read), entries trimmed away
+    # before the newest offset included
+    redis_server.command("DEL", seq, f"{base}:hist:00000000000000bb")
+    redis_server.command("HSET", seq, "epoch", "00000000000000cc", "o:00000000000000cc", "9")
+    for n in (6, 7):
+        redis_server.command("XADD", legacy, f"{n}-0", "b", f'"room":"r","data":{n}}}'.encode())
+    for key in (seq, legacy):
+        redis_server.command("PEXPIRE", key, 3_600_000)
+    got = await b.read("r", 0, 10)
+    assert (got.epoch, got.newest, got.first) == ("00000000000000cc", 9, 6)
+    assert [e.offset for e in got.entries] == [6, 7]
+    assert redis_server.command("EXISTS", legacy) == 0
+    assert ttls_kept(f"{base}:hist:00000000000000cc")
+    assert (await appended(a, room_message(7))).offset == 10
 
 
 async def test_reads_never_reach_past_the_history_length_the_stream_may_exceed(
@@ -392,8 +427,8 @@ async def test_reads_never_reach_past_the_history_length_the_stream_may_exceed(
     ``first`` it reports, stop at the history length all the same."""
     a, _ = await pods.start(redis_server.url, "pod-a", history_length=5)
     for n in range(1, 13):
-        await appended(a, room_message(n))
-    hist = f"{pods.prefix}:room:{{r}}:hist"
+        stamp = await appended(a, room_message(n))
+    hist = f"{pods.prefix}:room:{{r}}:hist:{stamp.epoch}"
     assert redis_server.command("XLEN", hist) > 5  # kept by Redis, never read
     for after, limit in ((0, 100), (2, 100), (-1, 100), (-1, 3), (9, 100)):
         got = await a.read("r", after, limit)
@@ -475,15 +510,16 @@ async def test_traffic_keeps_a_rooms_keys_alive_the_pod_refreshing_their_ttls(
     async with asyncio.timeout(5):
         await a.start(Handler([]))
     seq, hist = f"{pods.prefix}:room:{{r}}:seq", f"{pods.prefix}:room:{{r}}:hist"
-    await appended(a, room_message(1))
+    hist += ":" + (await appended(a, room_message(1))).epoch
     redis_server.command("CONFIG", "RESETSTAT")
     await appended(a, room_message(2))  # within an eighth (0.5 s): no refresh
     assert "cmdstat_pexpire" not in redis_server.command("INFO", "commandstats")
-    first = redis_server.command("PTTL", seq)
+    first = redis_server.command("PTTL", hist)
     assert 3000 < first <= 4000
+    assert 4000 < redis_server.command("PTTL", seq) <= 5000  # the hash outlives its stream
 
     async def an_eighth_gone() -> bool:
-        return redis_server.command("PTTL", seq) < 3400
+        return redis_server.command("PTTL", hist) < 3400
 
     await eventually(an_eighth_gone, timeout=5)
     await appended(a, room_message(3))
@@ -494,9 +530,8 @@ async def test_a_room_redis_set_back_moves_to_a_new_epoch_and_keeps_its_ttls(
     pods: Pods, redis_server: RedisServer
 ) -> None:
     """A read that finds Redis behind what the pod saw (writes lost) moves
-    the room to a new epoch above that offset; its keys keep their TTLs
-    (the stream is emptied, not deleted), and the next message goes on
-    above the offsets the pod's members saw."""
+    the room to a new epoch above that offset; its keys keep their TTLs,
+    and the next message goes on above the offsets the pod's members saw."""
     a, _ = await pods.start(redis_server.url, "pod-a")
     a.subscribe("r")
     await wait_subscribed(a, 3)
@@ -509,13 +544,43 @@ async def test_a_room_redis_set_back_moves_to_a_new_epoch_and_keeps_its_ttls(
         return got.newest == 3
 
     await eventually(seen_all)
-    # Redis lost the last two writes
-    redis_server.command("HSET", seq, f"o:{epoch}", "1")
-    redis_server.command("XTRIM", hist, "MAXLEN", "1")
+    # Redis lost the last two writes: the stream as it was after the first
+    ttl = redis_server.command("PTTL", f"{hist}:{epoch}")
+    redis_server.command("DEL", f"{hist}:{epoch}")
+    redis_server.command("XADD", f"{hist}:{epoch}", "0-1", "b", b'"data":1}')
+    redis_server.command("PEXPIRE", f"{hist}:{epoch}", ttl)
     got = await a.read("r", 0, 10)
     assert got.epoch != epoch
     assert (got.newest, list(got.entries)) == (3, [])
     assert a.stats()["rewinds"] == 1
-    assert all(redis_server.command("PTTL", k) > 0 for k in (seq, hist))
+    assert redis_server.command("EXISTS", f"{hist}:{epoch}") == 0
+    assert all(redis_server.command("PTTL", k) > 0 for k in (seq, f"{hist}:{got.epoch}"))
     after = await appended(a, room_message(4))
     assert (after.epoch, after.offset) == (got.epoch, 4)
+
+
+async def test_an_append_that_finds_redis_set_back_moves_the_room_to_a_new_epoch(
+    pods: Pods, redis_server: RedisServer
+) -> None:
+    """The append script itself checks the offset the stream gives against
+    what the pod saw: behind it (writes lost), the message opens a new
+    epoch above the seen offset, and the old epoch's stream is gone, so no
+    offset ever names two messages."""
+    a, _ = await pods.start(redis_server.url, "pod-a")
+    a.subscribe("r")
+    await wait_subscribed(a, 3)
+    stamps = [await appended(a, room_message(n)) for n in range(1, 4)]
+    hist = f"{pods.prefix}:room:{{r}}:hist:{stamps[0].epoch}"
+
+    async def seen_all() -> bool:  # the pod saw its own three on the channel
+        return a._seen.get("r") == (stamps[0].epoch, 3)
+
+    await eventually(seen_all)
+    redis_server.command("XTRIM", hist, "MAXLEN", "0")
+    redis_server.command("XSETID", hist, "0-1")  # as if only the first were stored
+    after = await appended(a, room_message(4))
+    assert after.epoch != stamps[0].epoch
+    assert after.offset == 4
+    assert redis_server.command("EXISTS", hist) == 0
+    got = await a.read("r", 0, 10)
+    assert (got.epoch, got.newest, [e.offset for e in got.entries]) == (after.epoch, 4, [4])

@@ -1,23 +1,27 @@
 """Room offsets and history in Redis: two Lua scripts and their replies.
 
-Per room, two keys in one hash slot (the ``{room}`` hash tag):
+Per room, in one hash slot (the ``{room}`` hash tag):
 
-* ``{prefix}:room:{<room>}:seq`` — a hash: ``epoch``, and ``o:<epoch>``: the
-  last offset of that epoch (the append script increments the counter of the
-  epoch the pod saw last, so it need not read the epoch first);
-* ``{prefix}:room:{<room>}:hist`` — a stream capped at the history length
-  (approximately: Redis trims whole nodes of entries, so it may hold up to a
-  node more, ``stream-node-max-entries``; reads never reach further back),
-  one entry per message with ID ``<offset>-0`` and field ``b``: the message's
-  body (``Message.body``; ``entry_payload`` makes the frame of it).
+* ``{prefix}:room:{<room>}:seq`` — a hash: ``epoch``, the room's epoch;
+* ``{prefix}:room:{<room>}:hist:<epoch>`` — that epoch's history: a stream,
+  one entry per message with ID ``0-<offset>`` and field ``b``: the message's
+  body (``Message.body``; ``entry_payload`` makes the frame of it). The
+  stream gives the offsets itself (``XADD ... 0-*``), and is capped at the
+  history length approximately (Redis trims whole nodes of entries, so it may
+  hold up to a node more, ``stream-node-max-entries``; reads never reach
+  further back).
 
-Both expire ``history_ttl`` seconds after the room's last message; the next
-message then starts a new epoch at offset 1. ``APPEND`` does, atomically and
-in one round trip: the idempotency check, the epoch (created if missing), the
-offset (``HINCRBY``), ``XADD`` with ``MAXLEN ~``, the TTLs (when this pod last
-refreshed them an eighth of the TTL ago or more) and the ``PUBLISH`` of the
-envelope (``names.py``) on the room channel. ``READ`` returns the
-room's epoch, newest and oldest offsets and a range of entries, atomically.
+Both expire ``history_ttl`` seconds after the room's last message (the hash
+a second later: a stream never outlives the hash that names its epoch); the
+next message then starts a new epoch at offset 1. ``APPEND`` does,
+atomically and in one round trip: the idempotency check, the offset and the
+store (one ``XADD`` to the stream of the epoch the pod saw last; the room's
+own epoch read, or a new one made, only when that stream is not there), the
+TTLs (when this pod last refreshed them an eighth of the TTL ago or more) and
+the ``PUBLISH`` of the envelope (``names.py``) on the room channel. ``READ``
+returns the room's epoch, newest and oldest offsets and a range of entries,
+atomically. Rooms stored by earlier versions are converted by whichever
+script touches them first (``lua/room_common.lua``).
 """
 
 from __future__ import annotations
@@ -92,17 +96,20 @@ class RedisRoomLog:
             self.max_bytes,
             self.max_keys,
             self.names.envelope,
+            new_epoch(),  # for any room of the batch that needs a new epoch
         ]
         now = time.monotonic()
         for message, key, body, seen in batch:
             room = message.room
             assert room is not None  # only room messages are appended
-            keys += self.names.log_keys(room)
-            refresh = self._refresh(room, now)
+            seq, hist, keyed, order = self.names.log_keys(room)
+            offset, _, epoch = seen.partition(":")
+            keys += (seq, f"{hist}:{epoch}", keyed, order)
+            mode = int(self._refresh(room, now))
             if key is None:
-                args += [self.names.channel(room), new_epoch(), body, seen, int(refresh)]
+                args += [self.names.channel(room), body, offset, epoch, mode]
             else:
-                args += [self.names.channel(room), new_epoch(), body, seen, 2 + refresh]
+                args += [self.names.channel(room), body, offset, epoch, 2 + mode]
                 args += [key_field(message, key), content_digest(message)]
         return pack_command(b"EVALSHA", self.append_script.sha, len(keys), *keys, *args)
 
@@ -137,7 +144,7 @@ class RedisRoomLog:
         epoch = _text(epoch_raw)
         entries = []
         for entry_id, fields in raw_entries:
-            offset = int(bytes(entry_id).split(b"-", 1)[0])
+            offset = int(bytes(entry_id)[2:])  # `0-<offset>`
             entries.append(Entry(epoch, offset, entry_payload(bytes(fields[1]), epoch, offset)))
         if after < 0:
             entries.reverse()

@@ -6,8 +6,8 @@ For a deployment whose names start with ``prefix`` (``REDIS_CHANNEL_PREFIX``):
 ``{prefix}:global``                     channel: messages to everyone
 ``{prefix}:room:<room>``                channel: a room's messages and presence events
 ``{prefix}:pod:<pod>``                  channel: a pod's heartbeat to itself
-``{prefix}:room:{<room>}:seq``          hash: the room's ``epoch``; ``o:<epoch>``: its last offset
-``{prefix}:room:{<room>}:hist``         stream: the room's history (message bodies)
+``{prefix}:room:{<room>}:seq``          hash: the room's ``epoch``
+``{prefix}:room:{<room>}:hist:<epoch>`` stream: the epoch's history (bodies, IDs ``0-<offset>``)
 ``{prefix}:room:{<room>}:keys``         hash: message key -> offset, epoch, digest
 ``{prefix}:room:{<room>}:keyorder``     sorted set: the keys by offset (the oldest go)
 ``{prefix}:room:{<room>}:pods``         sorted set: pods with presence entries
@@ -82,7 +82,8 @@ class Names:
         return f"{self.prefix}:room:{{{room}}}"
 
     def log_keys(self, room: str) -> tuple[str, str, str, str]:
-        """The room's sequence hash, history stream, message keys and their order."""
+        """The room's sequence hash, history streams' base (an epoch's is
+        ``<base>:<epoch>``), message keys and their order."""
         base = self._room(room)
         return f"{base}:seq", f"{base}:hist", f"{base}:keys", f"{base}:keyorder"
 

@@ -50,14 +50,14 @@ def _load(name: str, *, prelude: str | None = None) -> Script:
     return Script(name, source)
 
 
-APPEND = _load("append")
+APPEND = _load("append", prelude="room_common")
 """Stamp a room message with the room's next offset, store it, publish it."""
-READ = _load("read")
+READ = _load("read", prelude="room_common")
 """A room's epoch, newest and oldest offsets and a range of its history."""
 PRESENCE_UPDATE = _load("presence_update", prelude="presence_common")
 PRESENCE_REFRESH = _load("presence_refresh", prelude="presence_common")
 PRESENCE_MEMBERS = _load("presence_members")
-REBASE = _load("rebase")
+REBASE = _load("rebase", prelude="room_common")
 """Move a room that Redis set back (a failover lost writes) to a new epoch."""
 SCRIPTS = (APPEND, READ, REBASE, PRESENCE_UPDATE, PRESENCE_REFRESH, PRESENCE_MEMBERS)
 

@@ -1,21 +1,27 @@
 -- Move a room to a new epoch if its stored position is behind what a pod has seen
 -- in its epoch (Redis lost writes: a replica promoted before it had them).
--- KEYS: seq hash, history stream. ARGV: the epoch seen, the newest offset seen, the new
--- epoch. Returns the room's epoch after the call (the new one, or the current one if the
--- room is not behind: another pod moved it already, or it is fine).
+-- KEYS: seq hash, history stream base. ARGV: the epoch seen, the newest offset seen,
+-- the new epoch. Returns the room's epoch after the call (the new one, or the current
+-- one if the room is not behind: another pod moved it already, or it is fine).
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if epoch ~= ARGV[1] then
   return epoch
 end
--- the newest offset: counted per epoch (`o:<epoch>`; `offset` in rooms stored before)
-local newest = tonumber(redis.call('HGET', KEYS[1], 'o:' .. epoch)
-  or redis.call('HGET', KEYS[1], 'offset') or 0)
-if newest >= tonumber(ARGV[2]) then
+convert(KEYS[1], epoch)
+local hist = history_key(KEYS[1], epoch)
+local seen = tonumber(ARGV[2])
+if (newest_of(hist) or 0) >= seen then
   return epoch
 end
--- emptied, not deleted: both keys keep their TTLs (an append recreating a deleted
--- stream would leave it without one until the next refresh)
-redis.call('XTRIM', KEYS[2], 'MAXLEN', 0)
-redis.call('HDEL', KEYS[1], 'o:' .. epoch, 'offset', 'refreshed')
-redis.call('HSET', KEYS[1], 'epoch', ARGV[3], 'o:' .. ARGV[3], ARGV[2])
+-- the new epoch's stream: empty, its next offset above what was seen, with the
+-- TTL the room had (the hash keeps its own)
+local ttl = redis.call('PTTL', KEYS[1])
+local moved = history_key(KEYS[1], ARGV[3])
+redis.call('DEL', hist, moved)
+empty_stream(moved, seen)
+if ttl > 0 then
+  redis.call('PEXPIRE', moved, math.max(1, ttl - SEQ_MARGIN))
+end
+redis.call('HDEL', KEYS[1], 'o:' .. epoch)
+redis.call('HSET', KEYS[1], 'epoch', ARGV[3], 'o:' .. ARGV[3], LAYOUT)
 return ARGV[3]
