@@ -250,8 +250,18 @@ one run: ``git worktree add /tmp/base <rev>``, then
 ``BENCH_BASELINE_SRC=/tmp/base/src``."""
 
 
+BASELINE_SETTINGS = "BENCH_BASELINE_SETTINGS"
+"""Settings for the ``chat-api-baseline`` pods only, ``NAME=value`` pairs
+separated by spaces (``REDIS_FLUSH_DELAY=0.005``): with
+``BENCH_BASELINE_SRC`` pointing at this checkout's ``src/``, the same code
+with another setting, side by side in one run."""
+
+
 def _baseline_env(p: PodArgs) -> dict[str, str]:
-    return {**_chat_api_env(p), "PYTHONPATH": os.environ.get(BASELINE_ENV, "")}
+    settings = dict(
+        pair.split("=", 1) for pair in os.environ.get(BASELINE_SETTINGS, "").split() if "=" in pair
+    )
+    return {**_chat_api_env(p), **settings, "PYTHONPATH": os.environ.get(BASELINE_ENV, "")}
 
 
 def _baseline_missing() -> str | None:
