@@ -136,7 +136,7 @@ class Config:
     )
     redis_flush_delay: float = _setting(
         "REDIS_FLUSH_DELAY",
-        0.002,
+        0.005,
         "Seconds a pod waits, when its last write to Redis was less than this long ago, "
         "before it sends what came: messages that arrive meanwhile share one script call "
         "and one round trip (less CPU in the pod and in Redis under dense traffic, up to "

@@ -82,7 +82,7 @@ class RedisOptions:
     (``WAIT``); None: 1 with Sentinel or Cluster, 0 with one server."""
     wait_timeout: float = 1.0
     """Seconds an append waits for them (below ``heartbeat_timeout``)."""
-    flush_delay: float = 0.002
+    flush_delay: float = 0.005
     """Seconds an idle publisher waits before it writes, so that what comes
     meanwhile goes in the same batch (0: write at once)."""
 

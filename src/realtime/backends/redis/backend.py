@@ -123,7 +123,7 @@ class RedisBackend:
         idempotency_keys: int = 1000,
         wait_replicas: int | None = None,
         wait_timeout: float = 1.0,
-        flush_delay: float = 0.002,
+        flush_delay: float = 0.005,
     ) -> None:
         if not pod_id or any(c.isspace() or not c.isprintable() for c in pod_id):
             raise ValueError("pod_id must be non-empty, printable, without white space")
