@@ -419,6 +419,35 @@ async def test_offsets_continue_across_pods_that_saw_other_epochs_and_rooms_stor
     assert (await appended(a, room_message(7))).offset == 10
 
 
+async def test_a_room_whose_stream_ran_out_before_its_hash_starts_a_new_epoch(
+    pods: Pods, redis_server: RedisServer
+) -> None:
+    """The stream expires a second before the hash that names its epoch: in
+    that second a read finds no room, and an append (from a pod that saw the
+    old epoch or not) starts a new epoch at offset 1, never a stream the
+    hash does not name."""
+    a, _ = await pods.start(redis_server.url, "pod-a")
+    b, _ = await pods.start(redis_server.url, "pod-b")
+    a.subscribe("r")
+    await wait_subscribed(a, 3)
+    old = await appended(a, room_message(1))
+
+    async def a_saw_it() -> bool:
+        return a._seen.get("r") == (old.epoch, 1)
+
+    await eventually(a_saw_it)
+    base = f"{pods.prefix}:room:{{r}}"
+    redis_server.command("DEL", f"{base}:hist:{old.epoch}")  # as at its expiry
+    got = await b.read("r", 0, 10)
+    assert (got.epoch, got.newest, list(got.entries)) == (None, 0, [])
+    new = await appended(a, room_message(2))  # a saw the old epoch
+    assert new.epoch != old.epoch
+    assert new.offset == 1
+    assert redis_server.command("HGET", f"{base}:seq", "epoch") == new.epoch.encode()
+    assert redis_server.command("EXISTS", f"{base}:hist:{old.epoch}") == 0
+    assert (await appended(b, room_message(3))).offset == 2  # b saw none
+
+
 async def test_reads_never_reach_past_the_history_length_the_stream_may_exceed(
     pods: Pods, redis_server: RedisServer
 ) -> None:
