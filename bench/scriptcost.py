@@ -7,15 +7,17 @@ A private redis-server, two subscribers on every room channel (two pods),
 500 rooms whose histories are full (so every append trims), and one client
 calling, one at a time: the append script as pods call it (a pod that has
 seen the room), an empty script with the same keys and arguments, a script
-that only publishes, and a plain ``PUBLISH``. Each is measured back to back
-and paced (1,000 calls/s, so Redis sleeps between calls, as it does under
-chat traffic at low rates). The figure is Redis's own time for the call
-(``INFO commandstats``: ``usec`` per call, the script's inner commands
-included). ``--against`` measures another append script beside this one (an
-earlier checkout's ``lua/append.lua``; ``--layout`` names the arguments it
-takes: ``counters`` for 21442ef to 5fa679e, ``offset`` before that);
-``--batch`` puts that many rooms' messages in each append call, as a busy
-pod does (the append rows then also say µs per message).
+that only publishes, a plain ``PUBLISH``, and the script's common path
+without a script (``XADD`` and ``PUBLISH`` per message, pipelined). Each is
+measured back to back and paced (1,000 calls/s, so Redis sleeps between
+calls, as it does under chat traffic at low rates). The figure is Redis's
+own time for the call (``INFO commandstats``: ``usec`` per call, the
+script's inner commands included). ``--against`` measures another append
+script beside this one (an earlier checkout's ``lua/append.lua``;
+``--layout`` names the arguments it takes: ``counters`` for 21442ef to
+5fa679e, ``offset`` before that); ``--batch`` puts that many rooms'
+messages in each append call (and in each pipeline), as a busy pod does
+(those rows then also say µs per message).
 """
 
 from __future__ import annotations
@@ -90,6 +92,28 @@ def _source(path: Path) -> str:
     return text
 
 
+def _plain(client: redis.Redis, batch: int) -> Call:
+    """What the script's common path does, without a script: ``batch``
+    rooms' ``XADD ... NOMKSTREAM 0-*`` and ``PUBLISH`` in one pipeline (the
+    offset in the envelope a stand-in: a real design would need the
+    ``XADD`` replies first)."""
+    for room in range(ROOMS):
+        key = f"{{p{room}}}:hist:e"
+        client.delete(key)
+        client.xadd(key, {"b": BODY}, id="0-1")
+
+    def plain(i: int) -> None:
+        pipe = client.pipeline(transaction=False)
+        for j in range(batch):
+            room = (i * batch + j) % ROOMS
+            key = f"{{p{room}}}:hist:e"
+            pipe.execute_command("XADD", key, "NOMKSTREAM", "MAXLEN", "~", 100, "0-*", "b", BODY)
+            pipe.execute_command("PUBLISH", f"ch{room}", HEAD + b"1:e\n" + BODY)
+        pipe.execute()
+
+    return plain
+
+
 def _script(client: redis.Redis, sha: str) -> Call:
     def call(i: int) -> None:
         channel = f"ch{i % ROOMS}"
@@ -109,8 +133,13 @@ def _measure(client: redis.Redis, call: Call, count: int, rate: float) -> float:
             while (left := due - time.perf_counter()) > 0:
                 time.sleep(left)
     stats = client.info("commandstats")
-    name = "cmdstat_publish" if call.__name__ == "publish" else "cmdstat_evalsha"
-    return float(stats[name]["usec"]) / count
+    if call.__name__ == "publish":
+        names = ("cmdstat_publish",)
+    elif call.__name__ == "plain":
+        names = ("cmdstat_xadd", "cmdstat_publish")
+    else:
+        names = ("cmdstat_evalsha",)
+    return sum(float(stats[n]["usec"]) for n in names if n in stats) / count
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -156,8 +185,9 @@ def main(argv: list[str] | None = None) -> None:
             calls["empty script, same arguments"] = _script(client, client.script_load(EMPTY))
             calls["script that only publishes"] = _script(client, client.script_load(PUBLISH_ONLY))
             calls["PUBLISH (no script)"] = publish
+            calls["XADD + PUBLISH, no script"] = _plain(client, args.batch)
             for name, call in calls.items():
-                if name.startswith("append"):
+                if name.startswith(("append", "XADD")):
                     for i in range(ROOMS * args.fill // args.batch):  # full histories
                         call(i)
             print(f"{'µs of Redis per call':40} {'back to back':>14} {'1,000/s':>10}")
@@ -165,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
                 hot = _measure(client, call, args.calls * 5, 0)
                 paced = _measure(client, call, args.calls, 1000)
                 line = f"{name:40} {hot:14.1f} {paced:10.1f}"
-                if name.startswith("append") and args.batch > 1:
+                if name.startswith(("append", "XADD")) and args.batch > 1:
                     per = args.batch
                     line += f"   per message: {hot / per:.1f} / {paced / per:.1f}"
                 print(line)
