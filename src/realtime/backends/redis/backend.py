@@ -283,14 +283,13 @@ class RedisBackend:
         if shard is None:
             done(Unstored.FAILED)
             return
-        seen = self._seen.get(room)
         shard.publisher.append(
             message,
             channel,
             done,
             key,
             slot=key_slot(channel) if self._sharded else 0,
-            seen="" if seen is None else f"{seen[1]}:{seen[0]}",
+            seen=self._seen.get(room),
         )
 
     def presence(self, ttl: float) -> RedisPresence:

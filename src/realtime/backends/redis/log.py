@@ -84,11 +84,13 @@ class RedisRoomLog:
         with its next message."""
         self._refreshed.clear()
 
-    def append_command(self, batch: Sequence[tuple[Message, str | None, bytes, str]]) -> bytes:
+    def append_command(
+        self, batch: Sequence[tuple[Message, str | None, bytes, tuple[str, int] | None]]
+    ) -> bytes:
         """One ``EVALSHA`` that appends every ``(message, key, body, seen)``
         of ``batch`` (room messages: the body is ``message.body()``; ``seen``
-        the newest entry of the room the pod has seen, ``<offset>:<epoch>``,
-        or ''), packed. On a Cluster, the rooms of a batch share one slot."""
+        the newest entry of the room the pod has seen, ``(epoch, offset)``,
+        or None), packed. On a Cluster, the rooms of a batch share one slot."""
         keys: list[str] = []
         args: list[bytes | str | int] = [
             self.ttl_ms,
@@ -103,7 +105,7 @@ class RedisRoomLog:
             room = message.room
             assert room is not None  # only room messages are appended
             seq, hist, keyed, order = self.names.log_keys(room)
-            offset, _, epoch = seen.partition(":")
+            epoch, offset = seen or ("", "")
             keys += (seq, f"{hist}:{epoch}", keyed, order)
             mode = int(self._refresh(room, now))
             if key is None:

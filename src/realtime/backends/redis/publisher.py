@@ -66,9 +66,10 @@ class _Append:
     """``message.body()``, encoded once for the script and the stamped copy."""
     slot: int = 0
     """The Cluster slot of the room's keys (0 elsewhere)."""
-    seen: str = ""
+    seen: tuple[str, int] | None = None
     """The newest entry of the room the pod had seen when it was queued,
-    ``<offset>:<epoch>`` ('' if none): the script checks Redis is not behind."""
+    ``(epoch, offset)`` (None if none): the script appends in that epoch and
+    checks Redis is not behind it."""
     queued_at: float = 0.0
     """When it was first queued (a Cluster may send it back: see ``requeue``)."""
 
@@ -194,7 +195,7 @@ class Publisher:
         done: OnAppended,
         idempotency_key: str | None,
         slot: int = 0,
-        seen: str = "",
+        seen: tuple[str, int] | None = None,
     ) -> None:
         """Queue a room message for the room log script; ``done`` gets its stamp."""
         if len(self._outbox) >= self._queue:
@@ -387,8 +388,7 @@ class Publisher:
         reads: list[tuple[list[_Append], int, str]] = []
         commands = []
         for room, items in rooms.items():
-            offset, _, epoch = items[0].seen.partition(":")
-            after = int(offset) if offset else -1
+            epoch, after = items[0].seen or ("", -1)
             reads.append((items, after, epoch))
             commands.append(self._log.read_command(room, after, limit, epoch or None))
         try:

@@ -81,7 +81,7 @@ while a <= #ARGV do
       epoch, mode = fresh, 1
       hist = history_key(seq, epoch)
       redis.call('DEL', seq, hist)
-      redis.call('HSET', seq, 'epoch', epoch, 'o:' .. epoch, LAYOUT)
+      name_epoch(seq, epoch)
       redis.call('XADD', hist, '0-' .. offset, 'b', body)
     end
     if #body > big then

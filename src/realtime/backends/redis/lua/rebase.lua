@@ -23,5 +23,5 @@ if ttl > 0 then
   redis.call('PEXPIRE', moved, math.max(1, ttl - SEQ_MARGIN))
 end
 redis.call('HDEL', KEYS[1], 'o:' .. epoch)
-redis.call('HSET', KEYS[1], 'epoch', ARGV[3], 'o:' .. ARGV[3], LAYOUT)
+name_epoch(KEYS[1], ARGV[3])
 return ARGV[3]

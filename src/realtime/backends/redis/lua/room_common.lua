@@ -19,6 +19,11 @@ local function history_key(seq, epoch)
   return string.sub(seq, 1, -4) .. 'hist:' .. epoch
 end
 
+local function name_epoch(seq, epoch)
+  -- the room is in `epoch`, stored in this layout
+  redis.call('HSET', seq, 'epoch', epoch, 'o:' .. epoch, LAYOUT)
+end
+
 local function newest_of(hist)
   -- the newest offset the stream gave (entries trimmed or not), nil if there is no stream
   if redis.call('EXISTS', hist) == 0 then
@@ -67,7 +72,7 @@ local function convert(seq, epoch)
   end
   redis.call('DEL', old)
   redis.call('HDEL', seq, 'offset', 'refreshed')
-  redis.call('HSET', seq, 'o:' .. epoch, LAYOUT)
+  name_epoch(seq, epoch)
   if ttl > 0 then
     redis.call('PEXPIRE', seq, ttl + SEQ_MARGIN)
     redis.call('PEXPIRE', hist, ttl)
