@@ -418,6 +418,17 @@ async def test_offsets_continue_across_pods_that_saw_other_epochs_and_rooms_stor
     assert ttls_kept(f"{base}:hist:00000000000000cc")
     assert (await appended(a, room_message(7))).offset == 10
 
+    # a room of the earlier layouts with no history entries left: its next
+    # offset all the same
+    redis_server.command("DEL", seq, f"{base}:hist:00000000000000cc")
+    redis_server.command("HSET", seq, "epoch", "00000000000000dd", "offset", "5")
+    redis_server.command("PEXPIRE", seq, 3_600_000)
+    got = await b.read("r", 0, 10)
+    assert (got.epoch, got.newest, list(got.entries)) == ("00000000000000dd", 5, [])
+    assert (await appended(b, room_message(8))).offset == 6
+    assert ids(f"{base}:hist:00000000000000dd") == [b"0-6"]
+    assert ttls_kept(f"{base}:hist:00000000000000dd")
+
 
 async def test_a_room_whose_stream_ran_out_before_its_hash_starts_a_new_epoch(
     pods: Pods, redis_server: RedisServer
