@@ -255,8 +255,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"{s['workers']} load-generator processes per system on the same machine "
         f"({s.get('ladder_workers', s['workers'])} for the saturation ladder, where a step "
         f"fails only if it fails twice); "
-        f"runs alternate between systems, each run in rooms of its own; {s['reps']} "
-        f"repetition(s) of the fan-out and low-rate rooms runs (a range is min-max). "
+        f"runs alternate between systems (the order reversed at each repetition), each "
+        f"run in rooms of its own; {s['reps']} repetition(s) of the fan-out run and of "
+        f"the {_repeated(s)} (a range is min-max). "
         f"Server CPU is utime+stime of the pod processes from /proc over the run (Redis "
         f"not included: it has rows of its own). "
         f"Run: `{results['command']}` at {results['started']}, {results['seconds']} s.",
@@ -413,6 +414,15 @@ def _versions(results: dict[str, Any]) -> str:
             f"node-redis {node.get('redis')}"
         )
     return "; ".join(parts)
+
+
+def _repeated(s: dict[str, Any]) -> str:
+    """Which small-rooms rates were repeated (``--reps`` repeats them all)."""
+    rates = list(s.get("rooms_rates", ()))
+    count = s.get("rooms_repeated", 1)
+    if count >= len(rates):
+        return "small-rooms runs at every rate"
+    return "lowest small-rooms rate" if count == 1 else f"{count} lowest small-rooms rates"
 
 
 def _load(v: Any) -> str:

@@ -6,8 +6,11 @@
     python -m bench --publish      # the default run, and its results into docs/
 
 For each workload, every system runs side by side (each on its own Redis and
-pods, each with its own load-generator processes) and their runs alternate
-(A B C A B C ...), so drift of a shared machine hits all alike. The claim is
+pods, each with its own load-generator processes) and their runs alternate,
+the order reversed at every repetition (A B C C B A ...), so drift of a
+shared machine hits all alike and no system always runs first. ``--reps N``
+repeats every run N times (by default only the fan-out and the lowest
+small-rooms rate are repeated, twice). The claim is
 the ratio between systems measured in the same run, not the absolute numbers.
 Results go to ``bench/results/benchmarks-results.json``, ``benchmarks.md``
 and ``benchmarks.png`` (git-ignored); only ``--publish`` writes
@@ -29,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .cluster import NODE_PEER, ROOT, SYSTEMS, Cluster, node_peer_ready
 from .loadgen import raise_nofile_limit
@@ -58,6 +61,7 @@ class Settings:
     room_members: int = 4
     rooms_rates: tuple[int, ...] = (2_000, 4_000, 6_000, 20_000)  # deliveries/s
     rooms_repeated: int = 1  # how many of the lowest rates get ``reps`` runs; the rest one
+    # (``--reps`` repeats every rate)
     rooms_seconds: float = 8.0
     ladder: tuple[int, ...] = (
         2_500,
@@ -79,6 +83,8 @@ class Settings:
     order_messages: int = 600  # per sender
     order_rate: int = 200  # messages/s per sender
 
+
+_T = TypeVar("_T")
 
 QUICK = Settings(
     reps=1,
@@ -110,6 +116,13 @@ def log(msg: str) -> None:
 
 
 # -- layouts --------------------------------------------------------------------
+
+
+def in_turn(clusters: dict[str, _T], rep: int) -> list[tuple[str, _T]]:
+    """The systems in the order of repetition ``rep``: as given, then
+    reversed, and so on (A B C, C B A, A B C ...)."""
+    order = list(clusters.items())
+    return order[::-1] if rep % 2 else order
 
 
 def fanout_layout(s: Settings, receivers: int | None = None) -> list[Conn]:
@@ -182,7 +195,7 @@ class Bench:
         def body(clusters: dict[str, tuple[Cluster, LoadPool]]) -> dict[str, Any]:
             runs: dict[str, list[dict[str, Any]]] = {k: [] for k in clusters}
             for rep in range(s.reps):
-                for system, (cluster, pool) in clusters.items():
+                for system, (cluster, pool) in in_turn(clusters, rep):
                     r = measured_run(
                         pool,
                         cluster,
@@ -207,7 +220,7 @@ class Bench:
                 runs: dict[str, list[dict[str, Any]]] = {k: [] for k in clusters}
                 repeated = target in s.rooms_rates[: s.rooms_repeated]
                 for rep in range(s.reps if repeated else 1):
-                    for system, (cluster, pool) in clusters.items():
+                    for system, (cluster, pool) in in_turn(clusters, rep):
                         r = measured_run(
                             pool,
                             cluster,
@@ -464,7 +477,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS))
     parser.add_argument("--pods", type=int, default=None)
-    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument(
+        "--reps",
+        type=int,
+        default=None,
+        help="repeat every fan-out and small-rooms run this many times (default: "
+        f"{Settings.reps} runs of the fan-out and of the lowest rate, one of the others)",
+    )
     parser.add_argument("--workers", type=int, default=None, help="load-generator processes")
     parser.add_argument(
         "--rooms-rates",
@@ -500,8 +519,6 @@ def main(argv: list[str] | None = None) -> None:
     s = QUICK if args.quick else Settings()
     if args.pods is not None:
         s = Settings(**{**s.__dict__, "pods": args.pods})
-    if args.reps is not None:
-        s = Settings(**{**s.__dict__, "reps": args.reps})
     if args.workers is not None:
         s = Settings(**{**s.__dict__, "workers": args.workers})
     if args.rooms_rates is not None:
@@ -512,6 +529,10 @@ def main(argv: list[str] | None = None) -> None:
         if not rates or min(rates) <= 0:
             parser.error("--rooms-rates: give one or more rates above 0")
         s = Settings(**{**s.__dict__, "rooms_rates": rates})
+    if args.reps is not None:
+        if args.reps < 1:
+            parser.error("--reps: give 1 or more")
+        s = Settings(**{**s.__dict__, "reps": args.reps, "rooms_repeated": len(s.rooms_rates)})
 
     named = args.systems is not None
     wanted = [x for x in args.systems.split(",") if x] if named else list(SYSTEMS)

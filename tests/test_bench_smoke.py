@@ -135,3 +135,15 @@ def test_django_channels_peer_round_trip(system: str, tmp_path: Path) -> None:
 
 def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
+
+
+def test_repetitions_reverse_the_system_order() -> None:
+    from bench.report import _repeated
+    from bench.run import Settings, in_turn
+
+    systems = {"a": 1, "b": 2, "c": 3}
+    orders = ["".join(name for name, _ in in_turn(systems, rep)) for rep in range(3)]
+    assert orders == ["abc", "cba", "abc"]
+    assert _repeated(Settings().__dict__) == "lowest small-rooms rate"
+    every = {**Settings().__dict__, "rooms_repeated": len(Settings.rooms_rates)}
+    assert _repeated(every) == "small-rooms runs at every rate"
