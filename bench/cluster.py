@@ -22,7 +22,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -422,6 +422,13 @@ class Cluster:
 
     def redis_cpu(self) -> float:
         return cpu_seconds(self.redis.pid) if self.redis else 0.0
+
+    def redis_client(self) -> Any:
+        """A redis-py client of the system's own Redis (the caller closes it)."""
+        assert self.redis is not None, "this system runs without Redis"
+        import redis
+
+        return redis.Redis(host=HOST, port=self.redis.port, socket_timeout=5)
 
     def redis_commands(self, reset: bool = False) -> dict[str, dict[str, float]]:
         """Redis's own account of where its time went (``INFO commandstats``:

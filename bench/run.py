@@ -38,7 +38,7 @@ from .cluster import NODE_PEER, ROOT, SYSTEMS, Cluster, node_peer_ready
 from .loadgen import raise_nofile_limit
 from .loadpool import Conn, LoadPool, measured_connect, measured_run
 from .peerlog import failures_brief
-from .profile import summarize
+from .profile import command_times, record_commands, summarize
 
 RESULTS = ROOT / "bench" / "results"
 DOCS = ROOT / "docs"
@@ -333,8 +333,9 @@ class Bench:
         return self._with_clusters(body)
 
     def profile(self) -> dict[str, Any]:
-        """chat-api only, with py-spy sampling its first pod: fan-out at the
-        set rate, then the low-rate rooms workload. Not a measurement."""
+        """chat-api only, with py-spy sampling its first pod and Redis
+        logging every command (its slow log): fan-out at the set rate, then
+        the low-rate rooms workload. Not a measurement."""
         s = self.s
         out = self.logdir.parent
         bench = Bench(s, ["chat-api"], self.logdir)
@@ -357,11 +358,14 @@ class Bench:
                 ),
             ):
                 raw = out / f"profile-{name}.raw"
+                redis = cluster.redis_client()
+                record_commands(redis)
                 r = measured_run(
                     pool, cluster, layout, rate_per_sender=rate, duration=seconds, profile=raw
                 )
                 log(f"profile {name}: {brief(r)}")
-                summary = summarize(raw)
+                summary = summarize(raw) + "\n" + command_times(redis)
+                redis.close()
                 (out / f"profile-{name}.txt").write_text(summary)
                 print(summary)
                 runs[name] = r

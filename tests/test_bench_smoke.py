@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .redis_support import REDIS_SERVER
+from .redis_support import REDIS_SERVER, RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -147,3 +147,32 @@ def test_repetitions_reverse_the_system_order() -> None:
     assert _repeated(Settings().__dict__) == "lowest small-rooms rate"
     every = {**Settings().__dict__, "rooms_repeated": len(Settings.rooms_rates)}
     assert _repeated(every) == "small-rooms runs at every rate"
+
+
+def test_the_profile_reads_redis_time_per_command_and_per_append_size(
+    redis_server: RedisServer,
+) -> None:
+    from bench.profile import command_times, record_commands
+    from bench.scriptcost import _append
+
+    from realtime.backends.redis.scripts import APPEND
+
+    client = redis_server.client()
+    sha = client.script_load(APPEND.source)
+    assert sha == APPEND.sha
+    record_commands(client)
+    one = _append(client, sha, "p1", layout="streams", batch=1)
+    three = _append(client, sha, "p3", layout="streams", batch=3)
+    for i in range(4):
+        one(i)
+        three(i)
+    client.set("k", "v")
+    text = command_times(client)
+    client.close()
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.strip()}
+    assert rows["script"][:2] == ["append", "8"], text  # calls of the append script
+    assert (rows["xadd"][0], rows["publish"][0]) == ("16", "16"), text  # its inner commands
+    assert rows["set"][0] == "1", text
+    assert rows["1"][0] == rows["3"][0] == "4", text  # calls by messages per call
+    assert "fit" in rows, text
+    assert not {"config", "slowlog"} & set(rows), text
