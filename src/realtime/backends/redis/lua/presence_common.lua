@@ -1,12 +1,19 @@
--- Shared by the presence scripts (prepended to each when loaded).
+-- Shared by the presence scripts (prepended to each when loaded). The room a
+-- script works on is set by enter(): its pods set, its hashes' base name, its
+-- channel and its name; this pod (pod), the TTL (ttl, ms) and the envelope
+-- head (head) are the script's own.
 local BURST_LIMIT = tonumber('@BURST@')
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local base, pod, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local own = base .. pod
-local events = {}
+local pod, ttl, head
+local pods_key, base, channel, room, own, events
+local function enter(room_pods, room_base, room_channel, room_name)
+  pods_key, base, channel, room = room_pods, room_base, room_channel, room_name
+  own = base .. pod
+  events = {}
+end
 local function live_pods()
-  return redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')
+  return redis.call('ZRANGEBYSCORE', pods_key, now, '+inf')
 end
 local function present(pods, uid, except)
   for _, other in ipairs(pods) do
@@ -18,7 +25,7 @@ local function present(pods, uid, except)
 end
 local function emit(kind, uid, name)
   local user = {id = uid, name = name}
-  table.insert(events, cjson.encode({type = kind, room = ARGV[6], user = user, ts = now}))
+  table.insert(events, cjson.encode({type = kind, room = room, user = user, ts = now}))
 end
 local function finish()
   if #events > BURST_LIMIT then
@@ -38,20 +45,20 @@ local function finish()
     end)
     local parts = {}
     for _, uid in ipairs(order) do table.insert(parts, best[uid].raw) end
-    events = {'{"type":"presence","room":' .. cjson.encode(ARGV[6]) .. ',"members":['
+    events = {'{"type":"presence","room":' .. cjson.encode(room) .. ',"members":['
       .. table.concat(parts, ',') .. ']}'}
   end
   for _, payload in ipairs(events) do
-    redis.call('PUBLISH', ARGV[4], ARGV[5] .. payload)
+    redis.call('PUBLISH', channel, head .. payload)
   end
   return events
 end
 local function keep_alive()
   if redis.call('EXISTS', own) == 1 then
-    redis.call('ZADD', KEYS[1], now + ttl, pod)
+    redis.call('ZADD', pods_key, now + ttl, pod)
     redis.call('PEXPIRE', own, ttl * 3)
-    redis.call('PEXPIRE', KEYS[1], ttl * 3)
+    redis.call('PEXPIRE', pods_key, ttl * 3)
   else
-    redis.call('ZREM', KEYS[1], pod)
+    redis.call('ZREM', pods_key, pod)
   end
 end

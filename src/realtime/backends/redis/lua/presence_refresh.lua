@@ -1,9 +1,11 @@
 -- Keep one pod's presence entries alive; prune pods that stopped refreshing.
 -- KEYS: pods. ARGV: hash base, pod, ttl ms, channel, envelope head, room.
+pod, ttl, head = ARGV[2], tonumber(ARGV[3]), ARGV[5]
+enter(KEYS[1], ARGV[1], ARGV[4], ARGV[6])
 keep_alive()
-local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now)
+local dead = redis.call('ZRANGEBYSCORE', pods_key, '-inf', '(' .. now)
 if #dead == 0 then return events end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. now)
+redis.call('ZREMRANGEBYSCORE', pods_key, '-inf', '(' .. now)
 local pods = live_pods()
 local told = {}
 for _, gone in ipairs(dead) do

@@ -1,6 +1,8 @@
 -- Apply one pod's joins and leaves to a room's presence; publish the news.
 -- KEYS: pods. ARGV: hash base, pod, ttl ms, channel, envelope head, room, number of joins,
 -- joins as (id, name, since) triples, then leaving ids.
+pod, ttl, head = ARGV[2], tonumber(ARGV[3]), ARGV[5]
+enter(KEYS[1], ARGV[1], ARGV[4], ARGV[6])
 local pods = live_pods()
 local i = 8
 for _ = 1, tonumber(ARGV[7]) do
