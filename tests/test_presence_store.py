@@ -12,8 +12,10 @@ import redis.asyncio as aioredis
 
 from realtime import Member, PresenceStore, RedisBackend
 from realtime.backends import PRESENCE_BURST, MemoryPresence
+from realtime.backends.redis.presence import REFRESH_ROOMS
 from realtime.core.sequencer import Entry
 
+from .redis_support import RedisServer
 from .support import eventually
 
 Make = Callable[..., PresenceStore]
@@ -150,3 +152,53 @@ async def test_one_refresh_prunes_many_rooms_even_after_redis_forgot_the_scripts
         ("member_left", room, f"u{i}") for i, room in enumerate(rooms)
     ]
     assert await alive.refresh(rooms) == []
+
+
+async def _prune_dead_pod(url: str, prefix: str, rooms: list[str]) -> list[tuple[str, str]]:
+    """A pod that dies in every room of ``rooms`` (its TTL runs out) and a live
+    one that refreshes them all until every room's ``member_left`` came back:
+    ``(room, user id)`` in the order the refreshes returned them."""
+    dead = RedisBackend(url, pod_id="pod-dead", channel_prefix=prefix)
+    alive = RedisBackend(url, pod_id="pod-alive", channel_prefix=prefix)
+    await dead.start(Ignore())
+    await alive.start(Ignore())
+    try:
+        gone, live = dead.presence(0.3), alive.presence(0.3)
+        for i, room in enumerate(rooms):
+            await gone.update(room, users(1, i), [])
+            await live.update(room, users(1, 10_000), [])
+        await dead.stop()
+        pruned: list[tuple[str, str]] = []
+
+        async def pruned_all() -> bool:
+            for room, event in await live.refresh(rooms):
+                e = orjson.loads(event)
+                assert (e["type"], e["room"]) == ("member_left", room)
+                pruned.append((room, e["user"]["id"]))
+            return len(pruned) >= len(rooms)
+
+        await eventually(pruned_all, timeout=10)
+        assert await live.refresh(rooms) == []
+        assert [m.id for m in await live.members(rooms[-1])] == ["u10000"]
+        return pruned
+    finally:
+        await alive.stop()
+        await dead.stop()
+
+
+async def test_a_refresh_calls_the_script_once_per_hundred_rooms(
+    redis_server: RedisServer, channel_prefix: str
+) -> None:
+    # Redis's own cost of a script call is shared by up to REFRESH_ROOMS rooms.
+    rooms = [f"r{i}" for i in range(2 * REFRESH_ROOMS + 10)]
+    pruned = await _prune_dead_pod(redis_server.url, channel_prefix, rooms)
+    assert pruned == [(room, f"u{i}") for i, room in enumerate(rooms)]
+    redis_server.command("CONFIG", "RESETSTAT")
+    backend = RedisBackend(redis_server.url, pod_id="pod-x", channel_prefix=channel_prefix)
+    await backend.start(Ignore())
+    try:
+        assert await backend.presence(5.0).refresh(rooms) == []
+    finally:
+        await backend.stop()
+    stats = redis_server.command("INFO", "commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 3  # 210 rooms: 100, 100 and 10

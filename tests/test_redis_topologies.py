@@ -28,6 +28,7 @@ from .conftest import PodFactory, redis_pod_env
 from .redis_support import REDIS_SERVER
 from .redis_topologies import RedisCluster, SentinelSet
 from .support import Pod, connect, eventually, get_json, recv_type, send
+from .test_presence_store import _prune_dead_pod
 
 pytestmark = pytest.mark.slow
 
@@ -559,3 +560,15 @@ async def test_a_replica_promoted_behind_moves_the_room_to_a_new_epoch(
     await a.close()
     await b.close()
     assert_clean(pods)
+
+
+async def test_on_a_cluster_one_refresh_prunes_a_dead_pod_in_rooms_of_every_shard(
+    cluster: RedisCluster, channel_prefix: str
+) -> None:
+    # The refresh script takes many rooms a call: on a Cluster only rooms of
+    # one slot share a call (a script's keys must), on whichever shard owns it.
+    rooms = [f"room-{i}" for i in range(30)]
+    slots = {key_slot(f"{{{room}}}".encode()) for room in rooms}
+    assert len(slots) == len(rooms)  # 30 slots: every shard has some
+    pruned = await _prune_dead_pod(cluster.url, channel_prefix, rooms)
+    assert pruned == [(room, f"u{i}") for i, room in enumerate(rooms)]

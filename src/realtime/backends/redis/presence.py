@@ -10,7 +10,8 @@ Per room (one hash slot, the ``{room}`` hash tag):
 ``presence_update.lua`` applies one pod's joins and leaves and publishes ``member_joined`` /
 ``member_left`` only for users not present on another live pod. ``presence_refresh.lua``
 pushes this pod's expiry forward and prunes pods whose expiry passed,
-publishing ``member_left`` for their users not present elsewhere. ``presence_members.lua``
+publishing ``member_left`` for their users not present elsewhere, for up to
+``REFRESH_ROOMS`` rooms a call (on a Cluster, rooms of one slot a call). ``presence_members.lua``
 lists the users of live pods. Event frames are published on the room channel
 with this pod's envelope (other pods deliver them) and returned (this pod
 delivers them itself).
@@ -26,8 +27,14 @@ import orjson
 from ..base import Member
 from .names import Names
 from .scripts import PRESENCE_MEMBERS, PRESENCE_REFRESH, PRESENCE_UPDATE, Script
+from .slots import key_slot
 
-__all__ = ["RedisPresence", "RunScript", "RunScripts"]
+__all__ = ["REFRESH_ROOMS", "RedisPresence", "RunScript", "RunScripts"]
+
+REFRESH_ROOMS = 100
+"""Rooms per call of the refresh script: Redis's fixed cost of a script call
+is shared by this many rooms, and one call still holds Redis for well under a
+millisecond."""
 
 RunScript = Callable[[Script, list[str], list[Any]], Awaitable[Any]]
 """Runs one of the backend's scripts with these keys and arguments; raises
@@ -72,16 +79,34 @@ class RedisPresence:
         return [bytes(event) for event in reply]
 
     async def refresh(self, rooms: list[str]) -> list[tuple[str, bytes]]:
-        # every room's refresh in one round trip per primary: a pod hosting
-        # thousands of rooms wakes itself and Redis once per period, not once
-        # per room
-        calls = [([self._keys(room)[0]], self._args(room)) for room in rooms]
+        # every room's refresh in one round trip per primary, and up to
+        # REFRESH_ROOMS rooms in each script call: a pod hosting thousands of
+        # rooms wakes itself and Redis once per period, and Redis pays a
+        # script call's own cost once per hundred rooms, not once per room
+        by_slot: dict[int, list[list[str]]] = {}
+        for room in rooms:
+            slot = key_slot(self._keys(room)[0].encode()) if self._names.sharded else 0
+            chunks = by_slot.setdefault(slot, [[]])
+            if len(chunks[-1]) == REFRESH_ROOMS:
+                chunks.append([])
+            chunks[-1].append(room)
+        batches = [chunk for chunks in by_slot.values() for chunk in chunks]
+        calls = []
+        for chunk in batches:
+            keys: list[str] = []
+            args: list[Any] = [self._pod, self._ttl_ms, self._names.envelope]
+            for room in chunk:
+                pods, base = self._keys(room)
+                keys.append(pods)
+                args += [base, self._names.channel(room), room]
+            calls.append((keys, args))
         replies = await self._run_many(PRESENCE_REFRESH, calls)
-        return [
-            (room, bytes(event))
-            for room, reply in zip(rooms, replies, strict=True)
-            for event in reply
-        ]
+        events: dict[str, list[bytes]] = {}
+        for chunk, reply in zip(batches, replies, strict=True):
+            for room, room_events in zip(chunk, reply, strict=True):
+                if room_events:
+                    events[room] = [bytes(event) for event in room_events]
+        return [(room, event) for room in rooms for event in events.get(room, ())]
 
     async def members(self, room: str) -> list[Member]:
         pods, base = self._keys(room)
