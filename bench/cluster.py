@@ -110,11 +110,16 @@ def _spawn(name: str, args: list[str], env: dict[str, str], port: int, logdir: P
     return Process(name, popen, port, log)
 
 
+REDIS_SERVER = os.environ.get("BENCH_REDIS_SERVER") or "redis-server"
+"""The redis-server binary every system's Redis runs: ``BENCH_REDIS_SERVER``
+names another (a newer Redis built elsewhere), else the one on PATH."""
+
+
 def start_redis(logdir: Path, name: str = "redis") -> Process:
     port = free_port()
     proc = _spawn(
         name,
-        ["redis-server", "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"],
+        [REDIS_SERVER, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"],
         dict(os.environ),
         port,
         logdir,

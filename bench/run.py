@@ -34,7 +34,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .cluster import NODE_PEER, ROOT, SYSTEMS, Cluster, node_peer_ready
+from .cluster import NODE_PEER, REDIS_SERVER, ROOT, SYSTEMS, Cluster, node_peer_ready
 from .loadgen import raise_nofile_limit
 from .loadpool import Conn, LoadPool, measured_connect, measured_run
 from .peerlog import failures_brief
@@ -414,7 +414,7 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    redis = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout
+    redis = subprocess.run([REDIS_SERVER, "--version"], capture_output=True, text=True).stdout
     commit = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
