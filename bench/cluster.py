@@ -10,6 +10,7 @@ entry each (command line, environment, ready check, which client adapter).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -127,6 +128,10 @@ def start_redis(logdir: Path, name: str = "redis") -> Process:
     wait_until(lambda: port_open(port), 10, name)
     return proc
 
+
+POD_TIMELINE_COUNTERS = ("gap_repairs", "recovered", "history_reads", "lost", "duplicates_dropped")
+POD_BACKEND_COUNTERS = ("batches", "flush_waits", "appended", "resent")
+"""The counters of chat-api's stats that a run records (``pod_counters``)."""
 
 NODE_PEER = ROOT / "bench" / "peers" / "node"
 ASGI_EXAMPLE = ROOT / "examples" / "fastapi_chat.py"
@@ -427,6 +432,30 @@ class Cluster:
 
     def redis_cpu(self) -> float:
         return cpu_seconds(self.redis.pid) if self.redis else 0.0
+
+    def pod_counters(self) -> dict[str, int]:
+        """chat-api's own counts, summed over the pods (its stats route):
+        history repairs and batches, to tell where a run's time went. Empty
+        for the peers, and for an app that does not serve the route."""
+        if self.spec.dialect != "chat-api":
+            return {}
+        total: dict[str, int] = {}
+        for srv in self.servers:
+            url = f"http://{HOST}:{srv.port}/api/chat-api/ws/stats"
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    stats = json.loads(r.read())
+            except (urllib.error.URLError, OSError, ValueError):
+                return {}
+            timeline = stats.get("timeline") or {}
+            backend = stats.get("broadcaster") or {}
+            for name, value in (
+                *((k, timeline.get(k)) for k in POD_TIMELINE_COUNTERS),
+                *((k, backend.get(k)) for k in POD_BACKEND_COUNTERS),
+            ):
+                if isinstance(value, int):
+                    total[name] = total.get(name, 0) + value
+        return total
 
     def redis_client(self) -> Any:
         """A redis-py client of the system's own Redis (the caller closes it)."""

@@ -172,6 +172,7 @@ def measured_run(
             stderr=subprocess.DEVNULL,
         )
     cluster.redis_commands(reset=True)
+    pods0 = cluster.pod_counters()
     cpu0, redis0, gen0 = cluster.cpu(), cluster.redis_cpu(), pool.cpu()
     wall0 = time.perf_counter()
     t0 = time.monotonic_ns() + 200_000_000
@@ -190,6 +191,7 @@ def measured_run(
     cpu1, redis1, gen1 = cluster.cpu(), cluster.redis_cpu(), pool.cpu()
     wall = time.perf_counter() - wall0
     commands = cluster.redis_commands()
+    pods1 = cluster.pod_counters()
 
     messages = sum(expect.values())
     expected = sum(r["expected"] for r in collected)
@@ -243,6 +245,8 @@ def measured_run(
         }
         if messages
         else {},
+        # chat-api's own counts over the run (history repairs, batches...)
+        pod_counters={k: v - pods0.get(k, 0) for k, v in pods1.items()},
         loadgen_cpu_cores=round((gen1 - gen0) / wall, 3),
         acks=sum(r["acks"] for r in collected),
         errors=sum(r["errors"] for r in collected),

@@ -386,6 +386,9 @@ def brief(r: dict[str, Any]) -> str:
         f"({_commands(r)}), "
         f"loadgen {r['loadgen_cpu_cores']} cores, sender late {r['sender_late_ms']} ms"
     )
+    pods = r.get("pod_counters") or {}
+    if pods.get("gap_repairs"):
+        line += f", gap repairs {pods['gap_repairs']} (recovered {pods.get('recovered', 0)})"
     failed = failures_brief(r["peer_log"])
     if r["connect_failures"]:
         failed += f"{'; ' if failed else ''}{r['connect_failures']} connects failed"

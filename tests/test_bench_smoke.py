@@ -54,6 +54,7 @@ def test_bench_quick_runs_clean(tmp_path: Path) -> None:
     assert fanout["deliveries"] == fanout["deliveries_expected"] > 0
     assert fanout["duplicates"] == 0
     assert fanout["server_cpu_us_per_delivery"] > 0
+    assert fanout["pod_counters"]["gap_repairs"] == 0  # chat-api's own counts, over the run
     ordering = results["workloads"]["ordering"]["runs"]["chat-api"]
     assert ordering["fifo_violations"] == 0
     assert ordering["distinct_orders"] == 1  # one pod: everyone sees the same order
