@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
 from .conftest import PodFactory, redis_pod_env
 from .security_support import SECRET, claims, hs_token
@@ -195,9 +196,18 @@ async def test_clients_of_a_pod_shut_down_gracefully_move_without_a_leave_join_s
         assert closed.data == 1001
         ann, _ = await connect(session, url(b, "u-ann", "Ann"))
         # Pod a's entries expire within the TTL and are pruned by pod b's next
-        # refresh (a third of it later): silence for that long, and a little
-        # more, is the behaviour under test.
-        await asyncio.sleep(ttl + ttl / 3 + 1.0)
+        # refresh (a third of it later): wait until only pod b is left in the
+        # room's set of pods, the moment a member_left would have come.
+        pods_key = f"{channel_prefix}:room:{{lobby}}:pods"
+        client = aioredis.from_url(shared_redis_url)
+        try:
+
+            async def pod_a_pruned() -> bool:
+                return int(await client.zcard(pods_key)) == 1
+
+            await eventually(pod_a_pruned, timeout=3 * ttl)
+        finally:
+            await client.aclose()
         carol, _ = await connect(session, url(b, "u-carol", "Carol"))
 
         async def carol_announced() -> bool:  # later writes come later
