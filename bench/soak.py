@@ -6,7 +6,9 @@ resume, faults on a seeded schedule, and a check that nothing acked was lost.
 topology from ``redis-server`` (``bench/soak_faults.py``), 3 pods on it, and a
 few dozen resuming clients (``bench/soak_client.py``), each in two of several
 rooms (on a Cluster, rooms on every shard). The clients send at a steady,
-bounded rate, each message with a key; meanwhile a fault is injected every
+bounded rate, half the messages with a key (``--unkeyed``: the share sent
+without one, which are never resent and which the pods may append with a
+plain ``XADD``); meanwhile a fault is injected every
 ``--fault-interval`` seconds or so (the kinds in a seeded shuffled cycle, the
 targets and outage lengths seeded too), none in the last quarter of the run.
 Then sending stops, every message still unacked gets its acks (resent as
@@ -17,8 +19,9 @@ The checks (``bench/soak_check.py``): every acked message reached every
 member of its room (rooms are held for the whole run), once, in offset
 order; no offset names two messages; every skip was reported (a ``sync``
 with ``complete: false``); every room delivered again after every fault;
-every message was acked in the end. The result, with each fault's recovery
-time, goes to ``bench/results/soak-<topology>-seed<seed>.json`` (pod and
+every message sent with a key was acked in the end, and every one sent
+without a key and never acked reached every member or none. The result,
+with each fault's recovery time, goes to ``bench/results/soak-<topology>-seed<seed>.json`` (pod and
 Redis logs under ``bench/results/logs/``), a one-line summary to stdout;
 the exit code is 1 when a check failed.
 """
@@ -58,7 +61,7 @@ POD_COUNTERS = {
     "timeline": ("gap_repairs", "recovered", "lost", "epoch_changes", "duplicates_dropped"),
     "broadcaster": (
         "reconnects", "heartbeat_timeouts", "topology_changes", "redirected", "resent",
-        "rewinds", "unreplicated", "publish_failures",
+        "rewinds", "unreplicated", "publish_failures", "appended", "plain_appends",
     ),
 }  # fmt: skip
 
@@ -80,6 +83,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="NAME=VALUE",
         help="a setting for every pod (repeatable), e.g. REDIS_WAIT_REPLICAS=0",
+    )
+    p.add_argument(
+        "--unkeyed",
+        type=float,
+        default=0.5,
+        help="share of messages sent without a key (never resent; the pods may append "
+        "them with a plain XADD): 0 to 1",
     )
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -161,11 +171,18 @@ class Run:
         return bool(cond())
 
     def _all_delivered(self) -> bool:
-        """Every member of every room has every message acked in it."""
+        """Every member of every room has every message acked in it, and
+        every unconfirmed one that some member has."""
         acked: dict[str, set[str]] = {room: set() for room in self.rooms}
         for c in self.clients:
             for key, ack in c.acks.items():
                 acked[ack.room].add(key)
+        rooms = {key: room for c in self.clients for key, room in c.unconfirmed_rooms()}
+        for c in self.clients:
+            for room, state in c.rooms.items():
+                for e in state.events:
+                    if isinstance(e, Delivery) and e.offset and e.key in rooms:
+                        acked[room].add(e.key)
         for c in self.clients:
             for room, state in c.rooms.items():
                 got = {e.key for e in state.events if isinstance(e, Delivery) and e.offset}
@@ -190,7 +207,8 @@ class Run:
             rooms = list(client.rooms)
             room = rooms[(n // len(order)) % len(rooms)]
             key = f"s{args.seed}-{client.name}-{n}"
-            await client.submit(room, key, {"k": key, "c": client.name, "n": n})
+            keyed = int((n + 1) * args.unkeyed) == int(n * args.unkeyed)  # the share, spread
+            await client.submit(room, key, {"k": key, "c": client.name, "n": n}, keyed=keyed)
             self.submitted += 1
             if now - last_resend > 0.5:
                 last_resend = now
@@ -251,8 +269,9 @@ def result_of(run: Run, args: argparse.Namespace, counters: dict[str, int]) -> d
     events = {(c.name, room): s.events for c in run.clients for room, s in c.rooms.items()}
     acks = {k: a for c in run.clients for k, a in c.acks.items()}
     first_sent = {k: t for c in run.clients for k, t in c.first_sent.items()}
-    checks = check(members, events, acks, first_sent, run.faults, run.t0)
-    unacked = sorted({*first_sent} - {*acks})
+    unconfirmed = {key: room for c in run.clients for key, room in c.unconfirmed_rooms()}
+    checks = check(members, events, acks, first_sent, run.faults, run.t0, unconfirmed)
+    unacked = sorted({*first_sent} - {*acks} - {*unconfirmed})
     if unacked:
         checks["failures"].append("unacked")
     if run.fault_errors:
@@ -273,6 +292,8 @@ def result_of(run: Run, args: argparse.Namespace, counters: dict[str, int]) -> d
         "acked": len(acks),
         "unacked": unacked[:20],
         "unacked_count": len(unacked),
+        "unkeyed_share": args.unkeyed,
+        "unconfirmed_unkeyed": len(unconfirmed),
         "duplicate_acks": sum(a.duplicate for a in acks.values()),
         "unreplicated_acks": sum(not a.replicated for a in acks.values()),
         "reconnects": sum(c.connects - 1 for c in run.clients),
@@ -313,6 +334,7 @@ def summary(r: dict[str, Any]) -> str:
         f"acked {r['acked']} delivered {c['delivered']}/{c['expected_deliveries']}; "
         f"{len(c['faults'])} faults ({faults}), {rec_text}; losses {c['losses']} "
         f"dups {c['duplicates']} order {c['order']} conflicts {c['conflicts']} "
+        f"partial {c['partial']} (unconfirmed {r['unconfirmed_unkeyed']}) "
         f"unreported gaps {c['unreported_gaps']} (reported missing {c['reported_missing']}); "
         f"{verdict}"
     )

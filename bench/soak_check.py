@@ -18,7 +18,10 @@ resuming after every drop), walking its frames in arrival order:
   received by every member of its room, unless it falls in a reported gap
   (then it is counted as ``reported_missing``, not lost);
 - **conflicts**: no (room, epoch, offset) names two messages, across every
-  client's deliveries and every ack.
+  client's deliveries and every ack;
+- **partial**: a message sent without a key and never acked (its outcome
+  unknown to its sender) reached every member of its room or none (a
+  member's reported gap excuses it there).
 
 Recovery per fault: for each room, the time from the fault's start until
 every member of the room received a message first sent after that start;
@@ -74,7 +77,15 @@ class Outcome:
             shown.append(example)
 
 
-FAILURES = ("losses", "duplicates", "order", "unreported_gaps", "conflicts", "unrecovered")
+FAILURES = (
+    "losses",
+    "duplicates",
+    "order",
+    "unreported_gaps",
+    "conflicts",
+    "partial",
+    "unrecovered",
+)
 """The kinds of finding that fail a run."""
 
 
@@ -150,6 +161,7 @@ def check(
     first_sent: Mapping[str, float],
     faults: list[Fault],
     t0: float,
+    unconfirmed: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Every check over a run's records; ``failures`` in the result lists
     what failed (empty: the run passed). Times are reported from ``t0``."""
@@ -180,6 +192,27 @@ def check(
                 outcome.add(
                     "losses", f"{client}/{ack.room}: {key} acked at {ack.epoch}:{ack.offset}"
                 )
+    for key, room in (unconfirmed or {}).items():
+        placed = {
+            (e.epoch, e.offset)
+            for client in members[room]
+            for e in events[(client, room)]
+            if isinstance(e, Delivery) and e.key == key and e.offset is not None
+        }
+        if not placed:
+            continue  # reached no one: not stored
+        missing = [
+            client
+            for client in members[room]
+            if key not in walks[(client, room)].keys
+            and not any(
+                e == epoch and lo < offset < hi
+                for epoch, offset in placed
+                for e, lo, hi in walks[(client, room)].excused
+            )
+        ]
+        if missing:
+            outcome.add("partial", f"{room}: {key} at {sorted(placed)} missed by {missing[:4]}")
     for w in walks.values():
         for reason, n in w.reported.items():
             outcome.reported[reason] = outcome.reported.get(reason, 0) + n

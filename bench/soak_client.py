@@ -9,10 +9,13 @@ resume" and "Resending safely"), kept in one module so the soak test
 - after a drop, it reconnects (to whichever pod ``pick_url`` names, with a
   capped, jittered backoff) and resumes every room from the last offset it
   saw, ``since`` + ``epoch`` (``since=0`` before its first message);
-- every message it sends carries a ``key``; one that got no ack with an
-  offset (the connection dropped, the ack said ``offset: null``, or it said
+- a message sent with a ``key`` that got no ack with an offset (the
+  connection dropped, the ack said ``offset: null``, or it said
   ``replicated: false``) is sent again with the same key once the room is
-  live again.
+  live again; one sent without a key (``keyed=False``: the pod may append it
+  with a plain ``XADD``) is never sent again: without an ack its outcome is
+  unknown, and it is recorded as ``unconfirmed`` (the checks then want it
+  delivered to every member of the room or to none).
 
 It keeps a record of everything the checks need: each room's frames in
 arrival order (messages with their offset, epoch and key; ``sync`` frames)
@@ -79,6 +82,7 @@ class Pending:
     attempts: int = 0
     last_sent: float = 0.0
     resend_unreplicated: bool = True
+    keyed: bool = True
 
 
 def _retry_soon(item: Pending) -> None:
@@ -123,19 +127,34 @@ class ResumingClient:
         self.drops = 0
         self.errors: dict[str, int] = {}
         self.given_up: list[str] = []
+        self.unconfirmed: list[str] = []
+        self._rooms_of: dict[str, str] = {}
+        """Messages sent without a key that got no ack with an offset."""
+
+    def unconfirmed_rooms(self) -> list[tuple[str, str]]:
+        """``(key, room)`` of each message sent without a key and never acked."""
+        return [(key, self._rooms_of[key]) for key in self.unconfirmed]
 
     # -- sending ----------------------------------------------------------------
 
-    async def submit(self, room: str, key: str, data: dict[str, Any]) -> None:
-        """Send a new message (now if the room is live, else after the reconnect)."""
+    async def submit(
+        self, room: str, key: str, data: dict[str, Any], *, keyed: bool = True
+    ) -> None:
+        """Send a new message (now if the room is live, else after the
+        reconnect); with ``keyed``, ``key`` goes in the frame too."""
         now = time.monotonic()
-        self.pending[key] = Pending(room, data, now)
+        self.pending[key] = Pending(room, data, now, keyed=keyed, resend_unreplicated=keyed)
+        self._rooms_of[key] = room
         self.first_sent[key] = now
         if self.rooms[room].live:
             await self._send(key)
 
     async def _send(self, key: str) -> None:
         item = self.pending[key]
+        if item.attempts and not item.keyed:  # no ack: sent again, it could be stored twice
+            del self.pending[key]
+            self.unconfirmed.append(key)
+            return
         if item.attempts >= MAX_ATTEMPTS:
             del self.pending[key]
             self.given_up.append(key)
@@ -149,7 +168,8 @@ class ResumingClient:
         self.sends += 1
         item.last_sent = time.monotonic()
         frame = {"type": "message", "room": item.room, "data": item.data, "ref": self._next_ref}
-        frame["key"] = key
+        if item.keyed:
+            frame["key"] = key
         with contextlib.suppress(ConnectionError, RuntimeError):
             async with asyncio.timeout(5):
                 await ws.send_str(orjson.dumps(frame).decode())

@@ -276,6 +276,7 @@ class ReplyCutter:
         self._marker: bytes | None = None
         self._hold = False
         self._swallow = False
+        self._drop = False
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -288,15 +289,21 @@ class ReplyCutter:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def arm(self, marker: bytes, *, hold: bool = False, swallow: bool = False) -> None:
+    def arm(
+        self, marker: bytes, *, hold: bool = False, swallow: bool = False, drop: bool = False
+    ) -> None:
         """Lose the answer to the next command holding ``marker``: cut the
         connection then (the default), or, with ``hold``, keep it open and
         forward nothing more (the client waits for an answer that never comes).
         With ``swallow``, the command itself is lost: the connection is cut
-        before Redis gets it (it never ran; the client cannot know)."""
+        before Redis gets it (it never ran; the client cannot know). With
+        ``drop``, the command is lost and so is everything the client sends
+        after it, the connection kept open: as if the client died just
+        before sending it."""
         self._marker = marker
         self._hold = hold
         self._swallow = swallow
+        self._drop = drop
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -312,10 +319,19 @@ class ReplyCutter:
         server_r, server_w = await asyncio.open_connection("127.0.0.1", self.redis_port)
         cutting = asyncio.Event()
 
+        dropping = False
+
         async def upstream() -> None:
+            nonlocal dropping
             while data := await client_r.read(65536):
+                if dropping:
+                    continue
                 if self._marker is not None and self._marker in data:
                     self._marker = None
+                    if self._drop:
+                        self.cut += 1
+                        dropping = True
+                        continue
                     if self._swallow:
                         self.cut += 1
                         client_w.transport.abort()

@@ -206,6 +206,24 @@ async def get_json(session: aiohttp.ClientSession, url: str) -> Any:
         return await resp.json()
 
 
+async def until_linked(*pods: Pod) -> None:
+    """Wait until every pod's Redis link is connected. A pod whose Redis is a
+    ``ReplyCutter`` on the test's own event loop starts with its link down
+    (``pod_factory`` blocks that loop while pods start, so its first
+    connection times out) and reconnects with backoff; a message sent before
+    that reaches its local clients only, never stored."""
+    async with aiohttp.ClientSession() as session:
+
+        async def linked() -> bool:
+            for pod in pods:
+                got = await get_json(session, f"{pod.base}/api/chat-api/ws/stats")
+                if got["broadcaster"]["state"] != "connected":
+                    return False
+            return True
+
+        await eventually(linked)
+
+
 async def recv(ws: aiohttp.ClientWebSocketResponse, timeout: float = DEFAULT_TIMEOUT) -> Any:
     """Receive one frame; text frames are decoded from JSON."""
     msg = await ws.receive(timeout=timeout)

@@ -43,7 +43,7 @@ from realtime.backends.redis.scripts import APPEND
 from .conftest import PodFactory, redis_pod_env
 from .redis_support import RedisServer, ReplyCutter
 from .security_support import SECRET, claims, hs_token
-from .support import DEFAULT_TIMEOUT, ROOT, Pod, eventually
+from .support import DEFAULT_TIMEOUT, ROOT, Pod, eventually, until_linked
 
 FAST = {"backoff_base": 0.05, "backoff_cap": 0.5}
 """Reconnect quickly in tests (the defaults are 0.5 s doubling to 15 s)."""
@@ -412,6 +412,7 @@ async def test_an_unacknowledged_message_is_resent_with_its_key_and_stored_once(
     try:
         a = pod_factory(redis_pod_env(cutter.url, channel_prefix), name="a")
         b = pod_factory(redis_pod_env(redis_server.url, channel_prefix), name="b")
+        await until_linked(a, b)  # a's link through the cutter may start down
         bob = await open_client(b.ws_url("died"), name="bob")
         ada = await open_client([a.ws_url("died"), b.ws_url("died")], name="ada")
         clients += [bob, ada]

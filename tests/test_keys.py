@@ -15,7 +15,7 @@ from realtime.backends.redis.scripts import APPEND
 
 from .conftest import PodFactory, redis_pod_env
 from .redis_support import RedisServer, ReplyCutter
-from .support import Pod, connect, eventually, get_json, recv, recv_type, send
+from .support import Pod, connect, eventually, get_json, recv, recv_type, send, until_linked
 
 pytestmark = pytest.mark.contract
 
@@ -218,6 +218,7 @@ async def test_a_resend_after_the_sending_pod_died_before_the_reply_is_stored_on
     try:
         a = pod_factory(redis_pod_env(cutter.url, channel_prefix), name="a")
         b = pod_factory(redis_pod_env(redis_server.url, channel_prefix), name="b")
+        await until_linked(a, b)  # a's link through the cutter may start down
         member, _ = await connect(session, b.ws_url("died"))
         sender, _ = await connect(session, a.ws_url("died", name="ann"))
         cutter.arm(APPEND.sha.encode(), hold=True)  # the reply never comes back

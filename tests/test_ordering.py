@@ -303,7 +303,8 @@ async def test_history_on_join_during_cross_pod_traffic_has_no_gap_or_duplicate(
     total = await asyncio.wait_for(flooding, 60)
     for joiner in joiners:
         replayed = joiner.sync["replayed"]
-        assert 400 // 3 <= joiner.sync["offset"] < total, (joiner.sync, total)
+        # after the first quarter (midway is a third sent; a few still in flight)
+        assert 400 // 4 <= joiner.sync["offset"] < total, (joiner.sync, total)
         await joiner.wait_for(total - joiner.sync["offset"] + replayed)
         first = joiner.frames[0]["offset"]
         assert replayed > 0

@@ -14,9 +14,10 @@ import redis
 
 from realtime import Identity, LinkState, Message, RedisBackend
 from realtime.backends import Stamp, Unstored
+from realtime.backends.base import Member
 from realtime.core.sequencer import Entry
 
-from .redis_support import RedisServer
+from .redis_support import RedisServer, ReplyCutter
 from .support import eventually
 
 Delivered = list[tuple[str | None, bytes]]
@@ -624,3 +625,150 @@ async def test_an_append_that_finds_redis_set_back_moves_the_room_to_a_new_epoch
     assert redis_server.command("EXISTS", hist) == 0
     got = await a.read("r", 0, 10)
     assert (got.epoch, got.newest, [e.offset for e in got.entries]) == (after.epoch, 4, [4])
+
+
+# -- plain appends: the script's common case as XADD, then PUBLISH ------------
+
+
+async def _in_room_r(
+    pods: Pods, url_a: str, url_b: str
+) -> tuple[RedisBackend, RedisBackend, Delivered]:
+    """Pods a and b (on those Redis URLs) subscribed to room ``r``; what b gets."""
+    a, _ = await pods.start(url_a, "pod-a")
+    b, got_b = await pods.start(url_b, "pod-b")
+    for pod in (a, b):
+        pod.subscribe("r")
+        await wait_subscribed(pod, 3)
+    return a, b, got_b
+
+
+async def _verified(
+    a: RedisBackend, others: list[Delivered], redis_server: RedisServer
+) -> tuple[str, str]:
+    """Room ``r`` with message 1 appended by ``a`` (through the script: the
+    room's first on this connection) and seen by every pod; its epoch and
+    its history stream."""
+    first = await appended(a, room_message(1))
+
+    async def everyone_has_it() -> bool:
+        return a._seen.get("r") == (first.epoch, 1) and all(
+            any(b'"data":1' in payload for _, payload in got) for got in others
+        )
+
+    await eventually(everyone_has_it)
+    return first.epoch, f"{a.names.log_keys('r')[1]}:{first.epoch}"
+
+
+def _calls(redis_server: RedisServer) -> dict[str, int]:
+    stats = redis_server.command("INFO", "commandstats")
+    return {name[len("cmdstat_") :]: value["calls"] for name, value in stats.items()}
+
+
+def _offsets(got: Delivered) -> list[int]:
+    """The offsets of the room messages delivered (presence events have none)."""
+    frames = [orjson.loads(payload) for _, payload in got]
+    return [f["offset"] for f in frames if f["type"] == "message"]
+
+
+async def test_a_verified_room_is_appended_with_plain_xadds_until_the_connection_changes(
+    pods: Pods, redis_server: RedisServer
+) -> None:
+    """A room's first append on a connection goes through the script (it
+    checks Redis is not behind what the pod saw); the next ones, on the same
+    connection, are plain XADDs then PUBLISHes, which cost Redis about half
+    as much. Keyed appends always take the script; so does the first append
+    on a new connection."""
+    a, b, got_b = await _in_room_r(pods, redis_server.url, redis_server.url)
+    epoch, hist = await _verified(a, [got_b], redis_server)
+    redis_server.command("CONFIG", "RESETSTAT")
+    stamps = [await appended(a, room_message(n)) for n in range(2, 6)]
+    assert [(s.epoch, s.offset) for s in stamps] == [(epoch, n) for n in range(2, 6)]
+    calls = _calls(redis_server)
+    assert "evalsha" not in calls, calls
+    assert calls["xadd"] == 4
+    assert a.stats()["plain_appends"] == 4
+    await eventually(lambda: _async(_offsets(got_b) == [1, 2, 3, 4, 5]))
+    assert redis_server.command("XLEN", hist) == 5
+
+    redis_server.command("CONFIG", "RESETSTAT")
+    keyed = await appended(a, room_message(6), key="k6")
+    assert (keyed.offset, _calls(redis_server)["evalsha"]) == (6, 1)
+
+    # a new connection: the room is verified again by its first append there
+    reconnects = [pod.stats()["reconnects"] for pod in (a, b)]
+    redis_server.command("CLIENT", "KILL", "TYPE", "pubsub")
+
+    async def reconnected() -> bool:  # both: pod b must be there to get 7 and 8
+        return all(
+            pod.stats()["reconnects"] > before and pod.stats()["subscribed_channels"] == 3
+            for pod, before in zip((a, b), reconnects, strict=True)
+        )
+
+    await eventually(reconnected)
+    plain = a.stats()["plain_appends"]
+    stamps = [await appended(a, room_message(n)) for n in (7, 8)]
+    assert [s.offset for s in stamps] == [7, 8]
+    assert a.stats()["plain_appends"] == plain + 1  # 8, not 7
+    await eventually(lambda: _async(_offsets(got_b)[-2:] == [7, 8]))
+
+
+async def _async(value: bool) -> bool:
+    return value
+
+
+async def test_a_publish_lost_with_the_connection_is_sent_again_on_the_next(
+    pods: Pods, redis_server: RedisServer
+) -> None:
+    """The plain XADD stored the message (and the sender has its ack), then
+    the connection went before Redis had its PUBLISH: the pod publishes it
+    again once it is connected again, so the other pods get it even in a
+    room that stays quiet. Stored once."""
+    cutter = await ReplyCutter(redis_server.port).start()
+    try:
+        a, _, got_b = await _in_room_r(pods, cutter.url, redis_server.url)
+        epoch, hist = await _verified(a, [got_b], redis_server)
+        cutter.arm(b"\n2:%s\n" % epoch.encode(), swallow=True)  # the PUBLISH's envelope
+        stamp = await appended(a, room_message(2))
+        assert (stamp.epoch, stamp.offset) == (epoch, 2)
+        await eventually(lambda: _async(cutter.cut == 1))
+        await eventually(lambda: _async(_offsets(got_b) == [1, 2]), timeout=5)
+        assert a.stats()["resent"] == 1
+        assert redis_server.command("XLEN", hist) == 2
+    finally:
+        await cutter.stop()
+
+
+async def test_a_pod_that_died_before_its_publish_has_the_rooms_tail_published_when_pruned(
+    pods: Pods, redis_server: RedisServer
+) -> None:
+    """The plain XADD stored the message, and the pod died before its
+    PUBLISH reached Redis: the pod that prunes it from the room's presence
+    publishes the room's last entries again, in the dead pod's name, so a
+    room that stays quiet still gets it. Pods drop the offsets they have."""
+    cutter = await ReplyCutter(redis_server.port).start()
+    try:
+        a, b, got_b = await _in_room_r(pods, cutter.url, redis_server.url)
+        ttl = 0.5
+        presence_a, presence_b = a.presence(ttl), b.presence(ttl)
+        await presence_a.update("r", [Member("u1", "Ann", 1)], [])
+        await presence_b.update("r", [Member("u2", "Bob", 2)], [])
+        epoch, _ = await _verified(a, [got_b], redis_server)
+        cutter.arm(b"\n2:%s\n" % epoch.encode(), drop=True)  # then pod a says nothing more
+        stamp = await appended(a, room_message(2))
+        await eventually(lambda: _async(cutter.cut == 1))
+        await a.stop()  # dead: nothing of it reaches Redis again
+        assert stamp.offset == 2
+        assert _offsets(got_b) == [1]
+        pruned: list[tuple[str, bytes]] = []
+
+        async def a_pruned() -> bool:
+            pruned.extend(await presence_b.refresh(["r"]))
+            return bool(pruned)
+
+        await eventually(a_pruned, timeout=5)
+        assert b'"member_left"' in pruned[0][1]
+        await eventually(lambda: _async(2 in _offsets(got_b)), timeout=5)
+        # the tail, oldest first: 1 again (a pod's sequencer drops it), then 2
+        assert _offsets(got_b) == [1, 1, 2]
+    finally:
+        await cutter.stop()

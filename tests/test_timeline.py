@@ -87,11 +87,20 @@ async def join(node: Node, conn: Connection, catchup: Catchup | None = None) -> 
     await asyncio.wait_for(node.join(conn, "r", catchup or Catchup(), lambda: None), 5)
 
 
-def publish(node: Node, n: int) -> asyncio.Future[Stamp | Unstored]:
+def publish(node: Node, n: int, key: str | None = None) -> asyncio.Future[Stamp | Unstored]:
     done: asyncio.Future[Stamp | Unstored] = asyncio.get_running_loop().create_future()
     msg = Message(id=f"m{n}", room="r", sender=Identity("u", "u"), ts=0, data=n)
-    node.publish(msg, done.set_result)
+    node.publish(msg, done.set_result, key=key)
     return done
+
+
+PATHS = {
+    # what marks the append's command, and the key that sends it that way: a
+    # keyed append goes through the script; an unkeyed one to a room whose
+    # last append on this connection did is a plain XADD
+    "script": (APPEND.sha.encode(), "k2"),
+    "plain": (b"NOMKSTREAM", None),
+}
 
 
 async def test_a_lost_entry_is_held_for_then_read_from_history(
@@ -223,12 +232,15 @@ async def test_a_confirmed_subscription_cuts_a_failed_reads_backoff_short() -> N
         await eventually(delivered, timeout=1.5)
 
 
-async def test_a_lost_script_reply_delivers_the_message_once_in_order(
-    redis_server: RedisServer, channel_prefix: str
+@pytest.mark.parametrize("path", sorted(PATHS))
+async def test_a_lost_append_reply_delivers_the_message_once_in_order(
+    redis_server: RedisServer, channel_prefix: str, path: str
 ) -> None:
-    """The append script ran but its reply was lost with the connection: the
-    sender's pod must not show the message unstamped; once linked again it
-    finds it in the room's history (by its id): stamped, shown once, in order."""
+    """The append (the script, or a plain XADD) ran but its reply was lost
+    with the connection: the sender's pod must not show the message
+    unstamped; once linked again it finds it in the room's history (by its
+    id): stamped, shown once, in order (after a plain XADD, published then)."""
+    marker, key = PATHS[path]
     cutter = await ReplyCutter(redis_server.port).start()
     backend: Backend = quick_broadcaster(cutter.url, "pod-a", channel_prefix)
     node = Node(settings(), backend=backend)
@@ -238,8 +250,8 @@ async def test_a_lost_script_reply_delivers_the_message_once_in_order(
         await join(node, conn)
         assert isinstance(await asyncio.wait_for(publish(node, 1), 5), Stamp)
 
-        cutter.arm(APPEND.sha.encode())  # the next append's answer is lost
-        stamp = await asyncio.wait_for(publish(node, 2), 5)
+        cutter.arm(marker)  # the next append's answer is lost
+        stamp = await asyncio.wait_for(publish(node, 2, key), 5)
         assert isinstance(stamp, Stamp)
         assert stamp.offset == 2  # read back from the history, not appended twice
         assert cutter.cut == 1
@@ -259,12 +271,15 @@ async def test_a_lost_script_reply_delivers_the_message_once_in_order(
         await cutter.stop()
 
 
+@pytest.mark.parametrize("path", sorted(PATHS))
 async def test_an_append_lost_before_it_ran_is_sent_again_once(
-    redis_server: RedisServer, channel_prefix: str
+    redis_server: RedisServer, channel_prefix: str, path: str
 ) -> None:
-    """The connection went with the append unsent to Redis: the history
-    shows it was not stored, so the pod sends it again, ahead of what
-    followed: stored once, in order, acked with its offset."""
+    """The connection went with the append (the script, or a plain XADD)
+    unsent to Redis: the history shows it was not stored, so the pod sends
+    it again, ahead of what followed: stored once, in order, acked with its
+    offset."""
+    marker, key = PATHS[path]
     cutter = await ReplyCutter(redis_server.port).start()
     backend: Backend = quick_broadcaster(cutter.url, "pod-a", channel_prefix)
     node = Node(settings(), backend=backend)
@@ -273,8 +288,8 @@ async def test_an_append_lost_before_it_ran_is_sent_again_once(
         conn, sink = member(node, 1)
         await join(node, conn)
         assert isinstance(await asyncio.wait_for(publish(node, 1), 5), Stamp)
-        cutter.arm(APPEND.sha.encode(), swallow=True)  # the next append never reaches Redis
-        second = asyncio.ensure_future(publish(node, 2))
+        cutter.arm(marker, swallow=True)  # the next append never reaches Redis
+        second = asyncio.ensure_future(publish(node, 2, key))
         third = asyncio.ensure_future(publish(node, 3))
         stamps = await asyncio.wait_for(asyncio.gather(second, third), 5)
         assert [s.offset for s in stamps if isinstance(s, Stamp)] == [2, 3]

@@ -472,6 +472,7 @@ class RedisBackend:
             "last_heartbeat_age": round(max(ages), 3) if ages else None,
             "subscribed_channels": sum(s.subscribed for s in shards),
             "appended": sum(p.counters.appended for p in publishers),
+            "plain_appends": sum(p.counters.plain_appends for p in publishers),
             "append_failures": sum(p.counters.append_failures for p in publishers),
             "history_reads": self.counters.history_reads,
             "wanted_channels": len(self._rooms) + max(1, len(shards)),

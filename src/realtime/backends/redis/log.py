@@ -79,6 +79,15 @@ class RedisRoomLog:
             self._refreshed_pruned = len(self._refreshed)
         return True
 
+    def plain(self, room: str, body: bytes, now: float) -> bool:
+        """Whether a message of ``room`` may be appended with a plain ``XADD``
+        (``xadd_command``): no TTL refresh is due and the body is not big
+        enough to need trimming by bytes (both are the script's work)."""
+        if len(body) * self.history_length > self.max_bytes:
+            return False
+        last = self._refreshed.get(room)
+        return last is not None and now - last < self._refresh_after
+
     def forget_refreshes(self) -> None:
         """After a batch whose outcome is unknown: refresh every room's TTLs
         with its next message."""
@@ -114,6 +123,25 @@ class RedisRoomLog:
                 args += [self.names.channel(room), body, offset, epoch, 2 + mode]
                 args += [key_field(message, key), content_digest(message)]
         return pack_command(b"EVALSHA", self.append_script.sha, len(keys), *keys, *args)
+
+    def xadd_command(self, room: str, epoch: str, body: bytes) -> bytes:
+        """The script's common case without the script: store ``body`` in
+        ``room``'s history of ``epoch``, trimmed approximately, the offset
+        given by the stream (``0-*``); nothing if that stream is not there
+        (``NOMKSTREAM``: the room's epoch changed or its history expired).
+        The reply is the entry's id, ``0-<offset>``, or nil."""
+        _, hist, _, _ = self.names.log_keys(room)
+        return pack_command(
+            b"XADD",
+            f"{hist}:{epoch}",
+            b"NOMKSTREAM",
+            b"MAXLEN",
+            b"~",
+            self.history_length,
+            b"0-*",
+            b"b",
+            body,
+        )
 
     @staticmethod
     def parse_append(reply: Any) -> list[Stamp | Unstored]:

@@ -3,7 +3,10 @@
 Everything a pod writes to Redis pub/sub goes through one ``Publisher``:
 plain publishes (``PUBLISH`` of an envelope), room-log appends (one
 ``EVALSHA`` of ``lua/append.lua`` for every append of a batch, which stamps,
-stores and publishes each at once) and the pod's own heartbeats. They wait in
+stores and publishes each at once; or, for a room whose last append on this
+connection went through the script, a plain ``XADD`` that stamps and stores
+it, its ``PUBLISH`` written as soon as the reply gives the offset: half
+Redis's work) and the pod's own heartbeats. They wait in
 one bounded outbox, so one pod's messages keep their order; one task
 (``run``) drains it, writing a batch at a time on the pod's ``Link``
 (``link.py``), one batch in flight at a time (``_send`` is the only place
@@ -43,6 +46,7 @@ from ..base import OnAppended, Stamp, Unstored
 from .link import STALLED, Link
 from .log import RedisRoomLog
 from .resp import LINK_ERRORS, InFlightLost, describe, pack_command
+from .scripts import PLAIN_TAIL
 
 __all__ = ["OnEntry", "Outgoing", "Publisher", "PublisherCounters", "is_redirect"]
 
@@ -72,6 +76,9 @@ class _Append:
     checks Redis is not behind it."""
     queued_at: float = 0.0
     """When it was first queued (a Cluster may send it back: see ``requeue``)."""
+    plain: bool = False
+    """Sent (this time) as a plain ``XADD``, its ``PUBLISH`` to follow once
+    the offset is known, instead of through the script (see ``_plainly``)."""
 
 
 Outgoing = tuple[bytes, bytes] | _Append
@@ -85,11 +92,6 @@ def _unreplicated(outcome: Stamp | Unstored) -> Stamp | Unstored:
     if isinstance(outcome, Stamp):
         return Stamp(outcome.epoch, outcome.offset, outcome.duplicate, replicated=False)
     return outcome
-
-
-def _ignore(future: asyncio.Future[list[Any]]) -> None:
-    if not future.cancelled():
-        future.exception()  # retrieved: a lost link is handled elsewhere
 
 
 def is_redirect(error: BaseException) -> bool:
@@ -113,7 +115,10 @@ class PublisherCounters:
     redirected: int = 0
     """messages a Cluster node sent elsewhere (``MOVED``, ``ASK``, …) and sent again"""
     resent: int = 0
-    """room messages in flight when a connection went, found not stored and sent again"""
+    """room messages in flight when a connection went, found not stored and
+    sent again, or stored and their ``PUBLISH`` lost with it and published again"""
+    plain_appends: int = 0
+    """room messages appended with a plain ``XADD`` (then ``PUBLISH``), not the script"""
     batches: int = 0
     """batches written (each one write, one script call per slot for its appends)"""
     flush_waits: int = 0
@@ -171,6 +176,13 @@ class Publisher:
         self._flush_delay = flush_delay
         self._last_write = float("-inf")
         """When the last batch was taken out (loop time)."""
+        self._verified: set[bytes] = set()
+        """Room channels whose last append went through the script on
+        ``_verified_link``: that script checked Redis was not behind what
+        the pod had seen, so, on that same connection (one Redis process,
+        which cannot lose writes without dropping it), the room's next
+        appends may be plain ``XADD``s."""
+        self._verified_link: Link | None = None
 
     @property
     def queued(self) -> int:
@@ -294,25 +306,34 @@ class Publisher:
 
     async def _send(self, batch: list[Outgoing]) -> None:
         """The one place that writes messages to Redis: the batch's appends
-        in one ``EVALSHA`` (one per slot on a Cluster) and its publishes, in
-        one write, then their replies; each append's outcome goes to its
-        ``done``, in outbox order."""
+        (in one ``EVALSHA``, one per slot on a Cluster; the rooms verified on
+        this connection as plain ``XADD``s) and its publishes, in one write,
+        then their replies and the plain appends' ``PUBLISH``es; each
+        append's outcome goes to its ``done``, in outbox order."""
         appends = [item for item in batch if isinstance(item, _Append)]
         publishes = [item for item in batch if not isinstance(item, _Append)]
-        groups = self._groups(appends)
-        link, results, published = await self._replies(groups, publishes)
-        if any(isinstance(r, NoScriptError) for r in results):
-            # Redis lost its script cache (restart, SCRIPT FLUSH, a promoted
-            # replica): load the scripts and append again (the script did not run).
-            redo = [g for g, r in zip(groups, results, strict=True) if isinstance(r, NoScriptError)]
-            try:
-                await self._load_scripts()
-            except LINK_ERRORS as exc:
-                again: list[_Result] = [exc] * len(redo)
+        link = await self._link()
+        plain = self._plainly(appends, link)
+        groups = self._groups([item for item in appends if not item.plain] if plain else appends)
+        link, results, added, published = await self._scripted(link, groups, plain, publishes)
+        outcomes: dict[int, Stamp | Unstored | BaseException] = {}
+        behind = self._behind(plain, added)
+        redo: list[_Append] = []
+        for item, reply in zip(plain, added, strict=True):
+            if isinstance(reply, BaseException):
+                outcomes[id(item)] = reply
+            elif reply is None or item.channel in behind:
+                # no stream of that epoch, or Redis behind the pod: the
+                # script finds the room's epoch, or moves it to a new one
+                item.plain = False
+                redo.append(item)
             else:
-                link, again, _ = await self._replies(redo, [])
-            it = iter(again)
-            results = [next(it) if isinstance(r, NoScriptError) else r for r in results]
+                assert item.seen is not None  # only a room seen is appended plainly
+                outcomes[id(item)] = Stamp(item.seen[0], int(reply[2:]))
+        if redo:
+            more = self._groups(redo)
+            link, again, _, _ = await self._scripted(await self._link(), more, [], [])
+            groups, results = groups + more, results + again
         failed = 0
         reason = ""
         bounced: list[Outgoing] = []
@@ -329,10 +350,13 @@ class Publisher:
             elif channel != self._heartbeat_channel:
                 self.counters.published += 1
         # each append's outcome, then every ``done`` in outbox order
-        outcomes: dict[int, Stamp | Unstored | BaseException] = {}
+        verified = self._verified if link is not None and link is self._verified_link else None
         for group, result in zip(groups, results, strict=True):
             for index, item in enumerate(group):
-                outcomes[id(item)] = result if isinstance(result, BaseException) else result[index]
+                outcome = result if isinstance(result, BaseException) else result[index]
+                outcomes[id(item)] = outcome
+                if verified is not None and isinstance(outcome, Stamp) and not outcome.duplicate:
+                    verified.add(item.channel)  # the script checked the offset
         lost = [item for item in appends if isinstance(outcomes[id(item)], InFlightLost)]
         unstored: list[_Append] = []
         if lost:  # the link went with them: were they stored? ask the history
@@ -369,6 +393,105 @@ class Publisher:
         elif self._outage and not bounced:
             self._outage = False
             log.info("publishing to redis works again (pod=%s)", self._pod_id)
+
+    async def _scripted(
+        self,
+        link: Link | None,
+        groups: list[list[_Append]],
+        plain: list[_Append],
+        publishes: list[tuple[bytes, bytes]],
+    ) -> tuple[Link | None, list[_Result], list[Any], list[Any]]:
+        """``_replies``, and once more for the script calls Redis refused
+        because it lost its script cache (restart, ``SCRIPT FLUSH``, a
+        promoted replica): the scripts are loaded and what did not run is run
+        again. Returns the link last used with ``_replies``'s outcomes."""
+        results, added, published = await self._replies(link, groups, plain, publishes)
+        if any(isinstance(r, NoScriptError) for r in results):
+            redo = [g for g, r in zip(groups, results, strict=True) if isinstance(r, NoScriptError)]
+            try:
+                await self._load_scripts()
+            except LINK_ERRORS as exc:
+                again: list[_Result] = [exc] * len(redo)
+            else:
+                link = await self._link()
+                again, _, _ = await self._replies(link, redo, [], [])
+            it = iter(again)
+            results = [next(it) if isinstance(r, NoScriptError) else r for r in results]
+        return link, results, added, published
+
+    def _plainly(self, appends: list[_Append], link: Link | None) -> list[_Append]:
+        """The appends of a batch that go as plain ``XADD``s, not through the
+        script (it costs Redis about twice as much): those of rooms whose last
+        append on this connection went through the script (``_verified``),
+        that this pod is subscribed to (its presence in the room is what lets
+        another pod publish the room's tail should this one die before its
+        ``PUBLISH``, and the push is what delivers here), with no key, no TTL
+        refresh due and no body big enough to trim the history by bytes, at
+        most ``PLAIN_TAIL`` of them (what the presence refresh publishes again
+        if this pod dies before their ``PUBLISH``). A room with any other
+        append in the batch goes through the script whole, so its appends
+        keep their order. Never on a Cluster or with
+        replicas awaited (there the script does it all)."""
+        for item in appends:
+            item.plain = False
+        if not appends or self._sharded or self._wait_replicas or link is None or not link.open:
+            return []
+        if link is not self._verified_link:
+            self._verified_link, self._verified = link, set()
+        subscribed = link.channels
+        if len(self._verified) > 2 * len(subscribed) + 1024:
+            self._verified &= subscribed
+        verified = self._verified
+        now = time.monotonic()
+        refused: set[bytes] = set()
+        per_room: dict[bytes, int] = {}
+        for item in appends:
+            room = item.message.room
+            assert room is not None  # only room messages are appended
+            count = per_room[item.channel] = per_room.get(item.channel, 0) + 1
+            if not (
+                count <= PLAIN_TAIL
+                and item.idempotency_key is None
+                and item.seen is not None
+                and item.channel in verified
+                and item.channel in subscribed
+                and self._log.plain(room, item.body, now)
+            ):
+                refused.add(item.channel)
+        plain = [item for item in appends if item.channel not in refused]
+        for item in plain:
+            item.plain = True
+        self.counters.plain_appends += len(plain)
+        return plain
+
+    def _behind(self, plain: list[_Append], added: list[Any]) -> set[bytes]:
+        """The rooms where a plain ``XADD`` gave an offset at or below what
+        the pod had seen. Cannot happen on a verified connection (Redis
+        would have lost writes without dropping it), but if it does, the
+        room's appends of the batch go through the script, which finds the
+        room behind (the entry just stored at ``seen`` included: then behind
+        one past it), moves it to a new epoch and deletes the history that
+        holds the ones just stored; and every room is verified again."""
+        behind: set[bytes] = set()
+        for item, reply in zip(plain, added, strict=True):
+            if not isinstance(reply, bytes) or item.seen is None:
+                continue
+            epoch, seen = item.seen
+            offset = int(reply[2:])
+            if offset <= seen:
+                log.error(
+                    "redis is behind this pod in room %r (offset %d, seen %d); "
+                    "appending through the script (pod=%s)",
+                    item.message.room,
+                    offset,
+                    seen,
+                    self._pod_id,
+                )
+                behind.add(item.channel)
+                item.seen = (epoch, seen + (offset == seen))
+        if behind:
+            self._verified.clear()
+        return behind
 
     async def _settle(self, lost: list[_Append]) -> tuple[dict[int, Stamp], list[_Append]]:
         """The connection went with ``lost`` in flight. Once a link is up,
@@ -432,19 +555,21 @@ class Publisher:
 
     def _appended(self, stamped: list[tuple[_Append, Stamp | Unstored]], link: Link | None) -> None:
         pushed = link.channels if link is not None and not self._wait_replicas else set()
-        late: list[bytes] = []
+        late: list[tuple[bytes, bytes]] = []
         for item, outcome in stamped:
             if isinstance(outcome, Stamp) and not outcome.duplicate:
                 self.counters.appended += 1
                 self.counters.published += 1
-                if self._wait_replicas:  # the replicas have it: now it may be seen
+                if self._wait_replicas or item.plain:
+                    # published now: the replicas have it, or the plain
+                    # append has its offset
                     envelope = b"%s%d:%s\n%s" % (
                         self._envelope,
                         outcome.offset,
                         outcome.epoch.encode(),
                         item.body,
                     )
-                    late.append(pack_command(self._publish_command, item.channel, envelope))
+                    late.append((item.channel, envelope))
                 if item.channel not in pushed:  # no push brings it: deliver from here
                     room = item.message.room
                     assert room is not None  # only room messages are appended
@@ -453,27 +578,50 @@ class Publisher:
             if isinstance(outcome, Stamp) and not outcome.replicated:
                 self.counters.unreplicated += 1
             item.done(outcome)
-        if late and link is not None:
-            # Not awaited: if these are lost, the other pods find the
-            # messages in the history when the next ones arrive.
-            link.call(b"".join(late), len(late)).add_done_callback(_ignore)
+        if late:
+            self._publish_late(link, late)
+
+    def _publish_late(self, link: Link | None, items: list[tuple[bytes, bytes]]) -> None:
+        """Publish stored messages, not awaited (the next batch goes
+        meanwhile). If the connection goes before Redis answers, they are
+        queued again, first of the outbox: published twice is harmless
+        (pods drop an offset they have), lost is not (a quiet room would not
+        see them until the next message). If this pod dies first, the pod
+        that prunes it from the room's presence publishes the room's tail."""
+        commands = b"".join(pack_command(self._publish_command, *item) for item in items)
+        if link is None:
+            future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+            future.set_exception(ConnectionError("the link to Redis is down"))
+        else:
+            future = link.call(commands, len(items))
+
+        def settled(future: asyncio.Future[list[Any]]) -> None:
+            if future.cancelled() or future.exception() is None:
+                return
+            self.counters.resent += len(items)
+            self._outbox.extendleft(reversed(items))
+            if not self._outbox_ready.is_set():
+                self._outbox_ready.set()
+
+        future.add_done_callback(settled)
 
     async def _replies(
-        self, groups: list[list[_Append]], publishes: list[tuple[bytes, bytes]]
-    ) -> tuple[Link | None, list[_Result], list[Any]]:
+        self,
+        link: Link | None,
+        groups: list[list[_Append]],
+        plain: list[_Append],
+        publishes: list[tuple[bytes, bytes]],
+    ) -> tuple[list[_Result], list[Any], list[Any]]:
         """``_roundtrip``, with a failure of the whole batch in every place:
-        the link used, each script call's outcomes (or why there are none)
-        and each publish's reply."""
-        link = await self._link()
+        each script call's outcomes (or why there are none), each plain
+        append's reply and each publish's reply."""
         try:
-            replies = await self._roundtrip(link, groups, publishes)
-        except LINK_ERRORS as exc:
+            replies = await self._roundtrip(link, groups, plain, publishes)
+        except Exception as exc:
+            if not isinstance(exc, LINK_ERRORS):  # a bug: log it, keep the publisher alive
+                log.exception("publishing to redis failed unexpectedly")
             self._log.forget_refreshes()  # whether they ran is not known
-            return link, [exc] * len(groups), [exc] * len(publishes)
-        except Exception as exc:  # a bug: count and log it, keep the publisher alive
-            log.exception("publishing to redis failed unexpectedly")
-            self._log.forget_refreshes()
-            return link, [exc] * len(groups), [exc] * len(publishes)
+            return [exc] * len(groups), [exc] * len(plain), [exc] * len(publishes)
         count = len(groups)
         waited = count > 0 and self._wait_replicas > 0
         results: list[_Result] = [
@@ -490,12 +638,15 @@ class Publisher:
                     r if isinstance(r, BaseException) else [_unreplicated(o) for o in r]
                     for r in results
                 ]
-        return link, results, replies[count + waited :]
+        start = count + waited
+        added = replies[start : start + len(plain)]
+        return results, added, replies[start + len(plain) :]
 
     async def _roundtrip(
         self,
         link: Link | None,
         groups: list[list[_Append]],
+        plain: list[_Append],
         publishes: list[tuple[bytes, bytes]],
     ) -> list[Any]:
         """Write the batch at once; read one reply per command (a refused
@@ -508,6 +659,10 @@ class Publisher:
         ]
         if groups and self._wait_replicas > 0:
             commands.append(self._wait)
+        for item in plain:
+            assert item.message.room is not None
+            assert item.seen is not None
+            commands.append(self._log.xadd_command(item.message.room, item.seen[0], item.body))
         publish = self._publish_command
         commands += [pack_command(publish, *item) for item in publishes]
         if link is None or not link.open:

@@ -14,8 +14,15 @@ from importlib import resources
 
 from ..base import PRESENCE_BURST
 
+PLAIN_TAIL = 8
+"""A pod appends at most this many messages of one room at a time with plain
+``XADD``s before their ``PUBLISH``es (more go through the append script); the
+presence refresh that prunes a dead pod publishes each of its rooms' last this
+many entries again, in case it died in between."""
+
 __all__ = [
     "APPEND",
+    "PLAIN_TAIL",
     "PRESENCE_MEMBERS",
     "PRESENCE_REFRESH",
     "PRESENCE_UPDATE",
@@ -46,7 +53,8 @@ def _text(name: str) -> str:
 def _load(name: str, *, prelude: str | None = None) -> Script:
     source = _text(name)
     if prelude is not None:
-        source = _text(prelude).replace("@BURST@", str(PRESENCE_BURST)) + source
+        source = _text(prelude) + source
+    source = source.replace("@BURST@", str(PRESENCE_BURST)).replace("@TAIL@", str(PLAIN_TAIL))
     return Script(name, source)
 
 

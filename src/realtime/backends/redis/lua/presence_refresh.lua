@@ -1,7 +1,26 @@
 -- Keep one pod's presence entries alive in many rooms; prune pods that stopped
 -- refreshing. KEYS: each room's pods set. ARGV: pod, ttl ms, envelope head, then
 -- per room: hash base, channel, room. Returns each room's events (a list per room).
+-- A pruned pod may have died between storing a room message and publishing it (a
+-- pod appends a room it has verified with a plain XADD, then PUBLISH: at most
+-- TAIL messages of a room at a time): the room's last TAIL entries are published
+-- again, in the dead pod's name; pods drop the offsets they have.
+local TAIL = tonumber('@TAIL@')
 pod, ttl, head = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local function republish_tail(gone)
+  local seq = string.sub(base, 1, -10) .. 'seq'  -- `<base>:presence:` -> `<base>:seq`
+  local epoch = redis.call('HGET', seq, 'epoch')
+  if not epoch then
+    return
+  end
+  local hist = string.sub(seq, 1, -4) .. 'hist:' .. epoch
+  local tail = redis.call('XREVRANGE', hist, '+', '-', 'COUNT', TAIL)
+  for i = #tail, 1, -1 do
+    local id, fields = tail[i][1], tail[i][2]
+    local envelope = gone .. '\n' .. string.sub(id, 3) .. ':' .. epoch .. '\n' .. fields[2]
+    redis.call('PUBLISH', channel, envelope)
+  end
+end
 local out = {}
 for k = 1, #KEYS do
   local a = 4 + 3 * (k - 1)
@@ -26,6 +45,7 @@ for k = 1, #KEYS do
       end
     end
     out[k] = finish()
+    republish_tail(dead[#dead])
   end
 end
 return out
