@@ -539,17 +539,22 @@ async def test_sparse_traffic_does_not_wait_the_flush_delay(
     assert a.stats()["flush_waits"] == waits + 1
 
 
+@pytest.mark.parametrize("subscribed", [False, True])
 async def test_traffic_keeps_a_rooms_keys_alive_the_pod_refreshing_their_ttls(
-    pods: Pods, redis_server: RedisServer
+    pods: Pods, redis_server: RedisServer, subscribed: bool
 ) -> None:
-    """The pod asks the script to refresh a room's TTLs once an eighth of
-    them has passed since it last did: the keys of a room that keeps
-    getting messages never run out, and a message sooner than that does
-    not touch them."""
+    """The pod has a room's TTLs refreshed once an eighth of them has passed
+    since it last did: the keys of a room that keeps getting messages never
+    run out, and a message sooner than that does not touch them. By the
+    script, or (a room the pod is subscribed to, after its first append) by
+    two PEXPIREs beside the plain XADD."""
     a = RedisBackend(redis_server.url, pod_id="pod-a", channel_prefix=pods.prefix, history_ttl=4.0)
     pods.started.append(a)
     async with asyncio.timeout(5):
         await a.start(Handler([]))
+    if subscribed:
+        a.subscribe("r")
+        await wait_subscribed(a, 3)
     seq, hist = f"{pods.prefix}:room:{{r}}:seq", f"{pods.prefix}:room:{{r}}:hist"
     hist += ":" + (await appended(a, room_message(1))).epoch
     redis_server.command("CONFIG", "RESETSTAT")
@@ -565,6 +570,8 @@ async def test_traffic_keeps_a_rooms_keys_alive_the_pod_refreshing_their_ttls(
     await eventually(an_eighth_gone, timeout=5)
     await appended(a, room_message(3))
     assert all(redis_server.command("PTTL", k) > 3600 for k in (seq, hist))
+    assert 4000 < redis_server.command("PTTL", seq) <= 5000
+    assert a.stats()["plain_appends"] == (2 if subscribed else 0)
 
 
 async def test_a_room_redis_set_back_moves_to_a_new_epoch_and_keeps_its_ttls(
@@ -676,8 +683,9 @@ async def test_a_verified_room_is_appended_with_plain_xadds_until_the_connection
     """A room's first append on a connection goes through the script (it
     checks Redis is not behind what the pod saw); the next ones, on the same
     connection, are plain XADDs then PUBLISHes, which cost Redis about half
-    as much. Keyed appends always take the script; so does the first append
-    on a new connection."""
+    as much; so are a room's appends by a pod whose newest offset seen came
+    in a push on its connection. Keyed appends always take the script; so
+    does the first append on a new connection."""
     a, b, got_b = await _in_room_r(pods, redis_server.url, redis_server.url)
     epoch, hist = await _verified(a, [got_b], redis_server)
     redis_server.command("CONFIG", "RESETSTAT")
@@ -689,10 +697,15 @@ async def test_a_verified_room_is_appended_with_plain_xadds_until_the_connection
     assert a.stats()["plain_appends"] == 4
     await eventually(lambda: _async(_offsets(got_b) == [1, 2, 3, 4, 5]))
     assert redis_server.command("XLEN", hist) == 5
+    # pod b never appended here, but the newest offset it saw came in a push
+    # on its connection: that Redis is not behind it, no script needed
+    assert (await appended(b, room_message(51))).offset == 6
+    assert b.stats()["plain_appends"] == 1
+    await eventually(lambda: _async(a._seen.get("r") == (epoch, 6)))
 
     redis_server.command("CONFIG", "RESETSTAT")
     keyed = await appended(a, room_message(6), key="k6")
-    assert (keyed.offset, _calls(redis_server)["evalsha"]) == (6, 1)
+    assert (keyed.offset, _calls(redis_server)["evalsha"]) == (7, 1)
 
     # a new connection: the room is verified again by its first append there
     reconnects = [pod.stats()["reconnects"] for pod in (a, b)]
@@ -707,9 +720,9 @@ async def test_a_verified_room_is_appended_with_plain_xadds_until_the_connection
     await eventually(reconnected)
     plain = a.stats()["plain_appends"]
     stamps = [await appended(a, room_message(n)) for n in (7, 8)]
-    assert [s.offset for s in stamps] == [7, 8]
+    assert [s.offset for s in stamps] == [8, 9]
     assert a.stats()["plain_appends"] == plain + 1  # 8, not 7
-    await eventually(lambda: _async(_offsets(got_b)[-2:] == [7, 8]))
+    await eventually(lambda: _async(_offsets(got_b)[-2:] == [8, 9]))
 
 
 async def _async(value: bool) -> bool:

@@ -55,7 +55,7 @@ from ...core.histogram import ROUNDTRIP_BUCKETS, Histogram
 from ...core.protocol import Message
 from ...core.sequencer import Entry
 from ..base import BackendHandler, LinkState, OnAppended, Slice, Unstored
-from .link import STALLED
+from .link import STALLED, Link
 from .log import RedisRoomLog
 from .names import Names, read_entry
 from .presence import RedisPresence
@@ -162,6 +162,10 @@ class RedisBackend:
         self._rooms: dict[bytes, str | None] = {self.names.global_channel: None}
         self._seen: dict[str, tuple[str, int]] = {}
         """Per hosted room, the epoch and highest offset this pod has seen."""
+        self._seen_on: dict[str, Link | None] = {}
+        """Per hosted room, the link that brought what ``_seen`` holds, if a
+        push on the only primary's link did: that Redis has it, so it is not
+        behind it (the publisher may then append the room plainly)."""
         self._log = RedisRoomLog(
             self.names,
             history_length=history_length,
@@ -290,6 +294,7 @@ class RedisBackend:
             key,
             slot=key_slot(channel) if self._sharded else 0,
             seen=self._seen.get(room),
+            seen_on=self._seen_on.get(room),
         )
 
     def presence(self, ttl: float) -> RedisPresence:
@@ -442,6 +447,7 @@ class RedisBackend:
             return
         del self._rooms[channel]
         self._seen.pop(room, None)
+        self._seen_on.pop(room, None)
         for shard in self._shards.values():
             shard.unsubscribe(channel)
 
@@ -522,7 +528,8 @@ class RedisBackend:
                 entry = read_entry(data, cut + 1)
                 if entry is not None:  # a room entry, this pod's own too
                     self.counters.received += 1
-                    self._saw(room, entry)
+                    only = self._only
+                    self._saw(room, entry, None if only is None else only.link)
                     handler.on_entry(room, entry)
                     return
             if data.startswith(self._own):  # delivered when it was published
@@ -533,10 +540,11 @@ class RedisBackend:
         except Exception:  # a bug above us must not cut the link for every room
             log.exception("delivering a message from redis failed (room=%s)", room)
 
-    def _saw(self, room: str, entry: Entry) -> None:
+    def _saw(self, room: str, entry: Entry, link: Link | None = None) -> None:
         seen = self._seen.get(room)
         if seen is None or seen[0] != entry.epoch or entry.offset > seen[1]:
             self._seen[room] = (entry.epoch, entry.offset)
+            self._seen_on[room] = link
 
     def on_own_entry(self, room: str, entry: Entry) -> None:
         """This pod's own append, stamped by the script (no push brings it)."""

@@ -35,7 +35,7 @@ from ...core.sequencer import Entry
 from ..base import Slice, Stamp, Unstored, content_digest, key_field, new_epoch
 from .names import Names
 from .resp import pack_command
-from .scripts import APPEND, READ, REBASE, quiet, sharded
+from .scripts import APPEND, READ, REBASE, SEQ_MARGIN_MS, quiet, sharded
 
 __all__ = ["RedisRoomLog"]
 
@@ -79,14 +79,11 @@ class RedisRoomLog:
             self._refreshed_pruned = len(self._refreshed)
         return True
 
-    def plain(self, room: str, body: bytes, now: float) -> bool:
-        """Whether a message of ``room`` may be appended with a plain ``XADD``
-        (``xadd_command``): no TTL refresh is due and the body is not big
-        enough to need trimming by bytes (both are the script's work)."""
-        if len(body) * self.history_length > self.max_bytes:
-            return False
-        last = self._refreshed.get(room)
-        return last is not None and now - last < self._refresh_after
+    def plain(self, body: bytes) -> bool:
+        """Whether a message may be appended with a plain ``XADD``
+        (``xadd_commands``): its body is not big enough to need the history
+        trimmed by bytes (the script's work)."""
+        return len(body) * self.history_length <= self.max_bytes
 
     def forget_refreshes(self) -> None:
         """After a batch whose outcome is unknown: refresh every room's TTLs
@@ -124,24 +121,26 @@ class RedisRoomLog:
                 args += [key_field(message, key), content_digest(message)]
         return pack_command(b"EVALSHA", self.append_script.sha, len(keys), *keys, *args)
 
-    def xadd_command(self, room: str, epoch: str, body: bytes) -> bytes:
+    def xadd_commands(self, room: str, epoch: str, body: bytes, now: float) -> list[bytes]:
         """The script's common case without the script: store ``body`` in
         ``room``'s history of ``epoch``, trimmed approximately, the offset
         given by the stream (``0-*``); nothing if that stream is not there
         (``NOMKSTREAM``: the room's epoch changed or its history expired).
-        The reply is the entry's id, ``0-<offset>``, or nil."""
-        _, hist, _, _ = self.names.log_keys(room)
-        return pack_command(
-            b"XADD",
-            f"{hist}:{epoch}",
-            b"NOMKSTREAM",
-            b"MAXLEN",
-            b"~",
-            self.history_length,
-            b"0-*",
-            b"b",
-            body,
-        )
+        The first reply is the entry's id, ``0-<offset>``, or nil. When this
+        pod last had the room's TTLs refreshed an eighth of them ago or more,
+        two ``PEXPIRE``s follow (their replies are of no interest)."""
+        seq, hist, _, _ = self.names.log_keys(room)
+        stream = f"{hist}:{epoch}"
+        commands = [
+            pack_command(
+                b"XADD", stream, b"NOMKSTREAM", b"MAXLEN", b"~", self.history_length,
+                b"0-*", b"b", body,
+            )
+        ]  # fmt: skip
+        if self._refresh(room, now):
+            commands.append(pack_command(b"PEXPIRE", seq, self.ttl_ms + SEQ_MARGIN_MS))
+            commands.append(pack_command(b"PEXPIRE", stream, self.ttl_ms))
+        return commands
 
     @staticmethod
     def parse_append(reply: Any) -> list[Stamp | Unstored]:

@@ -74,6 +74,9 @@ class _Append:
     """The newest entry of the room the pod had seen when it was queued,
     ``(epoch, offset)`` (None if none): the script appends in that epoch and
     checks Redis is not behind it."""
+    seen_on: Link | None = None
+    """The link whose push brought ``seen``, if one did: that Redis is not
+    behind it."""
     queued_at: float = 0.0
     """When it was first queued (a Cluster may send it back: see ``requeue``)."""
     plain: bool = False
@@ -208,6 +211,7 @@ class Publisher:
         idempotency_key: str | None,
         slot: int = 0,
         seen: tuple[str, int] | None = None,
+        seen_on: Link | None = None,
     ) -> None:
         """Queue a room message for the room log script; ``done`` gets its stamp."""
         if len(self._outbox) >= self._queue:
@@ -215,7 +219,7 @@ class Publisher:
             self.counters.append_failures += 1
             done(Unstored.FAILED)
             return
-        item = _Append(message, channel, done, idempotency_key, message.body(), slot, seen)
+        item = _Append(message, channel, done, idempotency_key, message.body(), slot, seen, seen_on)
         item.queued_at = time.monotonic()
         self._push(item)
 
@@ -421,12 +425,15 @@ class Publisher:
 
     def _plainly(self, appends: list[_Append], link: Link | None) -> list[_Append]:
         """The appends of a batch that go as plain ``XADD``s, not through the
-        script (it costs Redis about twice as much): those of rooms whose last
-        append on this connection went through the script (``_verified``),
+        script (it costs Redis about twice as much): those of rooms this
+        connection's Redis is known not to be behind on (the room's last
+        append on it went through the script, which checked: ``_verified``;
+        or the newest offset the pod saw came in a push on it: ``seen_on``),
         that this pod is subscribed to (its presence in the room is what lets
         another pod publish the room's tail should this one die before its
-        ``PUBLISH``, and the push is what delivers here), with no key, no TTL
-        refresh due and no body big enough to trim the history by bytes, at
+        ``PUBLISH``, and the push is what delivers here), with no key and no
+        body big enough to trim the history by bytes (a TTL refresh due goes
+        along as two ``PEXPIRE``s), at
         most ``PLAIN_TAIL`` of them (what the presence refresh publishes again
         if this pod dies before their ``PUBLISH``). A room with any other
         append in the batch goes through the script whole, so its appends
@@ -442,7 +449,6 @@ class Publisher:
         if len(self._verified) > 2 * len(subscribed) + 1024:
             self._verified &= subscribed
         verified = self._verified
-        now = time.monotonic()
         refused: set[bytes] = set()
         per_room: dict[bytes, int] = {}
         for item in appends:
@@ -453,9 +459,9 @@ class Publisher:
                 count <= PLAIN_TAIL
                 and item.idempotency_key is None
                 and item.seen is not None
-                and item.channel in verified
+                and (item.channel in verified or item.seen_on is link)
                 and item.channel in subscribed
-                and self._log.plain(room, item.body, now)
+                and self._log.plain(item.body)
             ):
                 refused.add(item.channel)
         plain = [item for item in appends if item.channel not in refused]
@@ -615,8 +621,15 @@ class Publisher:
         """``_roundtrip``, with a failure of the whole batch in every place:
         each script call's outcomes (or why there are none), each plain
         append's reply and each publish's reply."""
+        now = time.monotonic()
+        xadds = [
+            self._log.xadd_commands(
+                item.message.room or "", (item.seen or ("", 0))[0], item.body, now
+            )
+            for item in plain
+        ]
         try:
-            replies = await self._roundtrip(link, groups, plain, publishes)
+            replies = await self._roundtrip(link, groups, xadds, publishes)
         except Exception as exc:
             if not isinstance(exc, LINK_ERRORS):  # a bug: log it, keep the publisher alive
                 log.exception("publishing to redis failed unexpectedly")
@@ -639,14 +652,17 @@ class Publisher:
                     for r in results
                 ]
         start = count + waited
-        added = replies[start : start + len(plain)]
-        return results, added, replies[start + len(plain) :]
+        added = []
+        for commands in xadds:  # an XADD's reply (and any PEXPIRE's, skipped)
+            added.append(replies[start])
+            start += len(commands)
+        return results, added, replies[start:]
 
     async def _roundtrip(
         self,
         link: Link | None,
         groups: list[list[_Append]],
-        plain: list[_Append],
+        xadds: list[list[bytes]],
         publishes: list[tuple[bytes, bytes]],
     ) -> list[Any]:
         """Write the batch at once; read one reply per command (a refused
@@ -659,10 +675,8 @@ class Publisher:
         ]
         if groups and self._wait_replicas > 0:
             commands.append(self._wait)
-        for item in plain:
-            assert item.message.room is not None
-            assert item.seen is not None
-            commands.append(self._log.xadd_command(item.message.room, item.seen[0], item.body))
+        for xadd in xadds:
+            commands += xadd
         publish = self._publish_command
         commands += [pack_command(publish, *item) for item in publishes]
         if link is None or not link.open:

@@ -14,6 +14,9 @@ from importlib import resources
 
 from ..base import PRESENCE_BURST
 
+SEQ_MARGIN_MS = 1000
+"""How much longer than its history stream a room's ``seq`` hash lives (ms):
+a stream never outlives the hash that names its epoch."""
 PLAIN_TAIL = 8
 """A pod appends at most this many messages of one room at a time with plain
 ``XADD``s before their ``PUBLISH``es (more go through the append script); the
@@ -29,6 +32,7 @@ __all__ = [
     "READ",
     "REBASE",
     "SCRIPTS",
+    "SEQ_MARGIN_MS",
     "Script",
     "quiet",
     "sharded",
@@ -54,7 +58,12 @@ def _load(name: str, *, prelude: str | None = None) -> Script:
     source = _text(name)
     if prelude is not None:
         source = _text(prelude) + source
-    source = source.replace("@BURST@", str(PRESENCE_BURST)).replace("@TAIL@", str(PLAIN_TAIL))
+    for name, value in (
+        ("BURST", PRESENCE_BURST),
+        ("TAIL", PLAIN_TAIL),
+        ("SEQ_MARGIN", SEQ_MARGIN_MS),
+    ):
+        source = source.replace(f"@{name}@", str(value))
     return Script(name, source)
 
 

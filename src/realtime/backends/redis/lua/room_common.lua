@@ -11,7 +11,7 @@
 -- (history `<base>:hist`, IDs `<offset>-0`, the newest offset in the hash as
 -- `o:<epoch>` or `offset`) are converted when next touched: same epoch, same offsets,
 -- same entries, same TTL.
-local SEQ_MARGIN = 1000
+local SEQ_MARGIN = tonumber('@SEQ_MARGIN@')
 local LAYOUT = 'streams'
 
 local function history_key(seq, epoch)
