@@ -31,7 +31,7 @@ from pathlib import Path
 
 import redis
 
-from realtime.backends.redis.scripts import APPEND
+from realtime.backends.redis.scripts import APPEND, with_constants
 
 from .cluster import HOST, start_redis
 
@@ -89,7 +89,7 @@ def _source(path: Path) -> str:
     text = path.read_text()
     if "history_key(" in text and "function history_key" not in text:
         text = (path.parent / "room_common.lua").read_text() + text
-    return text
+    return with_constants(text)
 
 
 def _plain(client: redis.Redis, batch: int) -> Call:

@@ -36,6 +36,7 @@ __all__ = [
     "Script",
     "quiet",
     "sharded",
+    "with_constants",
 ]
 
 
@@ -54,17 +55,23 @@ def _text(name: str) -> str:
     return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text()
 
 
-def _load(name: str, *, prelude: str | None = None) -> Script:
-    source = _text(name)
-    if prelude is not None:
-        source = _text(prelude) + source
-    for name, value in (
+def with_constants(source: str) -> str:
+    """Lua ``source`` with the constants it shares with Python filled in
+    (``@BURST@``, ``@TAIL@``, ``@SEQ_MARGIN@``)."""
+    for constant, value in (
         ("BURST", PRESENCE_BURST),
         ("TAIL", PLAIN_TAIL),
         ("SEQ_MARGIN", SEQ_MARGIN_MS),
     ):
-        source = source.replace(f"@{name}@", str(value))
-    return Script(name, source)
+        source = source.replace(f"@{constant}@", str(value))
+    return source
+
+
+def _load(name: str, *, prelude: str | None = None) -> Script:
+    source = _text(name)
+    if prelude is not None:
+        source = _text(prelude) + source
+    return Script(name, with_constants(source))
 
 
 APPEND = _load("append", prelude="room_common")
