@@ -394,7 +394,11 @@ def test_frames_cut_anywhere_are_read_as_frames(pod_factory: PodFactory) -> None
             sock.sendall(data[pos : pos + step])
             pos += step
         frames, close = read_until_close(sock)
-        pongs = [json.loads(f.payload)["ref"] for f in frames if f.opcode == OP_TEXT]
+        texts = [json.loads(f.payload) for f in frames if f.opcode == OP_TEXT]
+        # the client's own member_joined may come among the pongs (presence is
+        # written up to 0.2 s after the join, and the cut frames take longer)
+        assert {t["type"] for t in texts} <= {"pong", "member_joined"}, texts
+        pongs = [t["ref"] for t in texts if t["type"] == "pong"]
         assert pongs == list(range(60))
         assert sum(f.opcode == OP_PONG for f in frames) == 9
         assert close is not None
