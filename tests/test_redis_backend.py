@@ -493,9 +493,14 @@ async def test_an_idle_pod_waits_the_flush_delay_so_what_follows_shares_the_call
     await appended(a, room_message(0))  # the scripts loaded (a new Redis has none)
     redis_server.command("CONFIG", "RESETSTAT")
     outcomes: list[Stamp | Unstored] = []
+    before = a.stats()
     a.append(room_message(1), outcomes.append)
-    for _ in range(3):  # the publisher wakes up and writes (or starts waiting)
-        await asyncio.sleep(0)
+
+    async def taken() -> bool:  # the publisher woke up and wrote it, or started waiting
+        now = a.stats()
+        return any(now[k] != before[k] for k in ("batches", "flush_waits"))
+
+    await eventually(taken, timeout=5)
     a.append(room_message(2), outcomes.append)
 
     async def both_stored() -> bool:
