@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from realtime.core.connection import QUEUED, Connection, ConnectionState, Outgoing
+from realtime.core.connection import (
+    QUEUED,
+    Connection,
+    ConnectionState,
+    Outgoing,
+    holding_writes,
+)
 from realtime.core.exceptions import StateError
 from realtime.core.hub import LocalHub
 from realtime.core.protocol import CloseCode, Identity
@@ -22,6 +28,8 @@ class Sink:
 
     def __init__(self) -> None:
         self.given: list[Outgoing] = []
+        self.writes: list[int] = []
+        """Frames per write call."""
         self.stalled = False
         self.closed_with: tuple[int, str] | None = None
 
@@ -31,6 +39,11 @@ class Sink:
 
     def write(self, out: Outgoing) -> None:
         self.given.append(out)
+        self.writes.append(1)
+
+    def write_many(self, outs: list[Outgoing]) -> None:
+        self.given += outs
+        self.writes.append(len(outs))
 
     def buffered(self) -> int:
         return sum(len(o.payload) for o in self.given) if self.stalled else 0
@@ -154,3 +167,52 @@ def test_a_connections_rooms_follow_joins_and_leaves() -> None:
     hub.remove(conn)
     assert conn.rooms == ()
     assert hub.room_sizes() == {}
+
+
+def test_frames_delivered_while_writes_are_held_go_in_one_write_per_member() -> None:
+    hub = LocalHub()
+    a, sink_a = make(hub, "a", "r1")
+    _, sink_b = make(hub, "b", "r1")
+    with holding_writes:
+        hub.broadcast("r1", b'{"x":1}')
+        with holding_writes:  # nested: written when the outer one is left
+            hub.broadcast("r1", b'{"x":2}')
+            hub.send_to(a, b'{"ack":1}')
+        assert sink_a.given == []
+        assert sink_b.given == []
+    assert [o.payload for o in sink_a.given] == [b'{"x":1}', b'{"x":2}', b'{"ack":1}']
+    assert sink_a.writes == [3]
+    assert [o.payload for o in sink_b.given] == [b'{"x":1}', b'{"x":2}']
+    assert sink_b.writes == [2]
+    hub.broadcast("r1", b'{"x":3}')  # not held: written at once
+    assert sink_a.writes == [3, 1]
+    assert sink_b.writes == [2, 1]
+    assert holding_writes.connections is None
+
+
+def test_held_frames_go_ahead_of_a_close_and_none_after_it() -> None:
+    hub = LocalHub()
+    a, sink = make(hub, "a", "r1")
+    with holding_writes:
+        hub.broadcast("r1", b'{"x":1}')
+        a.close(CloseCode.TRY_AGAIN_LATER, "going")
+        assert [o.payload for o in sink.given] == [b'{"x":1}']  # before the Close
+        assert hub.broadcast("r1", b'{"x":2}') == 0
+    assert [o.payload for o in sink.given] == [b'{"x":1}']
+    assert sink.closed_with == (CloseCode.TRY_AGAIN_LATER, "going")
+
+
+def test_writes_held_are_released_when_the_block_raises() -> None:
+    hub = LocalHub()
+    _, sink = make(hub, "a", "r1")
+
+    def deliver_then_fail() -> None:
+        with holding_writes:
+            hub.broadcast("r1", b'{"x":1}')
+            raise RuntimeError("a bug above")
+
+    with pytest.raises(RuntimeError):
+        deliver_then_fail()
+    assert [o.payload for o in sink.given] == [b'{"x":1}']
+    assert holding_writes.connections is None
+    assert holding_writes.depth == 0

@@ -15,6 +15,7 @@ import redis
 from realtime import Identity, LinkState, Message, RedisBackend
 from realtime.backends import Stamp, Unstored
 from realtime.backends.base import Member
+from realtime.core.connection import holding_writes
 from realtime.core.sequencer import Entry
 
 from .redis_support import RedisServer, ReplyCutter
@@ -752,6 +753,44 @@ async def test_a_publish_lost_with_the_connection_is_sent_again_on_the_next(
         await eventually(lambda: _async(_offsets(got_b) == [1, 2]), timeout=5)
         assert a.stats()["resent"] == 1
         assert redis_server.command("XLEN", hist) == 2
+    finally:
+        await cutter.stop()
+
+
+async def test_a_plain_append_is_delivered_on_its_pod_from_the_reply_with_its_ack(
+    pods: Pods, redis_server: RedisServer
+) -> None:
+    """A plain append's own copy is delivered on its pod when the XADD's
+    reply gives the offset, in the same step as its ``done`` and with the
+    pod's writes to clients held (the sender's copy and its ack go in one
+    write), not a round trip later, when its PUBLISH comes back as a push
+    (a pod's sequencer drops that copy). Here the PUBLISH never reaches
+    Redis: pod a has the message all the same, pod b does not."""
+    cutter = await ReplyCutter(redis_server.port).start()
+    try:
+        a, got_a = await pods.start(cutter.url, "pod-a")
+        b, got_b = await pods.start(redis_server.url, "pod-b")
+        for pod in (a, b):
+            pod.subscribe("r")
+            await wait_subscribed(pod, 3)
+        epoch, _ = await _verified(a, [got_a, got_b], redis_server)
+        cutter.arm(b"\n2:%s\n" % epoch.encode(), drop=True)  # the PUBLISH's envelope
+        seen_at_done: list[tuple[list[int], bool]] = []
+        done: asyncio.Future[Stamp | Unstored] = asyncio.get_running_loop().create_future()
+
+        def stamped(outcome: Stamp | Unstored) -> None:
+            seen_at_done.append((_offsets(got_a), holding_writes.connections is not None))
+            done.set_result(outcome)
+
+        a.append(room_message(2), stamped)
+        async with asyncio.timeout(5):
+            stamp = await done
+        assert isinstance(stamp, Stamp)
+        assert (stamp.epoch, stamp.offset) == (epoch, 2)
+        assert a.stats()["plain_appends"] == 1
+        assert seen_at_done == [([1, 2], True)]
+        await eventually(lambda: _async(cutter.cut == 1))
+        assert _offsets(got_b) == [1]
     finally:
         await cutter.stop()
 

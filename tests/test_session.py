@@ -27,6 +27,10 @@ class Wire:
     def write(self, out: Outgoing) -> None:
         self.frames.append(orjson.loads(out.payload))
 
+    def write_many(self, outs: list[Outgoing]) -> None:
+        for out in outs:
+            self.write(out)
+
     def buffered(self) -> int:
         return 0
 

@@ -12,6 +12,12 @@ shared by every recipient of a broadcast. A transport that must turn it into
 bytes of its own (the aiohttp transport builds the RFC 6455 frame) does so
 through ``Outgoing.encoded``, which keeps the result, so a broadcast to a
 thousand members encodes once.
+
+While ``holding_writes`` is entered, frames are held instead and written when
+it is left, each connection's in one write (``Transport.write_many``): a
+backend holds them while it hands over a burst (several pushes read at once,
+or a batch's replies: a sender's own message and its ack), so that a member
+sent several frames costs one send, not one each.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ __all__ = [
     "ConnectionState",
     "Outgoing",
     "Transport",
+    "holding_writes",
 ]
 
 _T = TypeVar("_T")
@@ -62,11 +69,46 @@ class Transport(Protocol):
     def write(self, out: Outgoing) -> None:
         """Queue a server frame for sending; never blocks."""
 
+    def write_many(self, outs: list[Outgoing]) -> None:
+        """Queue several frames, in order, at once (one write where it can)."""
+
     def buffered(self) -> int:
         """Bytes queued but not yet sent."""
 
     def close(self, code: int, reason: str) -> None:
         """Start closing with ``code`` and ``reason``; returns at once."""
+
+
+class _Holding:
+    """The context manager ``holding_writes``: see the module's docstring.
+
+    A hold never spans an await (it is entered and left within one callback
+    of the loop), so one for the whole process does; nested holds write when
+    the outermost is left."""
+
+    __slots__ = ("connections", "depth")
+
+    def __init__(self) -> None:
+        self.connections: list[Connection] | None = None
+        """Connections with frames held, in the order of their first; None
+        when not holding."""
+        self.depth = 0
+
+    def __enter__(self) -> None:
+        self.depth += 1
+        if self.connections is None:
+            self.connections = []
+
+    def __exit__(self, *exc: object) -> None:
+        self.depth -= 1
+        if self.depth:
+            return
+        held, self.connections = self.connections, None
+        for conn in held or ():
+            conn.release()
+
+
+holding_writes: Final = _Holding()
 
 
 class ConnectionState(enum.Enum):
@@ -96,6 +138,7 @@ class Connection:
     __slots__ = (
         "close_code",
         "default_room",
+        "held",
         "id",
         "identity",
         "max_buffered",
@@ -124,6 +167,8 @@ class Connection:
         self.state = ConnectionState.OPEN
         self.close_code: int | None = None
         self.transport = transport
+        self.held: list[Outgoing] | None = None
+        """Frames held by ``holding_writes``, to write when it is left."""
 
     def _move(self, new: ConnectionState) -> None:
         if new not in _ALLOWED[self.state]:
@@ -139,13 +184,33 @@ class Connection:
         if self.transport.buffered() > self.max_buffered:
             self.close(CloseCode.TRY_AGAIN_LATER, "client too slow: send buffer full")
             return TOO_SLOW
-        self.transport.write(out)
+        holding = holding_writes.connections
+        if holding is None:
+            self.transport.write(out)
+        elif self.held is None:
+            self.held = [out]
+            holding.append(self)
+        else:
+            self.held.append(out)
         return QUEUED
+
+    def release(self) -> None:
+        """Write the frames ``holding_writes`` held (if still open)."""
+        held = self.held
+        if held is None:
+            return
+        self.held = None
+        if self.state is ConnectionState.OPEN:
+            if len(held) == 1:
+                self.transport.write(held[0])
+            else:
+                self.transport.write_many(held)
 
     def close(self, code: int, reason: str) -> None:
         """Start closing; a second call while closing is a no-op."""
         if self.state is not ConnectionState.OPEN:
             return
+        self.release()  # what was held goes ahead of the Close
         self._move(ConnectionState.CLOSING)
         self.close_code = code
         self.transport.close(code, reason)

@@ -245,6 +245,10 @@ class _Socket(asyncio.Protocol):
         if not self.closing:
             self._io.write(out.encoded(text_frame))
 
+    def write_many(self, outs: list[Outgoing]) -> None:
+        if not self.closing:
+            self._io.write(b"".join([out.encoded(text_frame) for out in outs]))
+
     def buffered(self) -> int:
         return self._io.get_write_buffer_size()
 

@@ -218,6 +218,10 @@ class _Socket:
             self._queued += len(out.payload)
             self._wake()
 
+    def write_many(self, outs: list[Outgoing]) -> None:
+        for out in outs:
+            self.write(out)
+
     def buffered(self) -> int:
         return self._queued
 

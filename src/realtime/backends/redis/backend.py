@@ -546,11 +546,13 @@ class RedisBackend:
             self._seen[room] = (entry.epoch, entry.offset)
             self._seen_on[room] = link
 
-    def on_own_entry(self, room: str, entry: Entry) -> None:
-        """This pod's own append, stamped by the script (no push brings it)."""
+    def on_own_entry(self, room: str, entry: Entry, link: Link | None) -> None:
+        """This pod's own append, delivered from its reply: no push brings
+        it, or (``link`` given: a plain append's, on that link) the push
+        comes a round trip later."""
         if self._handler is not None:
             if room in self._seen or self.names.channel(room) in self._rooms:
-                self._saw(room, entry)
+                self._saw(room, entry, link)
             self._handler.on_entry(room, entry)
 
     def on_subscribed(self, channel: bytes) -> None:

@@ -34,6 +34,7 @@ from typing import Any, cast
 import hiredis
 from redis.exceptions import NoScriptError, ResponseError
 
+from ...core.connection import holding_writes
 from ...core.exceptions import BroadcastError
 from .resp import InFlightLost, RedisAddress, pack_command
 
@@ -99,19 +100,32 @@ class Link(asyncio.Protocol):
         self.bytes_in += len(data)
         reader = self._reader
         reader.feed(data)
-        on_message = self._on_message
         try:
-            while (reply := reader.gets()) is not _MORE:
-                if type(reply) is _PUSH:
-                    kind = reply[0]
-                    if kind == b"message" or kind == b"smessage":
-                        on_message(reply[1], reply[2])
-                    else:
-                        self._confirmed(kind, reply[1])
-                elif not self._reply(reply):
-                    return
+            reply = reader.gets()
+            if reply is _MORE:
+                return
+            after = reader.gets()
+            if after is _MORE:
+                self._take(reply)
+                return
+            # Several at once: what they deliver to a member goes in one write.
+            with holding_writes:
+                if self._take(reply):
+                    while after is not _MORE and self._take(after):
+                        after = reader.gets()
         except hiredis.ProtocolError as exc:
             self.abort(f"unreadable reply from Redis: {exc}")
+
+    def _take(self, reply: Any) -> bool:
+        """One reply or push; False if the link was dropped."""
+        if type(reply) is _PUSH:
+            kind = reply[0]
+            if kind == b"message" or kind == b"smessage":
+                self._on_message(reply[1], reply[2])
+            else:
+                self._confirmed(kind, reply[1])
+            return True
+        return self._reply(reply)
 
     def _reply(self, reply: Any) -> bool:
         """A reply to a command (not a push); False if the link was dropped."""

@@ -19,10 +19,12 @@ queues), and is counted in ``publish_failures`` and logged once per outage. An
 append that cannot be stored is told why (its ``done`` gets ``Unstored.FAILED``
 if it never reached Redis, ``Unstored.UNKNOWN`` if the connection went before
 the answer came); one that is stored gets its stamp from the script's reply.
-The pod's own copy of a room message comes back as a push on the same link,
-ahead of the reply, and is delivered from there, like every pod's; only for a
-room whose subscription is not confirmed (no push will come) does the reply
-go to ``on_entry``. Then ``done``, in outbox order. If Redis lost its script
+A script's own copy of a room message comes back as a push on the same
+link, ahead of the reply, and is delivered from there, like every pod's; for
+a room whose subscription is not confirmed (no push will come), and for a
+plain append (its push comes only after its ``PUBLISH``, a round trip
+later), the reply goes to ``on_entry``. Then ``done``, in outbox order: the
+sender's copy and its ack are written together. If Redis lost its script
 cache, the scripts are loaded again and what did not run is run again.
 """
 
@@ -39,6 +41,7 @@ from typing import Any
 import orjson
 from redis.exceptions import NoScriptError, ResponseError
 
+from ...core.connection import holding_writes
 from ...core.histogram import ROUNDTRIP_BUCKETS, Histogram
 from ...core.protocol import Message, entry_payload
 from ...core.sequencer import Entry
@@ -52,8 +55,10 @@ __all__ = ["OnEntry", "Outgoing", "Publisher", "PublisherCounters", "is_redirect
 
 log = logging.getLogger("realtime.redis")
 
-OnEntry = Callable[[str, Entry], None]
-"""Told ``(room, entry)`` for each new message this pod appended to a room log."""
+OnEntry = Callable[[str, Entry, Link | None], None]
+"""Told ``(room, entry, link)`` for each new message this pod appended to a
+room log and delivers from the reply; ``link`` is the connection a plain
+append's reply came on (Redis there is known to have the entry), else None."""
 
 _HEARTBEAT = b"hb"
 
@@ -560,6 +565,10 @@ class Publisher:
         return list(by_slot.values())
 
     def _appended(self, stamped: list[tuple[_Append, Stamp | Unstored]], link: Link | None) -> None:
+        with holding_writes:  # a sender's own message and its ack: one write
+            self._stamped(stamped, link)
+
+    def _stamped(self, stamped: list[tuple[_Append, Stamp | Unstored]], link: Link | None) -> None:
         pushed = link.channels if link is not None and not self._wait_replicas else set()
         late: list[tuple[bytes, bytes]] = []
         for item, outcome in stamped:
@@ -576,11 +585,16 @@ class Publisher:
                         item.body,
                     )
                     late.append((item.channel, envelope))
-                if item.channel not in pushed:  # no push brings it: deliver from here
+                if item.plain or item.channel not in pushed:
+                    # Deliver from here: no push brings it, or (a plain
+                    # append) its push comes a round trip later, and the
+                    # sender's copy and ack go in one write now (the push
+                    # then finds the offset delivered and is dropped).
                     room = item.message.room
                     assert room is not None  # only room messages are appended
                     payload = entry_payload(item.body, outcome.epoch, outcome.offset)
-                    self._on_entry(room, Entry(outcome.epoch, outcome.offset, payload))
+                    entry = Entry(outcome.epoch, outcome.offset, payload)
+                    self._on_entry(room, entry, link if item.plain else None)
             if isinstance(outcome, Stamp) and not outcome.replicated:
                 self.counters.unreplicated += 1
             item.done(outcome)

@@ -51,8 +51,8 @@ class ShardOwner(Protocol):
     def on_link(self, shard: ShardLink, up: bool) -> None:
         """The link came up, or went down."""
 
-    def on_own_entry(self, room: str, entry: Entry) -> None:
-        """This pod's append, stamped, where no push will bring it."""
+    def on_own_entry(self, room: str, entry: Entry, link: Link | None) -> None:
+        """This pod's append, stamped, delivered from the reply (see ``OnEntry``)."""
 
     async def load_scripts(self, shard: ShardLink) -> None:
         """Load the Lua scripts on this shard's node."""
