@@ -115,7 +115,7 @@ class Room:
     """One hosted room: its sequencer, state and the read under way."""
 
     __slots__ = (
-        "changed",
+        "_changed",
         "counted",
         "gap_timer",
         "name",
@@ -138,9 +138,10 @@ class Room:
         """``ready`` came while reading: what is being read may predate it."""
         self.gap_timer: asyncio.TimerHandle | None = None
         self.repair_tries = 0
-        self.changed = asyncio.Event()
-        """Set (and replaced) whenever the room moves on: a state change or
-        delivered entries. Joins waiting for the room wait on it."""
+        self._changed: asyncio.Event | None = None
+        """Set (and dropped) whenever the room moves on: a state change or
+        delivered entries. Made only when a join waits on it (``changed``):
+        most deliveries have no one waiting."""
 
     def move(self, new: RoomState) -> None:
         if new not in _MOVES[self.state]:
@@ -148,9 +149,18 @@ class Room:
         self.state = new
         self.notify()
 
+    @property
+    def changed(self) -> asyncio.Event:
+        """Set when the room next moves on (for a join waiting on it)."""
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        return self._changed
+
     def notify(self) -> None:
-        self.changed.set()
-        self.changed = asyncio.Event()
+        changed = self._changed
+        if changed is not None:
+            self._changed = None
+            changed.set()
 
     @property
     def closed(self) -> bool:
