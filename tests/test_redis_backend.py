@@ -795,6 +795,35 @@ async def test_a_plain_append_is_delivered_on_its_pod_from_the_reply_with_its_ac
         await cutter.stop()
 
 
+async def test_a_plain_appends_own_push_is_skipped_unread_by_its_pod(
+    pods: Pods, redis_server: RedisServer
+) -> None:
+    """Delivered from the reply, a plain append comes back to its pod as a
+    push (``<pod> r`` heads its envelope) that is skipped unread: the pod's
+    sequencer never sees it twice; other pods deliver it as any entry."""
+    a, got_a = await pods.start(redis_server.url, "pod-a")
+    b, got_b = await pods.start(redis_server.url, "pod-b")
+    for pod in (a, b):
+        pod.subscribe("r")
+        await wait_subscribed(pod, 3)
+    await _verified(a, [got_a, got_b], redis_server)
+    skipped = a.stats()["skipped_own"]
+    for n in (2, 3):
+        await appended(a, room_message(n))
+    assert a.stats()["plain_appends"] == 2
+    await eventually(lambda: _async(_offsets(got_b) == [1, 2, 3]))
+    await eventually(lambda: _async(a.stats()["skipped_own"] == skipped + 2))
+    assert _offsets(got_a) == [1, 2, 3]
+
+
+def test_a_pod_id_with_white_space_is_refused() -> None:
+    """The envelope's first line is the pod id, and ``<pod> r`` marks the
+    entries a pod delivered from the reply: a space in an id would make
+    one pod's mark another pod's name."""
+    with pytest.raises(ValueError, match="white space"):
+        RedisBackend("redis://127.0.0.1:1/0", pod_id="pod r")
+
+
 async def test_a_pod_that_died_before_its_publish_has_the_rooms_tail_published_when_pruned(
     pods: Pods, redis_server: RedisServer
 ) -> None:

@@ -158,6 +158,7 @@ class RedisBackend:
         it, and delivers its own from the reply, not from the push."""
         self.names = Names(channel_prefix, pod_id, sharded=self._sharded)
         self._own = self.names.envelope
+        self._replied = self.names.replied_envelope
         # channel -> room (None: global) for every channel this pod needs
         self._rooms: dict[bytes, str | None] = {self.names.global_channel: None}
         self._seen: dict[str, tuple[str, int]] = {}
@@ -521,7 +522,9 @@ class RedisBackend:
             self.counters.malformed += 1
             return
         try:
-            if room is not None and self._from_reply and data.startswith(self._own):
+            if data.startswith(self._replied) or (
+                room is not None and self._from_reply and data.startswith(self._own)
+            ):
                 self.counters.skipped_own += 1  # delivered from the append's reply
                 return
             if room is not None:

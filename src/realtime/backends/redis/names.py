@@ -21,8 +21,13 @@ Cluster the channels are sharded (``SSUBSCRIBE``): a room's is
 ``SPUBLISH`` it; a pod's heartbeat channel is one per shard,
 ``{prefix}:pod:<pod>:{<tag>}``, its tag picked to fall in that shard's slots.
 
-Envelope: what a pod publishes starts with ``<pod id>\\n``, so each pod can
-skip what it published itself (it delivered that already). Then either an
+Envelope: what a pod publishes starts with ``<pod id>\\n``, or, for a room
+entry it delivered from its append's reply (a plain append's or, waiting for
+replicas, every one: published once the reply came), ``<pod id> r\\n`` (a pod
+id has no white space); each pod skips what it published itself that it
+delivered already: global messages, presence events, the ``r`` entries
+(unread). Its script-published entries it delivers from their pushes, like
+every pod. Then either an
 unordered message's frame (``{...}``: a global message, a presence event),
 or a room entry: ``<offset>:<epoch>\\n<body>`` (``entry_payload`` makes the
 frame of it, on every pod alike).
@@ -45,6 +50,7 @@ class Names:
         "global_channel",
         "pod_channel",
         "prefix",
+        "replied_envelope",
         "room_channel_prefix",
         "sharded",
     )
@@ -55,8 +61,14 @@ class Names:
         self.global_channel = f"{prefix}:global".encode()
         self.room_channel_prefix = f"{prefix}:room:".encode()
         self.pod_channel = f"{prefix}:pod:{pod_id}".encode()
+        if not pod_id or any(c.isspace() for c in pod_id):
+            raise ValueError(f"a pod id is not empty and has no white space: {pod_id!r}")
         self.envelope = pod_id.encode() + b"\n"
-        """The head of every envelope this pod publishes."""
+        """The head of the envelopes this pod publishes."""
+        self.replied_envelope = pod_id.encode() + b" r\n"
+        """The head of the room entries this pod publishes once their
+        append's reply came, having delivered them from it: its own copies
+        of them are skipped unread."""
 
     def channel(self, room: str | None) -> bytes:
         """The channel of ``room`` (None: the global channel)."""

@@ -159,7 +159,8 @@ class Publisher:
         """The pod's link to Redis (waiting, briefly, while it reconnects),
         or None while Redis cannot be reached."""
         self._pod_id = pod_id
-        self._envelope = pod_id.encode() + b"\n"
+        self._envelope = room_log.names.replied_envelope
+        """The head of the late ``PUBLISH``es (delivered here from the reply)."""
         self._log = room_log
         self._heartbeat_channel = heartbeat_channel
         self._timeout = timeout
@@ -588,8 +589,8 @@ class Publisher:
                 if item.plain or item.channel not in pushed:
                     # Deliver from here: no push brings it, or (a plain
                     # append) its push comes a round trip later, and the
-                    # sender's copy and ack go in one write now (the push
-                    # then finds the offset delivered and is dropped).
+                    # sender's copy and ack go in one write now (this pod
+                    # skips that push unread: ``replied_envelope``).
                     room = item.message.room
                     assert room is not None  # only room messages are appended
                     payload = entry_payload(item.body, outcome.epoch, outcome.offset)
