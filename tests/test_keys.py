@@ -194,10 +194,18 @@ async def test_a_resend_through_a_stopped_redis_is_stored_once(
         return bool((await stats(session, a))["broadcaster"]["state"] == "connected")
 
     await eventually(connected)
+    timeline = (await stats(session, a))["timeline"]
     await send(sender, {"type": "message", "data": "stalled", "key": "s", "ref": 2})
     again = await ack_of(sender, 2)
-    assert again["duplicate"] is True  # Redis did store it when it resumed
-    assert again["offset"] == 2
+    assert again["offset"] == 2, again
+    if timeline["unknown"]:  # written before Redis stopped: it ran when it resumed
+        assert again.get("duplicate") is True, again
+    else:
+        # Never written: a batch (a heartbeat) was in flight when Redis
+        # stopped, and the link was given up with the message still queued
+        # (a busy host makes that window wider). The resend stores it.
+        assert timeline["unstamped"] == 1, timeline
+        assert "duplicate" not in again, again
     assert await messages_until_quiet(member, 1) == ["stalled"]
     for ws in (sender, member):
         await ws.close()
