@@ -216,3 +216,30 @@ def test_writes_held_are_released_when_the_block_raises() -> None:
     assert [o.payload for o in sink.given] == [b'{"x":1}']
     assert holding_writes.connections is None
     assert holding_writes.depth == 0
+
+
+def test_a_socket_that_fails_its_write_keeps_no_other_members_frames() -> None:
+    """Released in order, a write that raises (a socket gone under the
+    transport) still lets every other member's held frames out, and the
+    error is raised after; nothing stays held."""
+    hub = LocalHub()
+    a, broken = make(hub, "a", "r1")
+    b, sink = make(hub, "b", "r1")
+
+    def fail(outs: list[Outgoing]) -> None:
+        raise RuntimeError("the handler is closed")
+
+    broken.write_many = fail  # type: ignore[method-assign]
+
+    def two_broadcasts() -> None:
+        with holding_writes:
+            hub.broadcast("r1", b'{"x":1}')
+            hub.broadcast("r1", b'{"x":2}')
+
+    with pytest.raises(RuntimeError, match="handler is closed"):
+        two_broadcasts()
+    assert [o.payload for o in sink.given] == [b'{"x":1}', b'{"x":2}']
+    assert (a.held, b.held, holding_writes.connections) == (None, None, None)
+    hub.broadcast("r1", b'{"x":3}')  # not held any more: written at once
+    assert sink.writes == [2, 1]
+    assert [o.payload for o in broken.given] == [b'{"x":3}']

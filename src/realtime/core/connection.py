@@ -104,8 +104,14 @@ class _Holding:
         if self.depth:
             return
         held, self.connections = self.connections, None
+        failed: Exception | None = None
         for conn in held or ():
-            conn.release()
+            try:
+                conn.release()
+            except Exception as exc:  # noqa: BLE001 -- raised below, once all are out
+                failed = failed or exc  # one socket's error must not keep the others' frames
+        if failed is not None:
+            raise failed
 
 
 holding_writes: Final = _Holding()

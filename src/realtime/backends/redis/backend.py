@@ -153,9 +153,6 @@ class RedisBackend:
         self._publish_batch = publish_batch
 
         self._sharded = self._topology.sharded
-        self._from_reply = wait_replicas > 0
-        """Waiting for replicas, the pod publishes a message once they have
-        it, and delivers its own from the reply, not from the push."""
         self.names = Names(channel_prefix, pod_id, sharded=self._sharded)
         self._own = self.names.envelope
         self._replied = self.names.replied_envelope
@@ -522,10 +519,10 @@ class RedisBackend:
             self.counters.malformed += 1
             return
         try:
-            if data.startswith(self._replied) or (
-                room is not None and self._from_reply and data.startswith(self._own)
-            ):
-                self.counters.skipped_own += 1  # delivered from the append's reply
+            if data.startswith(self._replied):
+                # Published once the append's reply came (a plain append; or,
+                # waiting for replicas, every one), and delivered from it.
+                self.counters.skipped_own += 1
                 return
             if room is not None:
                 entry = read_entry(data, cut + 1)
