@@ -277,6 +277,7 @@ class ReplyCutter:
         self._hold = False
         self._swallow = False
         self._drop = False
+        self._then: list[bytes] = []
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -304,6 +305,20 @@ class ReplyCutter:
         self._hold = hold
         self._swallow = swallow
         self._drop = drop
+        self._then = []
+
+    def then(self, marker: bytes) -> None:
+        """Once the armed marker has been met, lose the answer to the next
+        command holding ``marker`` too (cutting that connection): a second
+        fault right after the first."""
+        self._then.append(marker)
+
+    def _met(self) -> None:
+        """The armed marker was met: arm the next one (``then``), if any."""
+        self._marker = None
+        if self._then:
+            self._marker = self._then.pop(0)
+            self._hold = self._swallow = self._drop = False
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -319,20 +334,21 @@ class ReplyCutter:
         server_r, server_w = await asyncio.open_connection("127.0.0.1", self.redis_port)
         cutting = asyncio.Event()
 
-        dropping = False
+        dropping = hold = False
 
         async def upstream() -> None:
-            nonlocal dropping
+            nonlocal dropping, hold
             while data := await client_r.read(65536):
                 if dropping:
                     continue
                 if self._marker is not None and self._marker in data:
-                    self._marker = None
-                    if self._drop:
+                    drop, swallow, hold = self._drop, self._swallow, self._hold
+                    self._met()
+                    if drop:
                         self.cut += 1
                         dropping = True
                         continue
-                    if self._swallow:
+                    if swallow:
                         self.cut += 1
                         client_w.transport.abort()
                         server_w.transport.abort()
@@ -345,7 +361,7 @@ class ReplyCutter:
             while data := await server_r.read(65536):
                 if cutting.is_set():  # the marked command's answer: lose it
                     self.cut += 1
-                    if self._hold:
+                    if hold:
                         await asyncio.Event().wait()  # until the test stops the proxy
                     break
                 client_w.write(data)

@@ -77,6 +77,41 @@ def test_fill_from_history_repairs_a_gap_and_skips_what_is_gone() -> None:
     assert seq.state is SequencerState.LIVE
 
 
+def test_fill_holds_what_came_after_the_read() -> None:
+    """A read answered at newest 12; 15 reached the pod after it (13 and 14
+    are on their way, or were missed and will be repaired): nothing past 12
+    is known to be gone, so 15 stays held and nothing is counted lost."""
+    seq = live(last=10)
+    seq.offer(e(12), 0)
+    seq.offer(e(15), 0)
+    step = seq.fill("a", [e(11), e(12)], newest=12, now=1)
+    assert offsets(step.deliver) == [11, 12]
+    assert step.lost == 0
+    assert seq.gap() == (12, 15)
+    assert offsets(seq.offer(e(13), 2).deliver) == [13]
+    assert offsets(seq.offer(e(14), 2).deliver) == [14, 15]
+
+
+def test_fill_says_nothing_past_the_end_of_a_limited_read() -> None:
+    """A read of at most 2 entries (a gap's repair, from 10 up to the 12
+    held when it started) says nothing of 13 and 14 even though the room
+    had more by then; 15, held meanwhile, waits for them. What a limited
+    read covers and did not return is gone, as always."""
+    seq = live(last=10)
+    seq.offer(e(12), 0)
+    seq.offer(e(15), 0)
+    step = seq.fill("a", [e(11), e(12)], newest=20, now=1, limit=2)
+    assert offsets(step.deliver) == [11, 12]
+    assert step.lost == 0
+    assert seq.gap() == (12, 15)
+    seq = live(last=10)
+    seq.offer(e(15), 0)
+    step = seq.fill("a", [e(12), e(13)], newest=20, now=1, limit=2)  # 11 was evicted
+    assert offsets(step.deliver) == [12, 13]
+    assert step.lost == 1
+    assert seq.gap() == (13, 15)
+
+
 def test_new_epoch_restarts_at_one_and_is_reported() -> None:
     seq = live(last=50)
     step = seq.offer(e(1, "b"), 0)

@@ -160,15 +160,21 @@ class RoomSequencer:
         newest: int,
         now: float,
         first: int | None = None,
+        limit: int | None = None,
     ) -> Step:
         """Entries read from the store after a gap (oldest first).
 
-        The read must cover everything after ``last`` up to the highest held
-        offset. ``newest`` is the last offset the store has assigned, and
-        ``first`` (if given) the oldest it still has. Offsets the store no
-        longer has are skipped and counted in ``Step.lost``. A store in
-        another epoch starts this room's numbering again: what it has before
-        ``first`` never was in that epoch, so nothing is counted lost for it.
+        ``newest`` is the last offset the store had assigned when it was
+        read, ``first`` (if given) the oldest it still had, and ``limit`` (if
+        given) the most entries the read could return: one that returned
+        that many says nothing of the offsets after its last. Offsets the
+        read covers but did not return are gone from the store (evicted,
+        expired or flushed): they are skipped and counted in ``Step.lost``.
+        Held offsets past what it covers stay held (they were stored after
+        the read, or past its limit): the gap before them is repaired later.
+        A store in another epoch starts this room's numbering again: what it
+        has before ``first`` never was in that epoch, so nothing is counted
+        lost for it.
         """
         step = Step()
         if self.state is SequencerState.NEW:
@@ -179,14 +185,19 @@ class RoomSequencer:
             self.last = max(0, first - 1)
             self._forget()
             self._pending = {o: e for o, e in self._pending.items() if e.epoch == epoch}
-        for entry in entries:
+        covered = newest
+        for returned, entry in enumerate(entries, 1):
+            if returned == limit:  # the read's last: nothing is known past it
+                covered = min(covered, entry.offset)
             if entry.epoch == epoch:
                 self._offer(entry, now, step)
         if self._pending:
             # The store writes an offset before any later one is published,
-            # so what it did not return is gone for good (evicted, expired or
-            # flushed): skip it rather than hold the room forever.
-            self._skip_to(min(self._pending) - 1, now, step)
+            # so what the read covers and did not return is gone for good:
+            # skip it rather than hold the room forever. Not past what it
+            # covers: an entry held there may have been stored after the read
+            # (a read that was waiting for the link while more came in).
+            self._skip_to(min(min(self._pending) - 1, covered), now, step)
         return step
 
     def skip_gap(self, now: float) -> Step:

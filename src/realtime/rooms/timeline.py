@@ -299,7 +299,8 @@ class Timeline:
             if room.closed or left <= 0:
                 return False
             try:
-                await asyncio.wait_for(room.changed.wait(), left)
+                async with asyncio.timeout(left):
+                    await room.changed.wait()
             except TimeoutError:
                 return done()
         return True
@@ -364,6 +365,7 @@ class Timeline:
         delay = self.settings.gap_wait
         keep = self.settings.keep
         seq = room.seq
+        this = asyncio.current_task()
         while True:
             try:
                 if seq.placed:
@@ -371,7 +373,7 @@ class Timeline:
                 else:
                     got = await self._backend.read(room.name, -1, keep)
             except BroadcastError as exc:
-                if room.closed:
+                if room.reader is not this:
                     return
                 log.warning("reading the state of room %s failed: %s", room.name, exc)
                 room.move(RoomState.RETRYING)
@@ -379,11 +381,16 @@ class Timeline:
                 delay = min(delay * 2, MAX_RETRY_DELAY)
                 room.move(RoomState.READING)
                 continue
-            if room.closed:  # closed while the answer was on its way
+            if room.reader is not this:
+                # Closed while the answer was on its way, or another read
+                # took over (``ready``) and the cancellation did not reach
+                # this one: that read moves the room on, not this one.
                 return
             now = self._clock()
             if seq.placed:
-                step = seq.fill(got.epoch, got.entries, newest=got.newest, now=now, first=got.first)
+                step = seq.fill(
+                    got.epoch, got.entries, newest=got.newest, now=now, first=got.first, limit=keep
+                )
                 self.counters.recovered += len(step.deliver)
             else:
                 step = seq.start(got.epoch, got.newest, got.entries, now=now)
@@ -409,10 +416,11 @@ class Timeline:
         assert gap is not None  # only started for a gap, and nothing ran since
         after, highest = gap
         self.counters.gap_repairs += 1
+        this = asyncio.current_task()
         try:
             got = await self._backend.read(room.name, after, highest - after, epoch=room.seq.epoch)
         except BroadcastError as exc:
-            if room.closed:
+            if room.reader is not this:
                 return
             room.reader = None
             room.move(RoomState.LIVE)
@@ -425,12 +433,17 @@ class Timeline:
                 log.warning("room %s: giving up on a gap after %d tries", room.name, tries)
                 self._apply(room, room.seq.skip_gap(self._clock()))
             return
-        if room.closed:  # closed while the answer was on its way
+        if room.reader is not this:  # closed, or a read took over (see ``_read``)
             return
         room.reader = None
         room.move(RoomState.LIVE)
         step = room.seq.fill(
-            got.epoch, got.entries, newest=got.newest, now=self._clock(), first=got.first
+            got.epoch,
+            got.entries,
+            newest=got.newest,
+            now=self._clock(),
+            first=got.first,
+            limit=highest - after,
         )
         self.counters.recovered += len(step.deliver)
         self._apply(room, step)

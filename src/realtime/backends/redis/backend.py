@@ -654,7 +654,8 @@ class RedisBackend:
 
     async def _wait_relocate(self, timeout: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._relocate.wait(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: see ShardLink.ready_link
+                await self._relocate.wait()
 
     def _apply(self, found: list[Shard]) -> None:
         """Make the links match ``found``: start links to new primaries, move

@@ -61,6 +61,9 @@ room log and delivers from the reply; ``link`` is the connection a plain
 append's reply came on (Redis there is known to have the entry), else None."""
 
 _HEARTBEAT = b"hb"
+SETTLE_TRIES = 3
+"""Links an append whose connection went is looked up on (``_settle``)
+before its outcome is given up as unknown."""
 
 
 @dataclass(slots=True)
@@ -506,15 +509,13 @@ class Publisher:
         return behind
 
     async def _settle(self, lost: list[_Append]) -> tuple[dict[int, Stamp], list[_Append]]:
-        """The connection went with ``lost`` in flight. Once a link is up,
-        read each room's history after what the pod had seen: a message found
-        there (by its id) was stored, and gets its stamp; one the history
-        shows was not stored is sent again; any other stays unknown."""
+        """The connection went with ``lost`` in flight. Once a link is up
+        (the next one, if that goes too: ``_read_back``), read each room's
+        history after what the pod had seen: a message found there (by its
+        id) was stored, and gets its stamp; one the history shows was not
+        stored is sent again; any other stays unknown."""
         found: dict[int, Stamp] = {}
         again: list[_Append] = []
-        link = await self._link()
-        if link is None or not link.open:
-            return found, again
         rooms: dict[str, list[_Append]] = {}
         for item in lost:
             assert item.message.room is not None  # only room messages are appended
@@ -526,10 +527,8 @@ class Publisher:
             epoch, after = items[0].seen or ("", -1)
             reads.append((items, after, epoch))
             commands.append(self._log.read_command(room, after, limit, epoch or None))
-        try:
-            async with asyncio.timeout(self._timeout):
-                replies = await link.call(b"".join(commands), len(commands))
-        except (TimeoutError, *LINK_ERRORS):
+        replies = await self._read_back(b"".join(commands), len(commands))
+        if replies is None:
             return found, again
         for (items, after, epoch), reply in zip(reads, replies, strict=True):
             if isinstance(reply, BaseException):
@@ -552,6 +551,23 @@ class Publisher:
                 elif whole:
                     again.append(item)
         return found, again
+
+    async def _read_back(self, commands: bytes, count: int) -> list[Any] | None:
+        """``_settle``'s reads, on the link once it is up; on the next one
+        if that goes too (a second fault right after the first), up to
+        ``SETTLE_TRIES`` links. None if Redis cannot be reached."""
+        for _ in range(SETTLE_TRIES):
+            link = await self._link()
+            if link is None or not link.open:
+                return None
+            try:
+                async with asyncio.timeout(self._timeout):
+                    return await link.call(commands, count)
+            except TimeoutError:
+                link.abort(STALLED)
+            except LINK_ERRORS:
+                pass
+        return None
 
     def _groups(self, appends: list[_Append]) -> list[list[_Append]]:
         """The appends of a batch by script call: all in one, or, on a

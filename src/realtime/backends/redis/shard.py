@@ -221,8 +221,12 @@ class ShardLink:
             return None
         if link is not None:  # gone; the supervisor will notice in a moment
             self._up.clear()
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a
+        # cancellation that comes as the link comes up (a room's read that
+        # another has replaced would carry on).
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._up.wait(), self._heartbeat_timeout)
+            async with asyncio.timeout(self._heartbeat_timeout):
+                await self._up.wait()
         link = self.link
         return link if link is not None and link.open else None
 
