@@ -367,6 +367,34 @@ def test_an_unfinished_http_request_is_not_held_for_ever(pod: Pod) -> None:
         assert answer == b"" or answer.startswith(b"HTTP/1.1 408"), answer[:80]
 
 
+@pytest.mark.contract
+def test_frames_sent_with_a_join_are_answered_after_it(pod: Pod) -> None:
+    """A join (its catch-up waits for the room's position) and frames after
+    it, all in one write: they wait for the join and are answered in the
+    order sent. (The aiohttp transport reads such a write itself, without
+    aiohttp's queue: the frames after the join wait there too.)"""
+    sock = raw_ws_connect(pod.port, "/api/chat-api/ws/general")
+    try:
+        assert read_frame(sock) is not None  # the welcome
+        frames = [
+            {"type": "join", "room": "other", "history": 5, "ref": "j"},
+            {"type": "ping", "ref": "p"},
+            {"type": "message", "room": "other", "data": "hi", "ref": "m"},
+        ]
+        sock.sendall(b"".join(client_frame(OP_TEXT, json.dumps(f).encode()) for f in frames))
+        answers: list[tuple[str, str]] = []
+        while ("ack", "m") not in answers:
+            frame = read_frame(sock)
+            assert frame is not None, f"the stream ended after {answers}"
+            assert frame.opcode == OP_TEXT, frame
+            text = json.loads(frame.payload)
+            if "ref" in text:
+                answers.append((text["type"], text["ref"]))
+        assert answers == [("joined", "j"), ("pong", "p"), ("ack", "m")]
+    finally:
+        sock.close()
+
+
 def test_frames_cut_anywhere_are_read_as_frames(pod_factory: PodFactory) -> None:
     """The transport follows a client's frame boundaries (to refuse unmasked
     frames and drop what comes after a close): whatever the cuts, every frame

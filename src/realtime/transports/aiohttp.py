@@ -23,6 +23,16 @@ without aiohttp, each socket puts a thin protocol (``_Socket``) in front of
 aiohttp's: it follows the client's frame boundaries, which also lets it
 refuse unmasked client frames (1002, section 5.1) and too large ones (1009)
 before they are buffered.
+
+That protocol also takes the common read off aiohttp's hands: one that holds
+nothing but whole, unfragmented text frames (``rfc6455.text_payloads``),
+while nothing of the client waits in aiohttp's queue, goes to the session
+at once, in the read's own callback: no queue entry, future and task step
+per frame (3 to 11 % of a pod's CPU per room message in rooms of 4, measured
+side by side). Any other read (a control frame, a fragment, a frame cut by
+the read, invalid UTF-8) goes to aiohttp's parser, which handles everything
+as before. A frame whose answer needs the network (a join with catch-up)
+holds the frames after it, on either path, until it is done.
 """
 
 from __future__ import annotations
@@ -40,7 +50,7 @@ from ..core.hub import LocalHub
 from ..core.protocol import CloseCode
 from ..node import Node
 from ..session import Session
-from .rfc6455 import PING_FRAME, close_frame, pong_frame, text_frame
+from .rfc6455 import PING_FRAME, close_frame, pong_frame, text_frame, text_payloads
 
 __all__ = ["AiohttpTransport"]
 
@@ -105,16 +115,24 @@ class AiohttpTransport:
         client_code: int | None = None
         try:
             await session.start(handshake.room, handshake.catchup)
+            sock.session = session
             while True:
                 msg = await ws.receive()
+                sock.unread -= 1
                 sock.quiet_ticks = 0
+                if sock.waiting is not None:  # frames read before this one wait
+                    await asyncio.wait((sock.waiting,))
                 kind = msg.type
                 if kind is WSMsgType.TEXT:
                     pending = session.receive(msg.data)
                     if pending is not None:
                         # A join with catch-up, a presence query: later frames
                         # of this client wait for it, so they keep their order.
-                        await pending
+                        sock.waiting = waiting = asyncio.ensure_future(pending)
+                        try:
+                            await waiting
+                        finally:
+                            sock.waiting = None
                 elif kind is WSMsgType.BINARY:
                     session.receive_binary()
                 elif kind is WSMsgType.PING:
@@ -128,6 +146,9 @@ class AiohttpTransport:
             # its end, which the close timeout bounds.
             await sock.gone
         finally:
+            sock.session = None
+            if sock.waiting is not None:
+                sock.waiting.cancel()
             session.closed(client_code)
         return ws
 
@@ -214,6 +235,9 @@ class _Socket(asyncio.Protocol):
         "conn",
         "gone",
         "quiet_ticks",
+        "session",
+        "unread",
+        "waiting",
     )
 
     def __init__(self, io: asyncio.Transport, closing: _Closing, limit: int) -> None:
@@ -237,6 +261,15 @@ class _Socket(asyncio.Protocol):
         """Keepalive ticks since the client last sent a frame."""
         self.conn: Connection | None = None
         """The connection this socket serves, once it is one."""
+        self.session: Session | None = None
+        """Its session, once the reader loop serves it (the fast path's)."""
+        self.unread = 0
+        """Messages (and control frames) handed to aiohttp's parser that the
+        reader loop has not taken yet (below 0 once aiohttp has made up some
+        of its own, closing: the fast path is off from then on)."""
+        self.waiting: asyncio.Future[Any] | None = None
+        """A frame's answer that needs the network (a join with catch-up):
+        the frames read after it wait for it."""
         io.set_protocol(self)
 
     # -- the connection's Transport -------------------------------------------
@@ -270,6 +303,24 @@ class _Socket(asyncio.Protocol):
     # -- asyncio.Protocol, in front of aiohttp's ---------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if (
+            self.waiting is None
+            and self.unread == 0
+            and not self._skip
+            and not self._head
+            and not self._message
+            and not self.closing
+            and self.session is not None
+        ):
+            # The fast path: a read of whole, unfragmented, masked text
+            # frames (what a chat client sends), with nothing of this client
+            # waiting in aiohttp's queue, goes to the session here, without
+            # aiohttp's queue, future and task step per frame. Anything else
+            # is aiohttp's, as below.
+            texts = text_payloads(data, self._limit)
+            if texts is not None:
+                self._receive(texts)
+                return
         verdict = self._frames(data)
         if self.closing:
             if verdict == _CLOSE_SEEN:
@@ -281,6 +332,37 @@ class _Socket(asyncio.Protocol):
             self._fail(CloseCode.PROTOCOL_ERROR, "client frames must be masked")
         else:
             self._fail(CloseCode.MESSAGE_TOO_BIG, "message too big")
+
+    def _receive(self, texts: list[bytes]) -> None:
+        session = self.session
+        assert session is not None  # checked by the caller
+        self.quiet_ticks = 0
+        for i, text in enumerate(texts):
+            pending = session.receive(text)
+            if pending is not None:
+                self.waiting = waiting = asyncio.ensure_future(self._then(pending, texts[i + 1 :]))
+                waiting.add_done_callback(self._waited)
+                return
+
+    async def _then(self, pending: Any, texts: list[bytes]) -> None:
+        """Await a frame's answer, then give the session the frames read
+        with it, in order (each waiting for the one before)."""
+        await pending
+        for text in texts:
+            session = self.session
+            if session is None:  # the connection is over
+                return
+            more = session.receive(text)
+            if more is not None:
+                await more
+
+    def _waited(self, waiting: asyncio.Future[Any]) -> None:
+        if self.waiting is waiting:
+            self.waiting = None
+        if not waiting.cancelled() and (exc := waiting.exception()) is not None:
+            log.error("a client frame's answer failed", exc_info=exc)
+            if self.conn is not None:
+                self.conn.close(CloseCode.INTERNAL_ERROR, "internal error")
 
     def _fail(self, code: int, reason: str) -> None:
         """The client broke the protocol: close through the connection, so
@@ -327,9 +409,15 @@ class _Socket(asyncio.Protocol):
                 message = self._message + length
                 if message > self._limit:
                     return _TOO_BIG
-                self._message = 0 if first & 0x80 else message
-            elif opcode == _OP_CLOSE:
-                seen = _CLOSE_SEEN
+                if first & 0x80:
+                    self._message = 0
+                    self.unread += 1
+                else:
+                    self._message = message
+            else:
+                self.unread += 1
+                if opcode == _OP_CLOSE:
+                    seen = _CLOSE_SEEN
             pos += size + length
         self._skip = pos - n
         return seen
