@@ -513,6 +513,59 @@ async def test_an_idle_pod_waits_the_flush_delay_so_what_follows_shares_the_call
     assert stats["cmdstat_evalsha"]["calls"] == calls, {k: v["calls"] for k, v in stats.items()}
 
 
+@pytest.mark.parametrize(("delay", "calls"), [(0.0, 3), (0.5, 2)])
+async def test_what_queues_behind_a_batch_waits_the_flush_delay_from_its_write(
+    pods: Pods, redis_server: RedisServer, delay: float, calls: int
+) -> None:
+    """A message queued while a batch is in flight goes once the flush
+    delay has passed since that batch's write, not as soon as its reply
+    comes: one queued after the reply (within the delay) joins it, in one
+    script call. Without the delay each goes in a call of its own."""
+    a = RedisBackend(
+        redis_server.url,
+        pod_id="pod-a",
+        channel_prefix=pods.prefix,
+        heartbeat_interval=2.0,  # its heartbeats stay out of the way
+        heartbeat_timeout=5.0,
+        flush_delay=delay,
+    )
+    pods.started.append(a)
+    async with asyncio.timeout(5):
+        await a.start(Handler([]))
+    await appended(a, room_message(0), key="k0")  # the scripts loaded
+    (shard,) = a._shards.values()
+    publisher = shard.publisher
+
+    async def quiet() -> bool:  # nothing written for twice the delay: the next is sparse
+        loop = asyncio.get_running_loop()
+        return not publisher.queued and loop.time() - publisher._last_write > 2 * delay + 0.01
+
+    await eventually(quiet, timeout=5)
+    redis_server.command("CONFIG", "RESETSTAT")
+    outcomes: list[Stamp | Unstored] = []
+    redis_server.pause()  # the first batch's reply waits until resumed
+    try:
+        a.append(room_message(1), outcomes.append, key="k1")  # written at once
+
+        async def written() -> bool:
+            return not publisher.queued
+
+        await eventually(written, timeout=5)
+        a.append(room_message(2), outcomes.append, key="k2")  # behind the batch in flight
+    finally:
+        redis_server.resume()
+
+    async def done(count: int) -> bool:
+        return len(outcomes) >= count
+
+    await eventually(lambda: done(1), timeout=5)  # the first batch's reply
+    a.append(room_message(3), outcomes.append, key="k3")  # within the delay of its write
+    await eventually(lambda: done(3), timeout=5)
+    assert [o.offset for o in outcomes if isinstance(o, Stamp)] == [2, 3, 4]
+    stats = redis_server.command("INFO", "commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == calls, {k: v["calls"] for k, v in stats.items()}
+
+
 async def test_sparse_traffic_does_not_wait_the_flush_delay(
     pods: Pods, redis_server: RedisServer
 ) -> None:

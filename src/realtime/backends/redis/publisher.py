@@ -289,20 +289,27 @@ class Publisher:
         outbox = self._outbox
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
+        delay = self._flush_delay
         while True:
             if not outbox:
                 self._outbox_ready.clear()
                 await self._outbox_ready.wait()
-                delay = self._flush_delay
                 if delay > 0 and loop.time() - self._last_write < delay:
                     # Idle, but traffic is dense (the last write was less than
                     # the delay ago): let what comes next join this batch (one script
                     # call, one write, one reply for all of it). Sparse
-                    # traffic does not wait (nothing would join), and neither
-                    # does a busy publisher: what queued while a batch was in
-                    # flight goes at once.
+                    # traffic does not wait (nothing would join).
                     self.counters.flush_waits += 1
                     await asyncio.sleep(delay)
+            elif delay > 0 and len(outbox) < self._batch:
+                # What queued while a batch was in flight: it goes once the
+                # delay has passed since that batch's write (more may join
+                # it meanwhile), not at once with its reply; a full batch
+                # goes at once.
+                wait = self._last_write + delay - loop.time()
+                if wait > 0:
+                    self.counters.flush_waits += 1
+                    await asyncio.sleep(wait)
             count = min(len(outbox), self._batch)
             batch = [outbox.popleft() for _ in range(count)]
             self._last_write = loop.time()
