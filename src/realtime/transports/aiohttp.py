@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Sequence
 from typing import Any, Final, cast
 
 from aiohttp import WSMsgType, web
@@ -124,15 +125,7 @@ class AiohttpTransport:
                     await asyncio.wait((sock.waiting,))
                 kind = msg.type
                 if kind is WSMsgType.TEXT:
-                    pending = session.receive(msg.data)
-                    if pending is not None:
-                        # A join with catch-up, a presence query: later frames
-                        # of this client wait for it, so they keep their order.
-                        sock.waiting = waiting = asyncio.ensure_future(pending)
-                        try:
-                            await waiting
-                        finally:
-                            sock.waiting = None
+                    sock.receive((msg.data,))
                 elif kind is WSMsgType.BINARY:
                     session.receive_binary()
                 elif kind is WSMsgType.PING:
@@ -319,7 +312,7 @@ class _Socket(asyncio.Protocol):
             # is aiohttp's, as below.
             texts = text_payloads(data, self._limit)
             if texts is not None:
-                self._receive(texts)
+                self.receive(texts)
                 return
         verdict = self._frames(data)
         if self.closing:
@@ -333,9 +326,13 @@ class _Socket(asyncio.Protocol):
         else:
             self._fail(CloseCode.MESSAGE_TOO_BIG, "message too big")
 
-    def _receive(self, texts: list[bytes]) -> None:
+    def receive(self, texts: Sequence[str | bytes]) -> None:
+        """Client text frames to the session, in order, from either path. A
+        frame whose answer needs the network (a join with catch-up, a
+        presence query) makes the ones after it wait (``waiting``), these
+        and any read later, so that they keep their order."""
         session = self.session
-        assert session is not None  # checked by the caller
+        assert session is not None  # set before either path reads
         self.quiet_ticks = 0
         for i, text in enumerate(texts):
             pending = session.receive(text)
@@ -344,7 +341,7 @@ class _Socket(asyncio.Protocol):
                 waiting.add_done_callback(self._waited)
                 return
 
-    async def _then(self, pending: Any, texts: list[bytes]) -> None:
+    async def _then(self, pending: Awaitable[None], texts: Sequence[str | bytes]) -> None:
         """Await a frame's answer, then give the session the frames read
         with it, in order (each waiting for the one before)."""
         await pending
