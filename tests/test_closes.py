@@ -6,10 +6,10 @@ What the TCP connection does is read without disturbing it: ``tcp_state``
 asks the kernel (``TCP_INFO``) whether the peer has sent FIN or RST, so a
 client that "never reads" really never reads.
 
-Close code 1011 (``internal error``) has no test here: it is sent only when
-handling a frame raises something other than a protocol error, which is a
-bug, and no client input we know of reaches one (``test_fuzz`` checks that
-none of its frames does).
+Close code 1011 (``internal error``) is sent only when handling a frame
+raises something other than a protocol error, which is a bug, and no client
+input we know of reaches one (``test_fuzz`` checks that none of its frames
+does): ``test_internal_error`` plants one, in a pod served in its process.
 """
 
 from __future__ import annotations
