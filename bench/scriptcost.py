@@ -8,7 +8,10 @@ A private redis-server, two subscribers on every room channel (two pods),
 calling, one at a time: the append script as pods call it (a pod that has
 seen the room), an empty script with the same keys and arguments, a script
 that only publishes, a plain ``PUBLISH``, and the script's common path
-without a script (``XADD`` and ``PUBLISH`` per message, pipelined). Each is
+without a script (``XADD`` and ``PUBLISH`` per message, pipelined); then a
+pod's presence refresh of ``REFRESH_ROOMS`` rooms where two pods have
+members, as one refresh in three makes it (the keys' TTLs too) and as the
+other two do (the pod's expiry only), back to back only. Each is
 measured back to back and paced (1,000 calls/s, so Redis sleeps between
 calls, as it does under chat traffic at low rates). The figure is Redis's
 own time for the call (``INFO commandstats``: ``usec`` per call, the
@@ -31,7 +34,13 @@ from pathlib import Path
 
 import redis
 
-from realtime.backends.redis.scripts import APPEND, with_constants
+from realtime.backends.redis.presence import REFRESH_ROOMS
+from realtime.backends.redis.scripts import (
+    APPEND,
+    PRESENCE_REFRESH,
+    PRESENCE_UPDATE,
+    with_constants,
+)
 
 from .cluster import HOST, start_redis
 
@@ -122,6 +131,27 @@ def _script(client: redis.Redis, sha: str) -> Call:
     return call
 
 
+def _refresh(client: redis.Redis, *, full: bool) -> Call:
+    """A pod's presence refresh of ``REFRESH_ROOMS`` rooms in one call, each
+    room with members on that pod and on another one."""
+    update = client.script_load(PRESENCE_UPDATE.source)
+    keys: list[str] = []
+    args: list[object] = ["pod-a", 15_000, HEAD, int(full)]
+    for room in range(REFRESH_ROOMS):
+        pods, base, channel = f"{{p{room}}}:pods", f"{{p{room}}}:presence:", f"ch{room}"
+        for pod in ("pod-a", "pod-b"):
+            joins = [f"{pod}-u1", "Ann", 1, f"{pod}-u2", "Bob", 2]
+            client.evalsha(update, 1, pods, base, pod, 15_000, channel, HEAD, room, 2, *joins)
+        keys.append(pods)
+        args += [base, channel, room]
+    sha = client.script_load(PRESENCE_REFRESH.source)
+
+    def call(i: int) -> None:
+        client.evalsha(sha, len(keys), *keys, *args)
+
+    return call
+
+
 def _measure(client: redis.Redis, call: Call, count: int, rate: float) -> float:
     """Redis's microseconds per call of ``call`` (its commandstats)."""
     client.config_resetstat()
@@ -199,6 +229,10 @@ def main(argv: list[str] | None = None) -> None:
                     per = args.batch
                     line += f"   per message: {hot / per:.1f} / {paced / per:.1f}"
                 print(line)
+            for full, what in ((True, "TTLs too"), (False, "expiry only")):
+                name = f"presence refresh, {REFRESH_ROOMS} rooms, {what}"
+                hot = _measure(client, _refresh(client, full=full), args.calls // 5, 0)
+                print(f"{name:40} {hot:14.1f} {'-':>10}   per room: {hot / REFRESH_ROOMS:.1f}")
         finally:
             server.stop()
 

@@ -92,6 +92,9 @@ def test_bench_scriptcost_runs(tmp_path: Path) -> None:
     assert len(rows) == 6, done.stdout
     numbers = [row.split("per message:")[0].split()[-2:] for row in rows]
     assert all(float(x) > 0 for pair in numbers for x in pair), done.stdout
+    refreshes = [line for line in done.stdout.splitlines() if line.startswith("presence")]
+    assert len(refreshes) == 2, done.stdout
+    assert all(float(row.split("per room:")[1]) > 0 for row in refreshes), done.stdout
 
 
 @pytest.mark.slow

@@ -208,3 +208,61 @@ async def test_a_refresh_calls_the_script_once_per_hundred_rooms(
         await backend.stop()
     stats = redis_server.command("INFO", "commandstats")
     assert stats["cmdstat_evalsha"]["calls"] == 3  # 210 rooms: 100, 100 and 10
+
+
+async def test_a_refresh_pushes_the_keys_ttls_forward_once_a_ttl(
+    redis_server: RedisServer, channel_prefix: str
+) -> None:
+    # Every refresh pushes the pod's expiry forward in each room (and
+    # prunes); the keys' own TTLs (three presence TTLs) only the first one
+    # and then once a TTL has passed (every third refresh: they come every
+    # third of it), so two in three cost Redis one command less a room.
+    ttl = 1.0
+    backend = RedisBackend(redis_server.url, pod_id="pod-a", channel_prefix=channel_prefix)
+    await backend.start(Ignore())
+    try:
+        store = backend.presence(ttl)
+        await store.update("r", users(1), [])
+        pods_key, base = backend.names.presence_keys("r")
+        own = base + "pod-a"
+
+        def ttls() -> list[int]:
+            return [int(redis_server.command("PTTL", key)) for key in (own, pods_key)]
+
+        def expiry() -> float:
+            return float(redis_server.command("ZSCORE", pods_key, "pod-a"))
+
+        def pexpires() -> int:
+            stats = redis_server.command("INFO", "commandstats")
+            return int(stats.get("cmdstat_pexpire", {}).get("calls", 0))
+
+        for key in (own, pods_key):
+            redis_server.command("PEXPIRE", key, 2000)
+        redis_server.command("CONFIG", "RESETSTAT")
+        assert await store.refresh(["r"]) == []  # the first: TTLs too
+        assert pexpires() == 2
+        assert min(ttls()) > 2000
+
+        for key in (own, pods_key):
+            redis_server.command("PEXPIRE", key, 2000)
+        first = expiry()
+        redis_server.command("CONFIG", "RESETSTAT")
+
+        async def later() -> bool:  # Redis's clock (ms) has moved on
+            seconds, micros = redis_server.command("TIME")
+            return int(seconds) * 1000 + int(micros) // 1000 > first - ttl * 1000 + 5
+
+        await eventually(later)
+        assert await store.refresh(["r"]) == []  # right after: the expiry only
+        assert pexpires() == 0
+        assert max(ttls()) <= 2000
+        assert expiry() > first
+        assert [m.id for m in await store.members("r")] == ["u0"]
+
+        async def ttls_pushed() -> bool:  # a TTL after the first: TTLs too
+            await store.refresh(["r"])
+            return min(ttls()) > 2000
+
+        await eventually(ttls_pushed, timeout=5)
+    finally:
+        await backend.stop()

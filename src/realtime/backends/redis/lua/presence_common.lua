@@ -53,12 +53,23 @@ local function finish()
   end
   return events
 end
-local function keep_alive()
-  if redis.call('EXISTS', own) == 1 then
+local function keep_alive(full)
+  -- This pod live in the room until `now + ttl` while it has members here.
+  -- With `full`, both keys live `3 * ttl` more (PEXPIRE's answer says whether
+  -- the pod's hash is there); without, their TTLs are left alone (set at most
+  -- `ttl` ago: see presence_refresh.lua) and `XX` adds no TTL-less key.
+  local here
+  if full then
+    here = redis.call('PEXPIRE', own, ttl * 3) == 1
+  else
+    here = redis.call('EXISTS', own) == 1
+  end
+  if not here then
+    redis.call('ZREM', pods_key, pod)
+  elseif full then
     redis.call('ZADD', pods_key, now + ttl, pod)
-    redis.call('PEXPIRE', own, ttl * 3)
     redis.call('PEXPIRE', pods_key, ttl * 3)
   else
-    redis.call('ZREM', pods_key, pod)
+    redis.call('ZADD', pods_key, 'XX', now + ttl, pod)
   end
 end

@@ -23,5 +23,5 @@ while i <= #ARGV do
     if not present(pods, uid, pod) then emit('member_left', uid, cjson.decode(raw).name) end
   end
 end
-keep_alive()
+keep_alive(true)
 return finish()
