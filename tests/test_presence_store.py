@@ -258,6 +258,11 @@ async def test_a_refresh_pushes_the_keys_ttls_forward_once_a_ttl(
         assert max(ttls()) <= 2000
         assert expiry() > first
         assert [m.id for m in await store.members("r")] == ["u0"]
+        # one that finds the pods set gone does not make it again: it would
+        # have no TTL (the next that pushes the TTLs makes it, with one)
+        redis_server.command("DEL", pods_key)
+        assert await store.refresh(["r"]) == []
+        assert redis_server.command("EXISTS", pods_key) == 0
 
         async def ttls_pushed() -> bool:  # a TTL after the first: TTLs too
             await store.refresh(["r"])
